@@ -1,0 +1,126 @@
+"""Tiny random Read-ME checkpoints with a locally trained tokenizer.
+
+Tests and examples build what they need here; nothing is downloaded. The
+tokenizer is a byte-level BPE trained on docstrings of Python's standard
+library, so it is the same on every machine with the same Python.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_readme.configuration_readme import ReadMEConfig
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def local_corpus(max_chars: int = 400_000) -> list[str]:
+    """Plain English text shipped with Python itself (stdlib docstrings)."""
+    import argparse, collections, functools, json, logging, pathlib, re, string, textwrap, threading  # noqa: E401
+
+    texts: list[str] = []
+    for module in (argparse, collections, functools, json, logging, pathlib, re, string, textwrap, threading):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 40:
+                texts.append(doc)
+    out, total = [], 0
+    for text in dict.fromkeys(texts):  # dedupe, keep order
+        out.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def train_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(local_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@dataclass
+class TinyShape:
+    """Shape of a tiny test model. Head sizes must be ones vLLM's CPU
+    attention supports (32, 64, 80, 96, 112, 128, ...)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_experts: int = 4
+    shared_intermediate_size: int = 32
+    expert_intermediate_sizes: list[int] = field(default_factory=lambda: [64, 64, 64, 64])
+    tie_word_embeddings: bool = False
+    vocab_size: int = 448
+    router: dict = field(
+        default_factory=lambda: dict(
+            num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=32, intermediate_size=64, gated_mlp=False, attention_scale=1.0,
+        )
+    )
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.1
+
+
+def tiny_config(shape: TinyShape, tokenizer_size: int) -> ReadMEConfig:
+    vocab = max(shape.vocab_size, tokenizer_size)
+    router = dict(shape.router, vocab_size=vocab, num_experts=shape.num_experts,
+                  max_position_embeddings=shape.max_position_embeddings)
+    return ReadMEConfig(
+        vocab_size=vocab,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.shared_intermediate_size + sum(shape.expert_intermediate_sizes),
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.hidden_size // shape.num_attention_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        num_experts=shape.num_experts,
+        shared_intermediate_size=shape.shared_intermediate_size,
+        expert_intermediate_size=max(shape.expert_intermediate_sizes),
+        expert_intermediate_sizes=list(shape.expert_intermediate_sizes),
+        router=router,
+        initializer_range=shape.initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=["ReadMEForCausalLM"],
+    )
+
+
+def build_tiny_checkpoint(out_dir: str | Path, shape: TinyShape | None = None, seed: int = 0) -> Path:
+    """Write a random Read-ME checkpoint (fp32) plus tokenizer to ``out_dir``."""
+    from vllm_readme.checkpoint.io import save_readme_checkpoint
+    from vllm_readme.modeling_readme import ReadMEForCausalLM
+
+    shape = shape or TinyShape()
+    tokenizer = train_tokenizer()
+    config = tiny_config(shape, len(tokenizer))
+    torch.manual_seed(seed)
+    model = ReadMEForCausalLM(config).to(torch.float32)
+    return save_readme_checkpoint(model, tokenizer, out_dir)

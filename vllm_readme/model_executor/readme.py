@@ -1,0 +1,485 @@
+"""Read-ME in vLLM: decoupled router + Llama backbone with shared/routed MLPs.
+
+Top-down as vLLM's mixtral.py: MoE -> Attention -> DecoderLayer -> Router ->
+Model -> ForCausalLM. Paper §3-4 / DESIGN.md §1, §4:
+
+* The router is a small causal transformer over token ids. Its attention
+  layers are ordinary vLLM ``Attention`` layers, so vLLM pages their KV cache
+  like the backbone's: decoding routes only the new tokens.
+* Every layer adds the shared MLP (one dense GEMM) to the token's routed
+  expert (FusedMoE grouped GEMM, top-1, weight 1.0, same expert every layer).
+* Expert ids reach FusedMoE through ``slot_of_expert`` (identity today): the
+  one indirection an expert-weight cache can later own.
+* The latest step's expert ids are kept in ``expert_ids_buffer`` on the
+  device (no host sync), where a worker or scheduler hook can read them.
+
+Tensor parallelism: attention, router, shared MLP and experts shard like
+Llama/Mixtral (heads and intermediate channels split across ranks, one
+all-reduce); every rank computes identical router logits, hence identical
+routes. Pipeline parallelism is not supported.
+"""
+
+
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.layers.activation import get_act_and_mul_fn, get_act_fn
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+from vllm_readme.configuration_readme import (
+    BACKBONE_ACTIVATIONS,
+    ReadMEConfig,
+    ReadMEConfigError,
+    RouterConfig,
+)
+
+logger = init_logger(__name__)
+
+# FusedMoE's names for the activations our experts may use.
+_MOE_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+class ReadMESharedMLP(nn.Module):
+    """The always-on part of every MLP; its down projection is not reduced,
+    FusedMoE sums it with the routed output and reduces once."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=False, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=False, reduce_results=False, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = get_act_and_mul_fn(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class ReadMEMoE(nn.Module):
+    """Shared MLP + the routed expert chosen by the decoupled router."""
+
+    def __init__(self, config: ReadMEConfig, prefix: str):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_experts = config.num_experts
+        self.shared = None
+        if config.shared_intermediate_size > 0:
+            self.shared = ReadMESharedMLP(
+                config.hidden_size, config.shared_intermediate_size, config.hidden_act, f"{prefix}.shared"
+            )
+        # Expert id -> physical slot of FusedMoE's weight tensors. Identity
+        # while every expert is resident; an expert cache remaps it.
+        self.register_buffer("slot_of_expert", torch.arange(config.num_experts, dtype=torch.int32), persistent=False)
+        self.experts = FusedMoEFactory(
+            num_experts=config.num_experts,
+            top_k=1,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.expert_intermediate_size,
+            renormalize=False,
+            custom_routing_function=self.select_experts,
+            activation=_MOE_ACTIVATION[config.hidden_act],
+            shared_experts=self.shared,
+            ckpt_names=("gate_proj", "down_proj", "up_proj"),
+            prefix=f"{prefix}.experts",
+        )
+
+    def select_experts(
+        self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 of the router's logits, mapped to a weight slot; weight 1.0
+        (Read-ME does not scale the expert's output)."""
+        expert_ids = gating_output.argmax(dim=-1, keepdim=True)
+        slots = self.slot_of_expert[expert_ids]
+        return torch.ones(slots.shape, dtype=torch.float32, device=slots.device), slots
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return self.experts(hidden_states=hidden_states, router_logits=router_logits)
+
+
+class ReadMEAttention(nn.Module):
+    """Causal self-attention with RoPE, shared by the backbone and the router."""
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        bias: bool,
+        rope_parameters: dict,
+        max_position: int,
+        cache_config: CacheConfig | None,
+        prefix: str,
+        attn_prefix: str | None = None,
+    ):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        if num_heads % tp_size:
+            raise ReadMEConfigError(
+                f"{prefix}: {num_heads} attention heads cannot be split over tensor_parallel_size={tp_size}."
+            )
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=bias, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(head_dim, max_position=max_position, rope_parameters=rope_parameters, is_neox_style=True)
+        self.attn = Attention(
+            self.num_heads,
+            head_dim,
+            scale,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            prefix=attn_prefix or f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class ReadMEDecoderLayer(nn.Module):
+    def __init__(self, config: ReadMEConfig, cache_config: CacheConfig | None, prefix: str):
+        super().__init__()
+        self.self_attn = ReadMEAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            scale=config.head_dim**-0.5,
+            bias=config.attention_bias,
+            rope_parameters=config.rope_parameters,
+            max_position=config.max_position_embeddings,
+            cache_config=cache_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        self.mlp = ReadMEMoE(config, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        router_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states, router_logits), residual
+
+
+class ReadMERouterMLP(nn.Module):
+    def __init__(self, config: RouterConfig, prefix: str):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        if config.gated_mlp:
+            self.gate_up_proj = MergedColumnParallelLinear(h, [i, i], bias=config.bias, prefix=f"{prefix}.gate_up_proj")
+            self.act_fn = get_act_and_mul_fn(config.hidden_act)
+        else:
+            self.up_proj = ColumnParallelLinear(h, i, bias=config.bias, prefix=f"{prefix}.up_proj")
+            self.act_fn = get_act_fn(config.hidden_act)
+        self.gated = config.gated_mlp
+        self.down_proj = RowParallelLinear(i, h, bias=config.bias, prefix=f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner, _ = (self.gate_up_proj if self.gated else self.up_proj)(x)
+        out, _ = self.down_proj(self.act_fn(inner))
+        return out
+
+
+class ReadMERouterLayer(nn.Module):
+    def __init__(self, config: RouterConfig, cache_config: CacheConfig | None, prefix: str, kv_layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = ReadMEAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            scale=config.scale,
+            bias=config.bias,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            max_position=config.max_position_embeddings,
+            cache_config=cache_config,
+            prefix=f"{prefix}.self_attn",
+            # vLLM orders KV caches by the one integer in an attention layer's
+            # name; give router layers indices after the backbone's.
+            attn_prefix=f"router.kv_layers.{kv_layer_index}.attn",
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ReadMERouterMLP(config, prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ReadMERouter(nn.Module):
+    """Token ids -> expert logits, KV-cached: each step embeds and attends
+    from the new tokens only."""
+
+    def __init__(self, config: RouterConfig, num_backbone_layers: int, cache_config: CacheConfig | None, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            ReadMERouterLayer(config, cache_config, f"{prefix}.layers.{j}", num_backbone_layers + j)
+            for j in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.expert_head = ReplicatedLinear(
+            config.hidden_size, config.num_experts, bias=config.bias, prefix=f"{prefix}.expert_head"
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        logits, _ = self.expert_head(self.norm(x))
+        return logits
+
+
+@support_torch_compile
+class ReadMEModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: ReadMEConfig = vllm_config.model_config.hf_config
+        cache_config = vllm_config.cache_config
+        self.config = config
+        self.router = ReadMERouter(config.router_config, config.num_hidden_layers, cache_config, prefix="router")
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("expert_ids_buffer", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("Read-ME routes from token ids; prompts given as embeddings cannot be routed.")
+        router_logits = self.router(input_ids, positions)
+        self.expert_ids_buffer[: input_ids.shape[0]].copy_(router_logits.argmax(dim=-1))
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, router_logits)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class ReadMEForCausalLM(nn.Module):
+    """vLLM entry point for ``architectures: ["ReadMEForCausalLM"]``."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if not isinstance(config, ReadMEConfig):
+            raise ReadMEConfigError(
+                f"ReadMEForCausalLM needs config.json with model_type 'readme', got {type(config).__name__}."
+            )
+        _check_serving_limits(config, vllm_config)
+        self.config = config
+        self.model = ReadMEModel(vllm_config=vllm_config, prefix="model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        # Set by tests/tools through LLM.apply_model (eager mode only): a list
+        # that receives (positions, expert_ids) of every forward.
+        self.route_trace: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        logger.info(
+            "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
+            config.num_hidden_layers,
+            config.num_experts,
+            config.expert_intermediate_size,
+            config.shared_intermediate_size,
+            config.router_config.num_hidden_layers,
+            config.router_config.hidden_size,
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.route_trace is not None:
+            n = positions.shape[0]
+            self.route_trace.append((positions.cpu().clone(), self.model.expert_ids_buffer[:n].cpu().clone()))
+        return hidden_states
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return ReadMEWeightLoader(self).load(weights)
+
+
+class ReadMEWeightLoader:
+    """Checkpoint names (DESIGN.md §2) -> vLLM parameters, explicitly.
+
+    * ``*.{q,k,v}_proj`` -> ``*.qkv_proj`` shards; ``*.{gate,up}_proj`` of the
+      shared MLP (and a gated router MLP) -> ``*.gate_up_proj`` shards.
+    * ``router.*`` -> ``model.router.*`` (the router runs inside ReadMEModel).
+    * ``model.layers.N.mlp.experts.{gate,up,down}_proj`` are stacked
+      ``[E, ...]`` tensors, loaded expert by expert into FusedMoE.
+    """
+
+    _STACKED = ((".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"), (".v_proj", ".qkv_proj", "v"),
+                (".gate_proj", ".gate_up_proj", 0), (".up_proj", ".gate_up_proj", 1))
+    _EXPERT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+    def __init__(self, model: ReadMEForCausalLM):
+        self.model = model
+        self.config = model.config
+        self.params = dict(model.named_parameters())
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name.startswith("router."):
+                name = "model." + name  # the router runs inside the compiled ReadMEModel
+            if ".mlp.experts." in name:
+                loaded.add(self._load_experts(name, tensor))
+            else:
+                loaded.add(self._load_dense(name, tensor))
+        self._check_complete(loaded)
+        return loaded
+
+    def _load_dense(self, name: str, tensor: torch.Tensor) -> str:
+        for suffix, stacked, shard in self._STACKED:
+            if suffix in name:
+                target = name.replace(suffix, stacked)
+                if target in self.params:
+                    param = self.params[target]
+                    param.weight_loader(param, tensor, shard)
+                    return target
+        if name not in self.params:
+            raise ReadMEConfigError(f"checkpoint weight {name!r} does not belong to a Read-ME model with this config.json.")
+        param = self.params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        return name
+
+    def _load_experts(self, name: str, tensor: torch.Tensor) -> str:
+        prefix, _, proj = name.rpartition(".")
+        shard = self._EXPERT_SHARDS.get(proj)
+        if shard is None:
+            raise ReadMEConfigError(f"checkpoint weight {name!r}: unknown expert projection {proj!r}.")
+        num_experts = self.config.num_experts
+        if tensor.dim() != 3 or tensor.shape[0] != num_experts:
+            raise ReadMEConfigError(
+                f"checkpoint weight {name!r} holds {tensor.shape[0] if tensor.dim() else 0} experts "
+                f"(shape {tuple(tensor.shape)}) but config.json says num_experts={num_experts}; "
+                "fix num_experts or re-export the checkpoint."
+            )
+        target = f"{prefix}.{'w2_weight' if shard == 'w2' else 'w13_weight'}"
+        param = self._expert_param(target)
+        for expert_id in range(num_experts):
+            param.weight_loader(param, tensor[expert_id], target, shard_id=shard, expert_id=expert_id)
+        return target
+
+    def _expert_param(self, target: str) -> torch.nn.Parameter:
+        if target in self.params:
+            return self.params[target]
+        # FusedMoE may nest its weights one module deeper (runner -> experts).
+        layer_prefix, _, leaf = target.rpartition(".")
+        for name, param in self.params.items():
+            if name.startswith(layer_prefix + ".") and name.endswith("." + leaf):
+                self.params[target] = param
+                return param
+        raise ReadMEConfigError(f"no expert parameter for {target!r}: checkpoint and config.json disagree.")
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        loaded_params = {id(self.params[n]) for n in loaded if n in self.params}
+        missing = [n for n, p in self.model.named_parameters() if id(p) not in loaded_params]
+        if not missing:
+            return
+        router_missing = [n.removeprefix("model.") for n in missing if n.startswith("model.router.")]
+        if router_missing:
+            raise ReadMEConfigError(
+                f"checkpoint is missing {len(router_missing)} router weight(s), e.g. {router_missing[:3]}. "
+                "A Read-ME checkpoint must contain the decoupled router (router.*); convert the authors' "
+                "layout with `vllm-readme import` or rebuild with `vllm-readme refactor`."
+            )
+        raise ReadMEConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}.")
+
+
+def _check_serving_limits(config: ReadMEConfig, vllm_config: VllmConfig) -> None:
+    """Fail at start-up, with the fix, on what would fail mid-request."""
+    if config.hidden_act not in BACKBONE_ACTIVATIONS:
+        raise ReadMEConfigError(
+            f"config.json: hidden_act={config.hidden_act!r} is not supported by the experts; "
+            f"use one of {list(BACKBONE_ACTIVATIONS)}."
+        )
+    router = config.router_config
+    max_len = vllm_config.model_config.max_model_len
+    if max_len > router.max_position_embeddings:
+        raise ReadMEConfigError(
+            f"max_model_len={max_len} exceeds the router's max_position_embeddings="
+            f"{router.max_position_embeddings}: longer prompts could not be routed. "
+            f"Pass --max-model-len {router.max_position_embeddings} (or less)."
+        )
+    tp = get_tensor_model_parallel_world_size()
+    for what, size in (("expert_intermediate_size", config.expert_intermediate_size),
+                       ("router.intermediate_size", router.intermediate_size)):
+        if size % tp:
+            raise ReadMEConfigError(f"config.json: {what}={size} cannot be split over tensor_parallel_size={tp}.")
