@@ -86,6 +86,28 @@ class TinyShape:
     initializer_range: float = 0.1
 
 
+def mha_shape() -> TinyShape:
+    """No GQA, unequal experts, no shared part, tied embeddings, a gated
+    2-layer router whose head size differs from the backbone's."""
+    return TinyShape(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_experts=3,
+        shared_intermediate_size=0,
+        expert_intermediate_sizes=[48, 40, 32],
+        tie_word_embeddings=True,
+        router=dict(
+            num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=64, intermediate_size=96, gated_mlp=True, attention_scale=None, bias=False,
+        ),
+    )
+
+
+SHAPES = {"gqa": TinyShape, "mha": mha_shape}
+
+
 def tiny_config(shape: TinyShape, tokenizer_size: int) -> ReadMEConfig:
     vocab = max(shape.vocab_size, tokenizer_size)
     router = dict(shape.router, vocab_size=vocab, num_experts=shape.num_experts,
