@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny Read-ME checkpoints built here (nothing downloaded),
+in-process vLLM engines, and the reference model as oracle."""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+# In-process engines start in ~4 s instead of ~20 s; tests that need vLLM's
+# multi-process layout (server, TP) start their own subprocesses.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_readme.checkpoint.tiny import SHAPES, build_tiny_checkpoint  # noqa: E402
+
+PROMPTS = [
+    "The quick brown fox",
+    "Return a new list containing all items from the iterable in ascending order, and",
+    "A",
+    "Logging is performed by calling methods on instances of the Logger class, which are arranged",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build_tiny_checkpoint(root / name, SHAPES[name](), seed=7) for name in SHAPES}
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["gqa"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mha(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["mha"]
+
+
+def engine_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        kv_cache_memory_bytes=32 << 20,
+        max_num_seqs=8,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@contextmanager
+def vllm_engine(model: Path, **overrides):
+    """An in-process vLLM engine, torn down afterwards so the next can start."""
+    from vllm import LLM
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    llm = None
+    try:
+        llm = LLM(model=str(model), **engine_kwargs(**overrides))
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def load_reference(model: Path):
+    from vllm_readme.modeling_readme import ReadMEForCausalLM
+
+    return ReadMEForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+def error_chain(exc: BaseException) -> str:
+    """All messages along an exception's cause/context chain."""
+    messages, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        messages.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(messages)
