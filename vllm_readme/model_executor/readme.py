@@ -50,6 +50,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
+from vllm_readme.checkpoint.io import check_tokenizer_fits
 from vllm_readme.configuration_readme import (
     BACKBONE_ACTIVATIONS,
     ReadMEConfig,
@@ -478,6 +479,9 @@ def _check_serving_limits(config: ReadMEConfig, vllm_config: VllmConfig) -> None
             f"{router.max_position_embeddings}: longer prompts could not be routed. "
             f"Pass --max-model-len {router.max_position_embeddings} (or less)."
         )
+    model_config = vllm_config.model_config
+    if not model_config.skip_tokenizer_init:
+        check_tokenizer_fits(config, model_config.tokenizer)
     tp = get_tensor_model_parallel_world_size()
     for what, size in (("expert_intermediate_size", config.expert_intermediate_size),
                        ("router.intermediate_size", router.intermediate_size)):

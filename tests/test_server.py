@@ -1,0 +1,110 @@
+"""`vllm-readme serve` (vLLM's own `vllm serve`) as a real multi-process
+OpenAI server, queried with the `openai` client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import load_reference
+
+SERVE_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gqa, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "vllm-readme"), "serve", str(tiny_gqa),
+        "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512",
+        "--served-model-name", "tiny-readme", "--enforce-eager", "--max-num-seqs", "4",
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_healthy(proc, port, log_path)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_healthy(proc, port, log_path):
+    deadline = time.time() + SERVE_TIMEOUT_S
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"server not healthy after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+
+
+def _reference_text(path, prompt_ids, n):
+    model = load_reference(path)
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_completions_plain_and_streaming_match_the_reference(server, tiny_gqa):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server, api_key="unused")
+    prompt = "The quick brown fox"
+    kwargs = dict(model="tiny-readme", prompt=prompt, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs)
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs))
+    assert plain.usage.completion_tokens == 12
+    assert streamed == plain.choices[0].text
+    tok = AutoTokenizer.from_pretrained(tiny_gqa)
+    expected = _reference_text(tiny_gqa, tok(prompt).input_ids, 12)
+    assert plain.choices[0].text == tok.decode(expected)
+
+
+def test_chat_plain_and_streaming(server, tiny_gqa):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server, api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    kwargs = dict(model="tiny-readme", messages=messages, max_tokens=10, temperature=0.0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert plain.choices[0].message.role == "assistant"
+    assert streamed == plain.choices[0].message.content
+    # The server applied the checkpoint's chat template.
+    tok = AutoTokenizer.from_pretrained(tiny_gqa)
+    templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert plain.usage.prompt_tokens == len(templated)
+    expected = _reference_text(tiny_gqa, templated, 10)
+    assert plain.choices[0].message.content == tok.decode(expected)
+
+
+def test_models_endpoint_lists_the_served_model(server):
+    from openai import OpenAI
+
+    assert [m.id for m in OpenAI(base_url=server, api_key="unused").models.list()] == ["tiny-readme"]
