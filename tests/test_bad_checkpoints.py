@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import error_chain, vllm_engine
+from safetensors.torch import load_file, save_file
 
 
 def _copy(src, dst):

@@ -22,8 +22,15 @@ def test_config_round_trips_every_field(tiny_mha, tmp_path):
     config = ReadMEConfig.from_pretrained(tiny_mha)
     config.save_pretrained(tmp_path)
     again = ReadMEConfig.from_pretrained(tmp_path)
-    for field in ("num_experts", "shared_intermediate_size", "expert_intermediate_size",
-                  "expert_intermediate_sizes", "router", "num_key_value_heads", "tie_word_embeddings"):
+    for field in (
+        "num_experts",
+        "shared_intermediate_size",
+        "expert_intermediate_size",
+        "expert_intermediate_sizes",
+        "router",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    ):
         assert getattr(again, field) == getattr(config, field), field
     assert again.router_config.attention_scale is None and again.router_config.gated_mlp
 
@@ -87,8 +94,9 @@ def test_bad_config_fields_name_the_problem(tiny_gqa, tmp_path, changes, message
 
 
 def test_validate_reports_expert_count_that_disagrees_with_weights(tiny_gqa, tmp_path):
-    bad = _edit_config(tiny_gqa, tmp_path / "bad", num_experts=3, **{"router.num_experts": 3},
-                       expert_intermediate_sizes=[64, 64, 64])
+    bad = _edit_config(
+        tiny_gqa, tmp_path / "bad", num_experts=3, **{"router.num_experts": 3}, expert_intermediate_sizes=[64, 64, 64]
+    )
     with pytest.raises(ReadMEConfigError, match="holds 4 experts but config.json says num_experts=3"):
         validate_checkpoint(bad)
 
@@ -98,5 +106,7 @@ def test_validate_reports_tokenizer_larger_than_router_vocab(tiny_gqa, tmp_path)
 
     size = len(AutoTokenizer.from_pretrained(tiny_gqa))
     bad = _edit_config(tiny_gqa, tmp_path / "bad", vocab_size=size - 10, **{"router.vocab_size": size - 10})
-    with pytest.raises(ReadMEConfigError, match=f"the tokenizer has {size} tokens but router.vocab_size is {size - 10}"):
+    with pytest.raises(
+        ReadMEConfigError, match=f"the tokenizer has {size} tokens but router.vocab_size is {size - 10}"
+    ):
         validate_checkpoint(bad)

@@ -2,9 +2,8 @@
 full recompute, the MoE equal to its dense-with-mask definition."""
 
 import torch
-from transformers import AutoTokenizer
-
 from conftest import PROMPTS, load_reference
+from transformers import AutoTokenizer
 
 
 def test_router_is_causal_routes_never_depend_on_later_tokens(tiny_gqa):
@@ -50,7 +49,7 @@ def test_moe_equals_dense_mlp_masked_to_the_tokens_expert(tiny_gqa):
     x = torch.randn(10, model.config.hidden_size)
     expert_ids = torch.arange(10) % model.config.num_experts
     expected = []
-    for row, expert in zip(x, expert_ids):
+    for row, expert in zip(x, expert_ids, strict=True):
         mask = torch.zeros(dense_gate.shape[0])
         mask[:s] = 1
         mask[s + expert * i : s + (expert + 1) * i] = 1

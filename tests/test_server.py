@@ -10,9 +10,8 @@ import urllib.request
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from conftest import load_reference
+from transformers import AutoTokenizer
 
 SERVE_TIMEOUT_S = 240
 
@@ -29,9 +28,22 @@ def server(tiny_gqa, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "vllm-readme"), "serve", str(tiny_gqa),
-        "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512",
-        "--served-model-name", "tiny-readme", "--enforce-eager", "--max-num-seqs", "4",
+        os.path.join(os.path.dirname(sys.executable), "vllm-readme"),
+        "serve",
+        str(tiny_gqa),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--served-model-name",
+        "tiny-readme",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -66,7 +78,7 @@ def _reference_text(path, prompt_ids, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def test_completions_plain_and_streaming_match_the_reference(server, tiny_gqa):
@@ -89,7 +101,9 @@ def test_chat_plain_and_streaming(server, tiny_gqa):
 
     client = OpenAI(base_url=server, api_key="unused")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
-    kwargs = dict(model="tiny-readme", messages=messages, max_tokens=10, temperature=0.0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="tiny-readme", messages=messages, max_tokens=10, temperature=0.0, extra_body={"ignore_eos": True}
+    )
     plain = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

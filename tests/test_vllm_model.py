@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-from vllm import SamplingParams
-
 from conftest import PROMPTS, load_reference, vllm_engine
+from vllm import SamplingParams
 
 NEW_TOKENS = 16
 # fp32 on CPU: vLLM's fused kernels and plain PyTorch differ by rounding only
@@ -25,7 +24,7 @@ def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[lis
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
         logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    return ids[len(prompt_ids):], logprobs
+    return ids[len(prompt_ids) :], logprobs
 
 
 def max_logprob_error(output, ref_logprobs: torch.Tensor) -> float:
@@ -98,7 +97,7 @@ def test_kv_cached_router_equals_full_recompute_token_by_token(tiny_checkpoints,
     step_sizes = []
     for positions, expert_ids in trace:
         step_sizes.append(len(positions))
-        for position, expert in zip(positions.tolist(), expert_ids.tolist()):
+        for position, expert in zip(positions.tolist(), expert_ids.tolist(), strict=True):
             routes_by_position[position] = expert
     # Decode steps carry one token each: the router never re-reads the sequence.
     assert max(step_sizes) <= 16 and step_sizes[-11:] == [1] * 11
@@ -116,6 +115,6 @@ def test_torch_compile_gives_the_same_greedy_tokens_as_eager(tiny_gqa):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_gqa)
-    for prompt, tokens in zip(PROMPTS, compiled):
+    for prompt, tokens in zip(PROMPTS, compiled, strict=True):
         expected, _ = reference_greedy(reference, tok(prompt).input_ids, NEW_TOKENS)
         assert list(tokens) == expected

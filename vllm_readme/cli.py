@@ -53,13 +53,17 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from vllm_readme.checkpoint.io import validate_checkpoint
 
     path = import_authors_checkpoint(
-        args.llama, args.masks, args.out,
+        args.llama,
+        args.masks,
+        args.out,
         router_heads=args.router_heads,
         router_attention_scale=None if args.router_attention_scale <= 0 else args.router_attention_scale,
     )
     config = validate_checkpoint(path)
-    print(f"wrote {path}: {config.num_experts} experts x {config.expert_intermediate_size} channels "
-          f"+ {config.shared_intermediate_size} shared")
+    print(
+        f"wrote {path}: {config.num_experts} experts x {config.expert_intermediate_size} channels "
+        f"+ {config.shared_intermediate_size} shared"
+    )
     return 0
 
 
@@ -67,8 +71,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from vllm_readme.checkpoint.io import validate_checkpoint
 
     config = validate_checkpoint(args.model)
-    print(f"{args.model}: valid Read-ME checkpoint, {config.num_hidden_layers} layers, "
-          f"{config.num_experts} experts, router {config.router_config.num_hidden_layers} layer(s)")
+    print(
+        f"{args.model}: valid Read-ME checkpoint, {config.num_hidden_layers} layers, "
+        f"{config.num_experts} experts, router {config.router_config.num_hidden_layers} layer(s)"
+    )
     return 0
 
 
@@ -92,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--masks", required=True, help="the authors' mask file (mask.pt)")
     imp.add_argument("--out", required=True, help="output folder for the Read-ME checkpoint")
     imp.add_argument("--router-heads", type=int, default=4, help="router attention heads (default: 4, as in the paper)")
-    imp.add_argument("--router-attention-scale", type=float, default=1.0,
-                     help="router q.k multiplier (default 1.0 as in the authors' code; <= 0 means 1/sqrt(head_dim))")
+    imp.add_argument(
+        "--router-attention-scale",
+        type=float,
+        default=1.0,
+        help="router q.k multiplier (default 1.0 as in the authors' code; <= 0 means 1/sqrt(head_dim))",
+    )
     imp.set_defaults(func=_cmd_import)
 
     val = sub.add_parser("validate", help="check a Read-ME checkpoint folder and say what is wrong")

@@ -73,8 +73,7 @@ class RouterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ReadMEConfigError(
-                f"config.json: unknown router field(s) {unknown}; "
-                f"known fields are {sorted(known)}."
+                f"config.json: unknown router field(s) {unknown}; known fields are {sorted(known)}."
             )
         missing = [n for n in ("vocab_size", "num_experts") if n not in data]
         if missing:
@@ -88,16 +87,21 @@ class RouterConfig:
         allowed = BACKBONE_ACTIVATIONS if self.gated_mlp else ROUTER_ACTIVATIONS
         if self.hidden_act not in allowed:
             raise ReadMEConfigError(
-                f"config.json: router.hidden_act={self.hidden_act!r} is not "
-                f"supported; use one of {list(allowed)}."
+                f"config.json: router.hidden_act={self.hidden_act!r} is not supported; use one of {list(allowed)}."
             )
-        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size",
-                     "vocab_size", "num_experts", "max_position_embeddings"):
+        for name in (
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "num_experts",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
-                raise ReadMEConfigError(
-                    f"config.json: router.{name} must be >= 1, got {getattr(self, name)}."
-                )
+                raise ReadMEConfigError(f"config.json: router.{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ReadMEConfigError(
                 f"config.json: router.num_attention_heads ({self.num_attention_heads}) "
@@ -120,9 +124,7 @@ class ReadMEConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.router is None:
-            self.router = RouterConfig(
-                vocab_size=self.vocab_size, num_experts=self.num_experts
-            ).to_dict()
+            self.router = RouterConfig(vocab_size=self.vocab_size, num_experts=self.num_experts).to_dict()
         if self.expert_intermediate_sizes is None:
             self.expert_intermediate_sizes = [self.expert_intermediate_size] * self.num_experts
         self.validate_readme()
@@ -137,8 +139,7 @@ class ReadMEConfig(LlamaConfig):
             raise ReadMEConfigError(f"config.json: num_experts must be >= 1, got {self.num_experts}.")
         if self.expert_intermediate_size < 1:
             raise ReadMEConfigError(
-                "config.json: expert_intermediate_size must be >= 1 "
-                f"(got {self.expert_intermediate_size})."
+                f"config.json: expert_intermediate_size must be >= 1 (got {self.expert_intermediate_size})."
             )
         if self.shared_intermediate_size < 0:
             raise ReadMEConfigError("config.json: shared_intermediate_size must be >= 0.")
@@ -150,8 +151,7 @@ class ReadMEConfig(LlamaConfig):
         sizes = list(self.expert_intermediate_sizes)
         if len(sizes) != self.num_experts:
             raise ReadMEConfigError(
-                f"config.json: expert_intermediate_sizes lists {len(sizes)} experts "
-                f"but num_experts={self.num_experts}."
+                f"config.json: expert_intermediate_sizes lists {len(sizes)} experts but num_experts={self.num_experts}."
             )
         if any(s < 0 or s > self.expert_intermediate_size for s in sizes):
             raise ReadMEConfigError(

@@ -288,7 +288,9 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and expert ids (argmax) of every token of ``input_ids``."""
         logits = self.router(input_ids, attention_mask)
         return logits, logits.argmax(dim=-1)
@@ -344,4 +346,3 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         inputs["router_input_ids"] = input_ids
         return inputs
-

@@ -35,7 +35,11 @@ from vllm_readme.checkpoint.convert import split_dense_mlp
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
 
 PREDICTOR = "cluster_predictor."
-_ROUTER_RENAMES = ((".mlp.proj_1.", ".mlp.up_proj."), (".mlp.proj_2.", ".mlp.down_proj."), ("proj_out.", "expert_head."))
+_ROUTER_RENAMES = (
+    (".mlp.proj_1.", ".mlp.up_proj."),
+    (".mlp.proj_2.", ".mlp.down_proj."),
+    ("proj_out.", "expert_head."),
+)
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 
 
@@ -80,7 +84,7 @@ def import_authors_checkpoint(
         weights.update(load_file(file))
     if not weights:
         raise ReadMEConfigError(f"{llama_dir}: no *.safetensors weight files.")
-    predictor = {k[len(PREDICTOR):]: v for k, v in weights.items() if k.startswith(PREDICTOR)}
+    predictor = {k[len(PREDICTOR) :]: v for k, v in weights.items() if k.startswith(PREDICTOR)}
     if not predictor:
         raise ReadMEConfigError(f"{llama_dir}: no {PREDICTOR}* weights; the router is missing from the checkpoint.")
     num_layers = dense_config["num_hidden_layers"]
@@ -93,11 +97,16 @@ def import_authors_checkpoint(
         prefix = f"model.layers.{layer}.mlp."
         shared, experts = masks[layer]
         if experts.shape[0] != num_experts:
-            raise ReadMEConfigError(f"{mask_file}: layer {layer} has {experts.shape[0]} experts, layer 0 has {num_experts}.")
+            raise ReadMEConfigError(
+                f"{mask_file}: layer {layer} has {experts.shape[0]} experts, layer 0 has {num_experts}."
+            )
         layer_parts.append(
             split_dense_mlp(
-                weights[prefix + "gate_proj.weight"], weights[prefix + "up_proj.weight"],
-                weights[prefix + "down_proj.weight"], shared, experts,
+                weights[prefix + "gate_proj.weight"],
+                weights[prefix + "up_proj.weight"],
+                weights[prefix + "down_proj.weight"],
+                shared,
+                experts,
             )
         )
     # Layers may keep different numbers of shared/expert channels; the format
@@ -158,8 +167,14 @@ def import_authors_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     save_file(out_weights, out / "model.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "chat_template.jinja", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         if (llama_dir / name).is_file():
             (out / name).write_bytes((llama_dir / name).read_bytes())
     return out

@@ -28,7 +28,9 @@ def _check_writable(out: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ReadMEConfigError(f"cannot write the checkpoint to {out}: {exc.strerror}. Choose a writable --out.") from exc
+        raise ReadMEConfigError(
+            f"cannot write the checkpoint to {out}: {exc.strerror}. Choose a writable --out."
+        ) from exc
 
 
 def load_readme_config(path: str | Path) -> ReadMEConfig:

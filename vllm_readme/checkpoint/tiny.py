@@ -24,7 +24,16 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant
 
 def local_corpus(max_chars: int = 400_000) -> list[str]:
     """Plain English text shipped with Python itself (stdlib docstrings)."""
-    import argparse, collections, functools, json, logging, pathlib, re, string, textwrap, threading  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import functools
+    import json
+    import logging
+    import pathlib
+    import re
+    import string
+    import textwrap
+    import threading
 
     texts: list[str] = []
     for module in (argparse, collections, functools, json, logging, pathlib, re, string, textwrap, threading):
@@ -78,8 +87,14 @@ class TinyShape:
     vocab_size: int = 448
     router: dict = field(
         default_factory=lambda: dict(
-            num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
-            head_dim=32, intermediate_size=64, gated_mlp=False, attention_scale=1.0,
+            num_hidden_layers=1,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=64,
+            gated_mlp=False,
+            attention_scale=1.0,
         )
     )
     max_position_embeddings: int = 512
@@ -99,8 +114,15 @@ def mha_shape() -> TinyShape:
         expert_intermediate_sizes=[48, 40, 32],
         tie_word_embeddings=True,
         router=dict(
-            num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=64, intermediate_size=96, gated_mlp=True, attention_scale=None, bias=False,
+            num_hidden_layers=2,
+            hidden_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            intermediate_size=96,
+            gated_mlp=True,
+            attention_scale=None,
+            bias=False,
         ),
     )
 
@@ -110,8 +132,12 @@ SHAPES = {"gqa": TinyShape, "mha": mha_shape}
 
 def tiny_config(shape: TinyShape, tokenizer_size: int) -> ReadMEConfig:
     vocab = max(shape.vocab_size, tokenizer_size)
-    router = dict(shape.router, vocab_size=vocab, num_experts=shape.num_experts,
-                  max_position_embeddings=shape.max_position_embeddings)
+    router = dict(
+        shape.router,
+        vocab_size=vocab,
+        num_experts=shape.num_experts,
+        max_position_embeddings=shape.max_position_embeddings,
+    )
     return ReadMEConfig(
         vocab_size=vocab,
         hidden_size=shape.hidden_size,

