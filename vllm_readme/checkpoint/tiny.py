@@ -172,3 +172,21 @@ def build_tiny_checkpoint(out_dir: str | Path, shape: TinyShape | None = None, s
     torch.manual_seed(seed)
     model = ReadMEForCausalLM(config).to(torch.float32)
     return save_readme_checkpoint(model, tokenizer, out_dir)
+
+
+def build_tiny_dense(out_dir: str | Path, seed: int = 0, intermediate_size: int = 128) -> Path:
+    """A tiny random dense Llama (HF folder) to refactor in tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

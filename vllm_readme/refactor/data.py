@@ -1,0 +1,142 @@
+"""Calibration and held-out text, available without a model hub.
+
+Built-in sources (real English text that Python and installed packages ship):
+
+* ``python-docs``: the Python reference topics (``pydoc_data.topics``);
+* ``package-docs``: long descriptions (READMEs) of installed distributions;
+* ``stdlib-docstrings``: docstrings of standard-library modules.
+
+Users pass files or folders of ``.txt`` / ``.jsonl`` (a ``text`` field per
+line); each path is one domain. Documents are split between calibration and
+held-out by a hash of their text, so the two never share a document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_readme.configuration_readme import ReadMEConfigError
+
+BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")
+MIN_DOCUMENT_CHARS = 200
+
+
+@dataclass
+class Domain:
+    name: str
+    documents: list[str]
+
+
+def builtin_documents(name: str) -> list[str]:
+    if name == "python-docs":
+        import pydoc_data.topics
+
+        return [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    if name == "package-docs":
+        docs = {}
+        for dist in importlib.metadata.distributions():
+            text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+            name_ = dist.metadata.get("Name") or ""
+            if len(text) >= MIN_DOCUMENT_CHARS:
+                docs[name_.lower()] = text
+        return [docs[k] for k in sorted(docs)]
+    if name == "stdlib-docstrings":
+        import argparse, asyncio, collections, csv, datetime, email, functools, http.client, itertools, json as json_, logging, os, pathlib, re, socket, sqlite3, string, subprocess, textwrap, threading, typing, unittest, urllib.request, zipfile  # noqa: E401,E501
+
+        modules = (argparse, asyncio, collections, csv, datetime, email, functools, http.client, itertools, json_,
+                   logging, os, pathlib, re, socket, sqlite3, string, subprocess, textwrap, threading, typing,
+                   unittest, urllib.request, zipfile)
+        docs = []
+        for module in modules:
+            parts = [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)]
+            text = "\n\n".join(p for p in dict.fromkeys(parts) if len(p) > 80)
+            if text:
+                docs.append(text)
+        return docs
+    raise ReadMEConfigError(f"unknown built-in text source {name!r}; choose from {list(BUILTIN_SOURCES)}.")
+
+
+def load_domains(sources: list[str]) -> list[Domain]:
+    """Each source is a built-in name or a file/folder of .txt/.jsonl."""
+    if not sources:
+        raise ReadMEConfigError("no calibration data: pass --calib with files, folders or built-in sources.")
+    domains = []
+    for source in sources:
+        if source in BUILTIN_SOURCES:
+            docs = builtin_documents(source)
+        else:
+            docs = _read_path(Path(source))
+        docs = [d for d in docs if d.strip()]
+        if not docs:
+            raise ReadMEConfigError(f"calibration source {source!r} holds no text (.txt or .jsonl with a 'text' field).")
+        domains.append(Domain(name=Path(source).stem if source not in BUILTIN_SOURCES else source, documents=docs))
+    return domains
+
+
+def _read_path(path: Path) -> list[str]:
+    if not path.exists():
+        raise ReadMEConfigError(f"calibration path {path} does not exist.")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    docs = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ReadMEConfigError(f"{file}:{line_no}: expected a JSON object with a 'text' field.") from exc
+        elif file.suffix == ".txt":
+            docs.append(file.read_text(encoding="utf-8", errors="replace"))
+        else:
+            raise ReadMEConfigError(f"{file}: calibration files must be .txt or .jsonl.")
+    return docs
+
+
+def is_held_out(document: str, fraction: float) -> bool:
+    digest = hashlib.sha256(document.encode("utf-8", errors="replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_domains(domains: list[Domain], held_out_fraction: float) -> tuple[list[Domain], list[Domain]]:
+    calib, held = [], []
+    for d in domains:
+        calib.append(Domain(d.name, [x for x in d.documents if not is_held_out(x, held_out_fraction)]))
+        held.append(Domain(d.name, [x for x in d.documents if is_held_out(x, held_out_fraction)]))
+    return calib, held
+
+
+def token_blocks(tokenizer, documents: list[str], block_len: int, max_tokens: int) -> torch.Tensor:
+    """Documents joined by EOS and cut into ``[N, block_len]`` blocks, at most
+    ``max_tokens`` tokens; documents are taken round-robin in chunks so a
+    budget samples every document rather than the first few."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    encoded = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in documents]
+    stream: list[int] = []
+    chunk, offset = block_len, 0
+    while len(stream) < max_tokens and any(offset < len(e) for e in encoded):
+        for ids in encoded:
+            piece = ids[offset : offset + chunk]
+            if piece:
+                stream.extend(piece)
+                if offset + chunk >= len(ids):
+                    stream.append(eos)
+        offset += chunk
+    n = min(len(stream), max_tokens) // block_len
+    if n == 0:
+        raise ReadMEConfigError(f"not enough text for one block of {block_len} tokens.")
+    return torch.tensor(stream[: n * block_len], dtype=torch.long).view(n, block_len)
+
+
+def domain_blocks(tokenizer, domains: list[Domain], block_len: int, max_tokens: int) -> list[torch.Tensor]:
+    """Blocks per domain, the token budget shared evenly."""
+    per_domain = max(block_len, max_tokens // len(domains))
+    return [token_blocks(tokenizer, d.documents, block_len, per_domain) for d in domains]

