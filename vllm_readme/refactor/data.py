@@ -48,11 +48,57 @@ def builtin_documents(name: str) -> list[str]:
                 docs[name_.lower()] = text
         return [docs[k] for k in sorted(docs)]
     if name == "stdlib-docstrings":
-        import argparse, asyncio, collections, csv, datetime, email, functools, http.client, itertools, json as json_, logging, os, pathlib, re, socket, sqlite3, string, subprocess, textwrap, threading, typing, unittest, urllib.request, zipfile  # noqa: E401,E501
+        import argparse  # noqa: E401,E501
+        import asyncio
+        import collections
+        import csv
+        import datetime
+        import email
+        import functools
+        import http.client
+        import itertools
+        import json as json_
+        import logging
+        import os
+        import pathlib
+        import re
+        import socket
+        import sqlite3
+        import string
+        import subprocess
+        import textwrap
+        import threading
+        import typing
+        import unittest
+        import urllib.request
+        import zipfile
 
-        modules = (argparse, asyncio, collections, csv, datetime, email, functools, http.client, itertools, json_,
-                   logging, os, pathlib, re, socket, sqlite3, string, subprocess, textwrap, threading, typing,
-                   unittest, urllib.request, zipfile)
+        modules = (
+            argparse,
+            asyncio,
+            collections,
+            csv,
+            datetime,
+            email,
+            functools,
+            http.client,
+            itertools,
+            json_,
+            logging,
+            os,
+            pathlib,
+            re,
+            socket,
+            sqlite3,
+            string,
+            subprocess,
+            textwrap,
+            threading,
+            typing,
+            unittest,
+            urllib.request,
+            zipfile,
+        )
         docs = []
         for module in modules:
             parts = [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)]
@@ -75,7 +121,9 @@ def load_domains(sources: list[str]) -> list[Domain]:
             docs = _read_path(Path(source))
         docs = [d for d in docs if d.strip()]
         if not docs:
-            raise ReadMEConfigError(f"calibration source {source!r} holds no text (.txt or .jsonl with a 'text' field).")
+            raise ReadMEConfigError(
+                f"calibration source {source!r} holds no text (.txt or .jsonl with a 'text' field)."
+            )
         domains.append(Domain(name=Path(source).stem if source not in BUILTIN_SOURCES else source, documents=docs))
     return domains
 

@@ -28,22 +28,33 @@ def default_dense_model() -> Path:
     return path
 
 
+def _location(path: Path) -> tuple[Path, dict]:
+    if not path.exists():
+        raise ReadMEConfigError(f"dense model {path} does not exist.")
+    if path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if not (path / "config.json").is_file():
+        raise ReadMEConfigError(f"{path} is neither a .gguf file nor an HF folder with config.json.")
+    return path, {}
+
+
+def load_dense_config(path: str | Path):
+    """The dense model's config, checked, without loading weights."""
+    from transformers import AutoConfig
+
+    folder, kwargs = _location(Path(path))
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    check_refactorable(config)
+    return config
+
+
 def load_dense(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a Llama-family checkpoint; fails early with the
     reason when the architecture cannot be refactored."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
-        raise ReadMEConfigError(f"dense model {path} does not exist.")
-    kwargs = {}
-    folder = path
-    if path.suffix == ".gguf":
-        folder, kwargs = path.parent, {"gguf_file": path.name}
-    elif not (path / "config.json").is_file():
-        raise ReadMEConfigError(f"{path} is neither a .gguf file nor an HF folder with config.json.")
-    config = AutoConfig.from_pretrained(folder, **kwargs)
-    check_refactorable(config)
+    load_dense_config(path)
+    folder, kwargs = _location(Path(path))
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
     # GGUF-loaded models carry a quantization marker although the weights are

@@ -15,7 +15,9 @@ from vllm_readme.refactor.activations import autocast
 
 
 @torch.no_grad()
-def perplexity(forward, blocks: torch.Tensor, batch_size: int = 8, bf16: bool = False, desc: str = "perplexity") -> float:
+def perplexity(
+    forward, blocks: torch.Tensor, batch_size: int = 8, bf16: bool = False, desc: str = "perplexity"
+) -> float:
     """exp(mean next-token NLL) over ``[rows, seq]`` blocks; ``forward(batch)``
     returns logits."""
     total, count = 0.0, 0
@@ -84,7 +86,9 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ppl = results["perplexity"]
     labels = list(ppl)
-    axes[0].bar(labels, [ppl[k] for k in labels], color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(labels)])
+    axes[0].bar(
+        labels, [ppl[k] for k in labels], color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(labels)]
+    )
     axes[0].set_ylabel("held-out perplexity (lower is better)")
     axes[0].set_title(f"{results.get('model', '')}: active MLP {results.get('active_mlp_fraction', 0):.0%}")
     axes[0].tick_params(axis="x", rotation=20)
@@ -103,7 +107,9 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
     axes[2].bar(range(len(load)), load)
     axes[2].set_xlabel("expert")
     axes[2].set_ylabel("fraction of held-out tokens")
-    axes[2].set_title(f"expert load; same expert as previous token: {results['routing']['same_expert_as_previous_token']:.0%}")
+    axes[2].set_title(
+        f"expert load; same expert as previous token: {results['routing']['same_expert_as_previous_token']:.0%}"
+    )
     fig.tight_layout()
     png_path = out_dir / f"{name}.png"
     fig.savefig(png_path, dpi=110)

@@ -20,7 +20,7 @@ from vllm_readme.configuration_readme import ReadMEConfigError, RouterConfig
 from vllm_readme.refactor import data as data_mod
 from vllm_readme.refactor.activations import collect_activations
 from vllm_readme.refactor.build import build_readme_model
-from vllm_readme.refactor.dense import default_dense_model, load_dense, save_dense_hf
+from vllm_readme.refactor.dense import default_dense_model, load_dense, load_dense_config, save_dense_hf
 from vllm_readme.refactor.evaluate import perplexity, pruned_forward, routing_statistics, write_report
 from vllm_readme.refactor.experts import (
     ExpertLayout,
@@ -70,8 +70,15 @@ class RefactorOptions:
         common = ["dense", "calib", "block_len", "held_out_fraction", "seed"]
         per_stage = {
             "experts": common + ["experts_from", "num_experts", "keep", "stats_tokens", "cluster_iterations"],
-            "router": ["router_hidden", "router_layers", "router_heads", "router_steps", "router_batch", "router_lr",
-                       "router_tokens"],
+            "router": [
+                "router_hidden",
+                "router_layers",
+                "router_heads",
+                "router_steps",
+                "router_batch",
+                "router_lr",
+                "router_tokens",
+            ],
             "tune": ["tune_tokens", "tune_batch", "tune_lr"],
         }
         keys = per_stage["experts"] + (per_stage["router"] if stage in ("router", "tune") else [])
@@ -100,7 +107,9 @@ class Refactor:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise ReadMEConfigError(f"cannot write to --out {self.out}: {exc.strerror}. Choose a writable folder.") from exc
+            raise ReadMEConfigError(
+                f"cannot write to --out {self.out}: {exc.strerror}. Choose a writable folder."
+            ) from exc
 
     def _cached(self, stage: str) -> Path | None:
         marker = self.work / f"{stage}.json"
@@ -134,20 +143,27 @@ class Refactor:
         started = time.time()
         opts = self.options
         (self.work / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
+        # Cheap checks first: bad input fails before any weight is loaded.
+        domains = data_mod.load_domains(opts.calib)
+        inter = load_dense_config(self.dense_path).intermediate_size
+        keep = kept_channels(inter, opts.keep, opts.num_experts)
         log(f"dense model: {self.dense_path}")
         dense, tokenizer = load_dense(self.dense_path)
-        inter = dense.config.intermediate_size
-        keep = kept_channels(inter, opts.keep, opts.num_experts)
-        domains = data_mod.load_domains(opts.calib)
         calib, held = data_mod.split_domains(domains, opts.held_out_fraction)
-        held_blocks = torch.cat(data_mod.domain_blocks(tokenizer, [d for d in held if d.documents], opts.block_len, opts.held_out_tokens))
-        log(f"calibration: {', '.join(d.name for d in calib)}; held-out {held_blocks.numel()} tokens (disjoint documents)")
+        held_blocks = torch.cat(
+            data_mod.domain_blocks(tokenizer, [d for d in held if d.documents], opts.block_len, opts.held_out_tokens)
+        )
+        log(
+            f"calibration: {', '.join(d.name for d in calib)}; held-out {held_blocks.numel()} tokens (disjoint documents)"
+        )
 
         layout, means = self._experts(dense, tokenizer, calib, keep)
         router_config, router_state = self._router(dense, tokenizer, calib, layout)
         model = build_readme_model(dense, layout, router_state, router_config)
-        log(f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
-            f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)")
+        log(
+            f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
+            f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)"
+        )
         curve = self._tune(model, tokenizer, calib, held_blocks)
         save_readme_checkpoint(model, tokenizer, self.out)
         log(f"wrote {self.out}")
@@ -173,7 +189,9 @@ class Refactor:
         means = layer_means(acts)
         if opts.experts_from == "domains":
             if len(calib) < 2:
-                raise ReadMEConfigError("--experts-from domains needs at least two calibration sources (one per expert).")
+                raise ReadMEConfigError(
+                    "--experts-from domains needs at least two calibration sources (one per expert)."
+                )
             masks = masks_from_domains([layer_means(a) for a in domain_acts], keep)
             log(f"experts: one per domain ({len(calib)}), top {keep} channels of each domain's mean activation")
         elif opts.experts_from == "clusters":
@@ -191,9 +209,14 @@ class Refactor:
         opts, path = self.options, self.work / "router.pt"
         head_dim = opts.router_hidden // opts.router_heads
         router_config = RouterConfig(
-            vocab_size=dense.config.vocab_size, num_experts=layout.num_experts, num_hidden_layers=opts.router_layers,
-            hidden_size=opts.router_hidden, num_attention_heads=opts.router_heads,
-            num_key_value_heads=opts.router_heads, head_dim=head_dim, intermediate_size=opts.router_hidden,
+            vocab_size=dense.config.vocab_size,
+            num_experts=layout.num_experts,
+            num_hidden_layers=opts.router_layers,
+            hidden_size=opts.router_hidden,
+            num_attention_heads=opts.router_heads,
+            num_key_value_heads=opts.router_heads,
+            head_dim=head_dim,
+            intermediate_size=opts.router_hidden,
             max_position_embeddings=dense.config.max_position_embeddings,
             rope_theta=float(dense.config.rope_parameters.get("rope_theta", 10000.0)),
             rms_norm_eps=dense.config.rms_norm_eps,
@@ -215,8 +238,10 @@ class Refactor:
         settings = TrainSettings(opts.router_steps, opts.router_batch, opts.router_lr, opts.seed, opts.checkpoint_every)
         history = train_router(router, blocks, targets, settings, self._fresh_training_dir("router"), log)
         acc = router_accuracy(router, blocks[: 4 * opts.router_batch], targets[: 4 * opts.router_batch])
-        log(f"router: {len(history)} steps this run, final loss {history[-1][1] if history else float('nan'):.4f}, "
-            f"training accuracy {acc:.1%}")
+        log(
+            f"router: {len(history)} steps this run, final loss {history[-1][1] if history else float('nan'):.4f}, "
+            f"training accuracy {acc:.1%}"
+        )
         torch.save(router.state_dict(), path)
         (self.work / "router_history.json").write_text(json.dumps(history))
         self._mark("router")
@@ -235,11 +260,15 @@ class Refactor:
         self._fresh_training_dir("tune")
         blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.tune_tokens))
         steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
-        settings = TrainSettings(steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps))
+        settings = TrainSettings(
+            steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
+        )
         tokens_per_step = opts.tune_batch * opts.block_len
         marks = sorted({round(steps * i / opts.tune_eval_points) for i in range(1, opts.tune_eval_points + 1)})
         curve = [{"tokens": 0, "perplexity": self._moe_ppl(model, held_blocks)}]
-        log(f"expert tuning: {steps} steps of {tokens_per_step} tokens, held-out perplexity before: {curve[0]['perplexity']:.2f}")
+        log(
+            f"expert tuning: {steps} steps of {tokens_per_step} tokens, held-out perplexity before: {curve[0]['perplexity']:.2f}"
+        )
         for index, mark in enumerate(marks):
             # Only the first segment can be a resumed interruption worth a log line.
             self._tune_until(model, blocks, settings, mark, log if index == 0 else (lambda _msg: None))
@@ -264,8 +293,9 @@ class Refactor:
         targets = expert_targets(dense, held_blocks, layout.masks, bf16=self.options.bf16)
         ppl = {
             "dense": perplexity(lambda b: dense(b).logits, held_blocks, desc="held-out perplexity (dense)"),
-            "pruned dense (same active size)": perplexity(pruned_forward(dense, pruned_masks), held_blocks,
-                                                          desc="held-out perplexity (pruned)"),
+            "pruned dense (same active size)": perplexity(
+                pruned_forward(dense, pruned_masks), held_blocks, desc="held-out perplexity (pruned)"
+            ),
         }
         if curve:
             ppl["Read-ME, router only"] = curve[0]["perplexity"]

@@ -1,0 +1,206 @@
+"""`vllm-readme refactor` on a tiny dense Llama: the whole pipeline, the
+masks, the router's training, resume, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_reference, vllm_engine
+
+from vllm_readme import ReadMEConfigError
+from vllm_readme.checkpoint.io import validate_checkpoint
+from vllm_readme.checkpoint.tiny import build_tiny_dense
+from vllm_readme.cli import main as cli_main
+from vllm_readme.configuration_readme import RouterConfig
+from vllm_readme.refactor.data import BUILTIN_SOURCES, load_domains, split_domains
+from vllm_readme.refactor.pipeline import RefactorOptions, refactor
+from vllm_readme.refactor.router import init_router, train_router
+from vllm_readme.refactor.training import TrainSettings
+
+TINY = dict(
+    calib=["python-docs", "stdlib-docstrings"],
+    num_experts=4,
+    keep=0.5,
+    stats_tokens=2048,
+    router_tokens=4096,
+    router_steps=20,
+    router_batch=4,
+    router_hidden=64,
+    router_heads=2,
+    tune_tokens=2048,
+    tune_batch=4,
+    held_out_tokens=1024,
+    block_len=128,
+    tune_eval_points=2,
+    checkpoint_every=5,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory) -> Path:
+    return build_tiny_dense(tmp_path_factory.mktemp("dense") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tiny_dense, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refactored") / "readme"
+    results = refactor(RefactorOptions(out=out, dense=tiny_dense, **TINY))
+    return out, results
+
+
+def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
+    from vllm import SamplingParams
+
+    out, results = tiny_build
+    config = validate_checkpoint(out)
+    assert config.num_experts == 4
+    assert (out / "refactor.json").is_file() and (out / "refactor.png").stat().st_size > 10_000
+    assert set(results["perplexity"]) >= {"dense", "pruned dense (same active size)", "Read-ME (tuned)"}
+    assert len(results["tuning_curve"]) == 3  # before + 2 evaluation points
+    with vllm_engine(out, max_model_len=256) as llm:
+        result = llm.generate(["The logging module"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    reference = load_reference(out)
+    ids = list(result.prompt_token_ids)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert list(result.outputs[0].token_ids) == ids[len(result.prompt_token_ids) :]
+
+
+def test_masks_cover_exactly_the_channels_claimed(tiny_dense, tiny_build):
+    """Before tuning, the MoE's MLP for a token routed to expert e equals the
+    dense MLP restricted to masks[layer, e]; shared channels are in every mask."""
+    from vllm_readme.refactor.build import build_readme_model
+    from vllm_readme.refactor.dense import load_dense
+    from vllm_readme.refactor.experts import ExpertLayout
+
+    out, _ = tiny_build
+    saved = torch.load(out / ".refactor" / "experts.pt", weights_only=True)
+    layout = ExpertLayout(saved["masks"], saved["shared"])
+    keep = round(128 * TINY["keep"])
+    assert (layout.masks.sum(-1) == keep).all()
+    assert (layout.shared.unsqueeze(1) <= layout.masks).all()
+    dense, _ = load_dense(tiny_dense)
+    router_state = torch.load(out / ".refactor" / "router.pt", weights_only=True)
+    config = RouterConfig(**{**json.loads((out / "config.json").read_text())["router"]})
+    model = build_readme_model(dense, layout, router_state, config)
+    x = torch.randn(12, dense.config.hidden_size)
+    for layer in range(dense.config.num_hidden_layers):
+        mlp = dense.model.layers[layer].mlp
+        for expert in range(layout.num_experts):
+            expected = mlp.down_proj(
+                torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x) * layout.masks[layer, expert].float()
+            )
+            got = model.model.layers[layer].mlp(x, torch.full((12,), expert))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _router_problem(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 200, (16, 32), generator=gen)
+    targets = blocks % 3  # learnable from the token id alone
+    config = RouterConfig(
+        vocab_size=200,
+        num_experts=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=32,
+    )
+    return blocks, targets, config
+
+
+def test_router_loss_falls_on_a_fixed_dataset(tmp_path):
+    blocks, targets, config = _router_problem()
+    router = init_router(config, torch.randn(200, 48), seed=0)
+    history = train_router(router, blocks, targets, TrainSettings(60, 4, 3e-3, seed=0, checkpoint_every=100), tmp_path)
+    first = sum(loss for _, loss in history[:5]) / 5
+    last = sum(loss for _, loss in history[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    blocks, targets, config = _router_problem()
+    settings = TrainSettings(12, 4, 3e-3, seed=1, checkpoint_every=4)
+    straight = init_router(config, torch.randn(200, 48, generator=torch.Generator().manual_seed(5)), seed=0)
+    train_router(straight, blocks, targets, settings, tmp_path / "a")
+
+    interrupted = init_router(config, torch.randn(200, 48, generator=torch.Generator().manual_seed(5)), seed=0)
+    calls = {"n": 0}
+    original_forward = interrupted.forward
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise _Interrupt
+        return original_forward(*args, **kwargs)
+
+    interrupted.forward = crash_at_step_7
+    with pytest.raises(_Interrupt):
+        train_router(interrupted, blocks, targets, settings, tmp_path / "b")
+    resumed = init_router(config, torch.randn(200, 48, generator=torch.Generator().manual_seed(5)), seed=0)
+    train_router(resumed, blocks, targets, settings, tmp_path / "b")  # resumes from step 4
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_held_out_documents_are_disjoint_from_calibration():
+    calib, held = split_domains(load_domains(list(BUILTIN_SOURCES)), 0.15)
+    for c, h in zip(calib, held, strict=True):
+        assert c.documents and h.documents
+        assert not set(c.documents) & set(h.documents)
+
+
+def _cli_error(capsys, *argv) -> str:
+    assert cli_main(["refactor", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_non_llama_architecture_fails_early(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    err = _cli_error(capsys, "--dense", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"))
+    assert "cannot refactor model_type='gpt2'" in err
+
+
+def test_missing_calibration_data_fails_early(tiny_dense, tmp_path, capsys):
+    err = _cli_error(
+        capsys, "--dense", str(tiny_dense), "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "nope")
+    )
+    assert "calibration path" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _cli_error(
+        capsys, "--dense", str(tiny_dense), "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "empty")
+    )
+    assert "holds no text" in err
+
+
+def test_more_experts_than_channels_fails_early(tiny_dense, tmp_path, capsys):
+    err = _cli_error(capsys, "--dense", str(tiny_dense), "--out", str(tmp_path / "o"), "--num-experts", "1000")
+    assert "--num-experts 1000 is not possible: the MLP has 128 channels" in err
+
+
+def test_unwritable_output_fails_early(tiny_dense, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = _cli_error(capsys, "--dense", str(tiny_dense), "--out", str(blocker / "out"))
+    assert "cannot write to --out" in err
+
+
+def test_domains_recipe_makes_one_expert_per_source(tiny_dense, tmp_path):
+    out = tmp_path / "domains"
+    options = RefactorOptions(out=out, dense=tiny_dense, **{**TINY, "tune_tokens": 0}, experts_from="domains")
+    refactor(options, evaluate=False)
+    assert validate_checkpoint(out).num_experts == 2
+
+
+def test_unreadable_input_is_reported_with_its_reason(tmp_path):
+    with pytest.raises(ReadMEConfigError, match="does not exist"):
+        refactor(RefactorOptions(out=tmp_path / "o", dense=tmp_path / "missing.gguf"))
