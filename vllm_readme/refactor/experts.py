@@ -86,16 +86,15 @@ def fit_masks_by_clustering(
     activation mass, then re-pick each expert's top channels from its tokens'
     mean activation. Seeds are tokens picked far apart (k-means++ style)."""
     gen = torch.Generator().manual_seed(seed)
-    n, num_layers, inter = acts.shape
+    n = acts.shape[0]
     sample = acts[torch.randperm(n, generator=gen)[: min(n, 4096)]]
     first = int(torch.randint(len(sample), (1,), generator=gen))
-    seeds = [top_channels(torch.stack([normalized(sample[first : first + 1, l])[0] for l in range(num_layers)]), keep)]
+    seeds = [top_channels(layer_means(sample, torch.tensor([first])), keep)]
     for _ in range(1, num_experts):
         best = coverage(sample, torch.stack(seeds, dim=1)).max(dim=1).values
         weights = (best.max() - best + 1e-6) ** 2
         pick = int(torch.multinomial(weights, 1, generator=gen))
-        token = torch.stack([normalized(sample[pick : pick + 1, l])[0] for l in range(num_layers)])
-        seeds.append(top_channels(token, keep))
+        seeds.append(top_channels(layer_means(sample, torch.tensor([pick])), keep))
     masks = torch.stack(seeds, dim=1)  # [L, E, I]
     for _ in tqdm(range(iterations), desc="clustering tokens into experts", unit="iter"):
         assignment = coverage(acts, masks).argmax(dim=1)
