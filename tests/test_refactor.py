@@ -45,7 +45,7 @@ def tiny_dense(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_build(tiny_dense, tmp_path_factory):
     out = tmp_path_factory.mktemp("refactored") / "readme"
-    results = refactor(RefactorOptions(out=out, dense=tiny_dense, **TINY))
+    results = refactor(RefactorOptions(out=out, dense=tiny_dense, tuned_baselines=True, **TINY))
     return out, results
 
 
@@ -56,7 +56,14 @@ def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
     config = validate_checkpoint(out)
     assert config.num_experts == 4
     assert (out / "refactor.json").is_file() and (out / "refactor.png").stat().st_size > 10_000
-    assert set(results["perplexity"]) >= {"dense", "pruned dense (same active size)", "Read-ME (tuned)"}
+    assert set(results["perplexity"]) == {
+        "dense",
+        "pruned dense (same active size)",
+        "Read-ME, router only",
+        "dense (tuned, same tokens)",
+        "pruned dense (tuned, same tokens)",
+        "Read-ME (tuned)",
+    }
     assert len(results["tuning_curve"]) == 3  # before + 2 evaluation points
     with vllm_engine(out, max_model_len=256) as llm:
         result = llm.generate(["The logging module"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]

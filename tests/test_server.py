@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 
 SERVE_TIMEOUT_S = 240
 
+pytestmark = pytest.mark.slow  # multi-process vLLM
+
 
 def _free_port() -> int:
     with socket.socket() as s:

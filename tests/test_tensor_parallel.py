@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import PROMPTS, load_reference
+
+pytestmark = pytest.mark.slow  # multi-process vLLM
 
 SCRIPT = r"""
 import json, sys

@@ -100,9 +100,14 @@ def _cmd_refactor(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vllm_readme.refactor.pipeline import options_of_build, refactor
 
-    results = refactor(options_of_build(args.out), evaluate=True)
+    options = options_of_build(args.out)
+    if args.tuned_baselines:
+        options = dataclasses.replace(options, tuned_baselines=True)
+    results = refactor(options, evaluate=True)
     print(json_dumps_short(results["perplexity"]))
     return 0
 
@@ -172,6 +177,13 @@ def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=int, help=f"save training state every N steps (default {d.checkpoint_every})"
     )
     p.add_argument("--seed", type=int, help=f"seed; same seed, same build (default {d.seed})")
+    p.add_argument(
+        "--tuned-baselines",
+        action="store_true",
+        default=None,
+        help="also tune the dense and the pruned dense model with the same tokens, so that domain "
+        "adaptation is not credited to routing (costs about two more tuning runs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of dense, Read-ME and pruned dense; routing statistics (JSON + PNG)")
     ev.add_argument("--out", required=True, help="a folder made by `vllm-readme refactor`")
+    ev.add_argument(
+        "--tuned-baselines",
+        action="store_true",
+        help="also tune dense and pruned dense with the Read-ME model's tuning tokens (fair comparison)",
+    )
     ev.set_defaults(func=_cmd_eval)
 
     exp = sub.add_parser("export-dense", help="write the dense model as a plain HF folder (stock vLLM's baseline)")

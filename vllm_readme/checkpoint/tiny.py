@@ -200,3 +200,38 @@ def build_tiny_dense(out_dir: str | Path, seed: int = 0, intermediate_size: int 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_random_readme_like(
+    dense_dir: str | Path,
+    out_dir: str | Path,
+    num_experts: int = 8,
+    shared_intermediate_size: int = 128,
+    expert_intermediate_size: int = 640,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Read-ME checkpoint with a dense model's shapes and
+    tokenizer (speed depends on shapes and route spread, not on values)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_readme.checkpoint.io import save_readme_checkpoint
+    from vllm_readme.configuration_readme import RouterConfig
+    from vllm_readme.modeling_readme import ReadMEForCausalLM
+
+    dense = AutoConfig.from_pretrained(dense_dir)
+    skip = {"model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
+    fields = {k: v for k, v in dense.to_dict().items() if k not in skip}
+    router = RouterConfig(
+        vocab_size=dense.vocab_size, num_experts=num_experts, max_position_embeddings=dense.max_position_embeddings
+    )
+    config = ReadMEConfig(
+        **fields,
+        num_experts=num_experts,
+        shared_intermediate_size=shared_intermediate_size,
+        expert_intermediate_size=expert_intermediate_size,
+        expert_intermediate_sizes=[expert_intermediate_size] * num_experts,
+        router=router.to_dict(),
+    )
+    torch.manual_seed(seed)
+    model = ReadMEForCausalLM(config).to(torch.float32)
+    return save_readme_checkpoint(model, AutoTokenizer.from_pretrained(dense_dir), out_dir)

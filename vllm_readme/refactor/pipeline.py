@@ -62,6 +62,7 @@ class RefactorOptions:
     tune_batch: int = 8
     tune_lr: float = 1e-4
     tune_eval_points: int = 4
+    tuned_baselines: bool = False  # also tune dense and pruned dense with the same tokens (fair comparison)
     seed: int = 0
     checkpoint_every: int = 25
     bf16: bool = True  # bf16 autocast for statistics and training (AMX/AVX512-BF16 CPUs, GPUs)
@@ -80,7 +81,10 @@ class RefactorOptions:
                 "router_tokens",
             ],
             "tune": ["tune_tokens", "tune_batch", "tune_lr"],
+            "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
         }
+        if stage == "baselines":
+            return {k: str(dataclasses.asdict(self)[k]) for k in per_stage["experts"] + per_stage["baselines"]}
         keys = per_stage["experts"] + (per_stage["router"] if stage in ("router", "tune") else [])
         keys += per_stage["tune"] if stage == "tune" else []
         data = dataclasses.asdict(self)
@@ -98,7 +102,11 @@ class Refactor:
         self.work = self.out / ".refactor"
         self._check_output()
         self.dense_path = Path(options.dense) if options.dense else default_dense_model()
-        self.timings: dict[str, float] = {}
+        # Stage timings survive reruns: a cached stage keeps the time it took when it ran.
+        self.timings_path = self.work / "timings.json"
+        self.timings: dict[str, float] = (
+            json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
+        )
 
     def _check_output(self) -> None:
         try:
@@ -150,6 +158,7 @@ class Refactor:
         log(f"dense model: {self.dense_path}")
         dense, tokenizer = load_dense(self.dense_path)
         calib, held = data_mod.split_domains(domains, opts.held_out_fraction)
+        self.tokenizer, self.calib = tokenizer, calib
         held_blocks = torch.cat(
             data_mod.domain_blocks(tokenizer, [d for d in held if d.documents], opts.block_len, opts.held_out_tokens)
         )
@@ -167,7 +176,9 @@ class Refactor:
         curve = self._tune(model, tokenizer, calib, held_blocks)
         save_readme_checkpoint(model, tokenizer, self.out)
         log(f"wrote {self.out}")
-        self.timings["build_s"] = time.time() - started
+        self.timings["this_run_build_s"] = time.time() - started
+        self.timings["stages_total_s"] = sum(self.timings.get(k, 0.0) for k in ("experts_s", "router_s", "tune_s"))
+        self.timings_path.write_text(json.dumps(self.timings, indent=1))
         results = {"timings_s": self.timings}
         if evaluate:
             results = self.evaluate(dense, model, layout, means, held_blocks, curve)
@@ -286,6 +297,32 @@ class Refactor:
     def _moe_ppl(self, model, held_blocks) -> float:
         return perplexity(lambda b: model(b).logits, held_blocks, desc="held-out perplexity (MoE)")
 
+    def _tuned_baselines(self, dense, pruned_masks, held_blocks) -> dict[str, float]:
+        """Dense and pruned dense tuned with the Read-ME model's tokens."""
+        from vllm_readme.refactor.baselines import tune_dense
+
+        cache = self.work / "baselines.json"
+        if self._cached("baselines") and cache.is_file():
+            return json.loads(cache.read_text())
+        opts = self.options
+        t = time.time()
+        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, self.calib, opts.block_len, opts.tune_tokens))
+        steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
+        settings = TrainSettings(
+            steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
+        )
+        results = {}
+        for label, masks, folder in (
+            ("dense (tuned, same tokens)", None, "baseline_dense"),
+            ("pruned dense (tuned, same tokens)", pruned_masks, "baseline_pruned"),
+        ):
+            forward = tune_dense(dense, blocks, settings, self._fresh_training_dir(folder), opts.bf16, masks, log)
+            results[label] = perplexity(forward, held_blocks, desc=f"held-out perplexity ({label})")
+        cache.write_text(json.dumps(results))
+        self._mark("baselines")
+        self.timings["baselines_s"] = time.time() - t
+        return results
+
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, dense, model, layout: ExpertLayout, means, held_blocks, curve) -> dict:
         t = time.time()
@@ -299,8 +336,11 @@ class Refactor:
         }
         if curve:
             ppl["Read-ME, router only"] = curve[0]["perplexity"]
+        if curve and self.options.tuned_baselines:
+            ppl.update(self._tuned_baselines(dense, pruned_masks, held_blocks))
         ppl["Read-ME" + (" (tuned)" if curve else "")] = self._moe_ppl(model, held_blocks)
         self.timings["evaluate_s"] = time.time() - t
+        self.timings_path.write_text(json.dumps(self.timings, indent=1))
         results = {
             "model": self.dense_path.name,
             "options": {k: str(v) for k, v in dataclasses.asdict(self.options).items()},

@@ -1,0 +1,32 @@
+"""Refactor SmolLM2-135M-Instruct with the default options (cached in
+models/smollm2-readme) and publish its report under benchmarks/results/.
+
+    python benchmarks/refactor_smollm2.py [--out models/smollm2-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from vllm_readme.refactor.pipeline import RefactorOptions, refactor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "smollm2-readme")
+    args = parser.parse_args()
+    results = refactor(RefactorOptions(out=args.out))
+    target = ROOT / "benchmarks" / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.out / "refactor.json", target / "refactor_smollm2.json")
+    shutil.copy(args.out / "refactor.png", target / "refactor_smollm2.png")
+    print(json.dumps({"perplexity": results["perplexity"], "timings_s": results["timings_s"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
