@@ -268,7 +268,7 @@ class Refactor:
             model.load_state_dict(torch.load(path, weights_only=True))
             return json.loads((self.work / "tuning_curve.json").read_text())
         t = time.time()
-        self._fresh_training_dir("tune")
+        tune_dir = self._fresh_training_dir("tune")
         blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.tune_tokens))
         steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
         settings = TrainSettings(
@@ -276,23 +276,30 @@ class Refactor:
         )
         tokens_per_step = opts.tune_batch * opts.block_len
         marks = sorted({round(steps * i / opts.tune_eval_points) for i in range(1, opts.tune_eval_points + 1)})
-        curve = [{"tokens": 0, "perplexity": self._moe_ppl(model, held_blocks)}]
+        curve_path = tune_dir / "curve.json"  # survives an interruption, like the weights
+        if curve_path.is_file():
+            curve = json.loads(curve_path.read_text())
+        else:
+            curve = [{"tokens": 0, "perplexity": self._moe_ppl(model, held_blocks)}]
+            curve_path.write_text(json.dumps(curve))
         log(
             f"expert tuning: {steps} steps of {tokens_per_step} tokens, held-out perplexity before: {curve[0]['perplexity']:.2f}"
         )
-        for index, mark in enumerate(marks):
-            # Only the first segment can be a resumed interruption worth a log line.
-            self._tune_until(model, blocks, settings, mark, log if index == 0 else (lambda _msg: None))
-            curve.append({"tokens": mark * tokens_per_step, "perplexity": self._moe_ppl(model, held_blocks)})
-            log(f"expert tuning: {mark}/{steps} steps, held-out perplexity {curve[-1]['perplexity']:.2f}")
+
+        def evaluate_at(done: int) -> None:
+            if done in marks:
+                model.eval()
+                curve.append({"tokens": done * tokens_per_step, "perplexity": self._moe_ppl(model, held_blocks)})
+                curve_path.write_text(json.dumps(curve))
+                log(f"expert tuning: {done}/{steps} steps, held-out perplexity {curve[-1]['perplexity']:.2f}")
+                model.train()
+
+        tune_experts(model, blocks, settings, tune_dir, opts.bf16, log, on_step=evaluate_at)
         torch.save(model.state_dict(), path)
         (self.work / "tuning_curve.json").write_text(json.dumps(curve))
         self._mark("tune")
         self.timings["tune_s"] = time.time() - t
         return curve
-
-    def _tune_until(self, model, blocks, settings: TrainSettings, stop_at: int, log_fn) -> None:
-        tune_experts(model, blocks, settings, self.work / "tune", self.options.bf16, log_fn, stop_at=stop_at)
 
     def _moe_ppl(self, model, held_blocks) -> float:
         return perplexity(lambda b: model(b).logits, held_blocks, desc="held-out perplexity (MoE)")

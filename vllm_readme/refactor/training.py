@@ -44,12 +44,11 @@ def train(
     settings: TrainSettings,
     checkpoint_dir: Path,
     log: Callable[[str], None] = print,
-    stop_at: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """Run ``loss_fn(rows)`` + AdamW up to step ``stop_at`` (default: all of
-    ``settings.steps``, which also sets the LR schedule), resuming from
-    ``checkpoint_dir/last.pt`` if present. Returns (step, loss) pairs."""
-    stop_at = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    """Run ``loss_fn(rows)`` + AdamW for ``settings.steps`` steps, resuming
+    from ``checkpoint_dir/last.pt`` if present; ``on_step(done)`` runs after every
+    step (evaluations along the way). Returns (step, loss) pairs."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / "last.pt"
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -61,9 +60,10 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, history = state["step"], state["history"]
+        del state  # the optimizer and module hold their own copies now
         log(f"[{name}] resuming at step {start}/{settings.steps} from {last}")
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    bar = tqdm(range(start, stop_at), desc=name, unit="step", initial=start, total=settings.steps)
+    bar = tqdm(range(start, settings.steps), desc=name, unit="step", initial=start, total=settings.steps)
     for step in bar:
         rows = batch_rows(num_rows, settings.batch_size, step, settings.seed)
         loss = loss_fn(rows)
@@ -75,7 +75,7 @@ def train(
         history.append((step, loss.item()))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        if done % settings.checkpoint_every == 0 or done == stop_at:
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
             state = {
                 "module": {n: t for n, t in module.state_dict().items() if n in trainable},
                 "optimizer": optimizer.state_dict(),
@@ -85,6 +85,9 @@ def train(
             }
             torch.save(state, checkpoint_dir / "last.tmp")
             (checkpoint_dir / "last.tmp").replace(last)
+            del state
+        if on_step is not None:
+            on_step(done)
     return history
 
 

@@ -19,7 +19,7 @@ def tune_experts(
     checkpoint_dir: Path,
     bf16: bool,
     log=print,
-    stop_at: int | None = None,
+    on_step=None,
 ) -> list[tuple[int, float]]:
     """Train attention, norms and MLPs; the router and the (tied) token
     embedding stay fixed. Routes come from the frozen router."""
@@ -35,7 +35,9 @@ def tune_experts(
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    history = train("expert tuning", params, model, loss_fn, len(blocks), settings, checkpoint_dir, log, stop_at)
+    history = train(
+        "expert tuning", params, model, loss_fn, len(blocks), settings, checkpoint_dir, log, on_step=on_step
+    )
     model.eval()
     for param in model.parameters():
         param.requires_grad = True

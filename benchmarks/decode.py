@@ -1,0 +1,243 @@
+"""Decode speed: stock vLLM serving dense SmolLM2-135M vs the plugin serving a
+Read-ME model of SmolLM2's shapes, side by side in one run (issue 8).
+
+Reports tokens/s and ms per decode step at several batch sizes, in bf16 and
+fp32, the machine's memory read bandwidth measured in the same run, and each
+configuration's fraction of its own weight-read roofline. Results go to
+benchmarks/results/decode.json and decode.png.
+
+    python benchmarks/decode.py              # the full table (a few minutes)
+    python benchmarks/decode.py --quick      # a smoke test of a few seconds per engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth of a reduction over a buffer far above cache."""
+    import torch
+
+    buf = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_step(config: dict, batch: int, bytes_per_param: int, readme: bool) -> float:
+    """Bytes of weights one decode step must read (KV cache excluded)."""
+    h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads, kv, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    attention = h * head_dim * (2 * heads + 2 * kv) + 2 * h  # q, o, k, v + two norms
+    params = layers * attention + h + vocab * h  # + final norm + lm_head (tied or not: read once)
+    params += batch * h  # embedding rows
+    if not readme:
+        params += layers * 3 * h * config["intermediate_size"]
+        return params * bytes_per_param
+    experts = config["num_experts"]
+    touched = experts * (1 - (1 - 1 / experts) ** batch)  # expected distinct experts, uniform routes
+    params += layers * 3 * h * (config["shared_intermediate_size"] + touched * config["expert_intermediate_size"])
+    router = config["router"]
+    rh, ri = router["hidden_size"], router["intermediate_size"]
+    rq = router["num_attention_heads"] * router["head_dim"]
+    rkv = router["num_key_value_heads"] * router["head_dim"]
+    router_layer = rh * (2 * rq + 2 * rkv) + (3 if router["gated_mlp"] else 2) * rh * ri + 2 * rh
+    params += router["num_hidden_layers"] * router_layer + rh + rh * experts + batch * rh
+    return params * bytes_per_param
+
+
+def resident_weight_bytes(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    return total
+
+
+WORKER = r"""
+import json, os, sys, time
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, dtype, batches, new_tokens, prompt_tokens, eager = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+llm = LLM(model=model, dtype=dtype, max_model_len=prompt_tokens + new_tokens + 8, max_num_seqs=max(batches),
+          kv_cache_memory_bytes=1 << 30, enforce_eager=eager, seed=0)
+vocab = llm.llm_engine.model_config.get_vocab_size()
+def prompts(batch, salt):
+    return [TokensPrompt(prompt_token_ids=[(97 * (i + 1) + 31 * j + salt) % (vocab - 10) + 5 for j in range(prompt_tokens)]) for i in range(batch)]
+def timed(batch, max_tokens, salt):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter(); out = llm.generate(prompts(batch, salt), params, use_tqdm=False); dt = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
+    return dt
+rows = []
+for batch in batches:
+    timed(batch, 4, 0)  # warm-up (compilation, allocator)
+    prefill = min(timed(batch, 1, s) for s in (1, 2))
+    total = min(timed(batch, new_tokens, s) for s in (3, 4))
+    step_ms = (total - prefill) / (new_tokens - 1) * 1000
+    rows.append({"batch": batch, "total_s": total, "prefill_s": prefill, "decode_step_ms": step_ms,
+                 "tokens_per_s": batch * new_tokens / total, "decode_tokens_per_s": batch * 1000 / step_ms})
+print("RESULT " + json.dumps(rows))
+"""
+
+
+def run_engine(
+    model: Path, dtype: str, batches: list[int], new_tokens: int, prompt_tokens: int, eager: bool
+) -> list[dict]:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        "-c",
+        WORKER,
+        str(model),
+        dtype,
+        json.dumps(batches),
+        str(new_tokens),
+        str(prompt_tokens),
+        "1" if eager else "0",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"engine for {model} ({dtype}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def prepare_models(readme: Path | None) -> tuple[Path, Path]:
+    from vllm_readme.checkpoint.tiny import build_random_readme_like
+    from vllm_readme.refactor.pipeline import export_dense
+
+    dense = ROOT / "models" / "smollm2-dense"
+    if not (dense / "config.json").is_file():
+        print(f"[decode] exporting dense SmolLM2 to {dense}")
+        export_dense(None, dense)
+    if readme is None:
+        readme = ROOT / "models" / "smollm2-shapes-readme"
+        if not (readme / "config.json").is_file():
+            print(f"[decode] building a random Read-ME with SmolLM2's shapes at {readme}")
+            build_random_readme_like(dense, readme)
+    return dense, readme
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for dtype, style in (("bfloat16", "-"), ("float32", "--")):
+        for name, color in (("dense (stock vLLM)", "#4c72b0"), ("Read-ME (plugin)", "#dd8452")):
+            rows = results["runs"].get(f"{name} {dtype}")
+            if not rows:
+                continue
+            batches = [r["batch"] for r in rows]
+            axes[0].plot(
+                batches,
+                [r["decode_tokens_per_s"] for r in rows],
+                style,
+                color=color,
+                marker="o",
+                label=f"{name}, {dtype}",
+            )
+            axes[1].plot(
+                batches,
+                [r["roofline_fraction"] for r in rows],
+                style,
+                color=color,
+                marker="o",
+                label=f"{name}, {dtype}",
+            )
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (concurrent sequences)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("decode tokens/s")
+    axes[0].set_title(f"decode throughput ({results['machine']})")
+    axes[1].set_ylabel("fraction of weight-read roofline")
+    axes[1].set_title(f"measured bandwidth {results['bandwidth_gbs']:.1f} GB/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 4, 8 new tokens, bf16 only")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=40)
+    parser.add_argument("--eager", action="store_true", help="disable torch.compile (default: vLLM's default)")
+    parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: random weights, SmolLM2 shapes)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.dtypes, args.new_tokens = [1, 4], ["bfloat16"], 8
+    import platform
+
+    import torch
+
+    dense, readme = prepare_models(args.readme)
+    bandwidth = measure_bandwidth_gbs()
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "bandwidth_gbs": bandwidth,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "resident_weight_params": {"dense": resident_weight_bytes(dense), "readme": resident_weight_bytes(readme)},
+        "runs": {},
+    }
+    print(f"[decode] memory read bandwidth {bandwidth:.1f} GB/s")
+    configs = {
+        "dense": json.loads((dense / "config.json").read_text()),
+        "readme": json.loads((readme / "config.json").read_text()),
+    }
+    for dtype in args.dtypes:
+        width = 2 if dtype in ("bfloat16", "float16") else 4
+        for label, model, kind in (("dense (stock vLLM)", dense, "dense"), ("Read-ME (plugin)", readme, "readme")):
+            rows = run_engine(model, dtype, args.batches, args.new_tokens, args.prompt_tokens, args.eager)
+            for row in rows:
+                step_bytes = weight_bytes_per_step(configs[kind], row["batch"], width, kind == "readme")
+                row["weight_bytes_per_step"] = step_bytes
+                row["roofline_fraction"] = step_bytes / (row["decode_step_ms"] / 1000) / (bandwidth * 1e9)
+                print(
+                    f"[decode] {label:20s} {dtype:8s} batch {row['batch']:3d}: {row['decode_tokens_per_s']:8.1f} tok/s, "
+                    f"{row['decode_step_ms']:7.2f} ms/step, {row['roofline_fraction']:.0%} of roofline"
+                )
+            results["runs"][f"{label} {dtype}"] = rows
+    for dtype in args.dtypes:
+        d, r = results["runs"][f"dense (stock vLLM) {dtype}"], results["runs"][f"Read-ME (plugin) {dtype}"]
+        results.setdefault("speedup_readme_over_dense", {})[dtype] = {
+            str(a["batch"]): b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(d, r, strict=True)
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+    print(json.dumps(results["speedup_readme_over_dense"], indent=2))
+    print(f"[decode] wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
