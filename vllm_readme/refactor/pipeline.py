@@ -32,7 +32,7 @@ from vllm_readme.refactor.experts import (
     top_channels,
 )
 from vllm_readme.refactor.router import expert_targets, init_router, router_accuracy, train_router
-from vllm_readme.refactor.training import TrainSettings
+from vllm_readme.refactor.training import TrainSettings, limit_heap_growth
 from vllm_readme.refactor.tune import tune_experts
 
 
@@ -149,6 +149,7 @@ class Refactor:
 
     def run(self, evaluate: bool = True) -> dict:
         started = time.time()
+        limit_heap_growth()
         opts = self.options
         (self.work / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
         # Cheap checks first: bad input fails before any weight is loaded.

@@ -16,6 +16,25 @@ import torch
 from tqdm import tqdm
 
 
+def limit_heap_growth() -> None:
+    """Serve allocations of 1 MiB and more with mmap (returned to the OS on
+    free). Training the MoE allocates differently sized per-expert tensors
+    every step; with glibc's adaptive threshold they fragment the heap and the
+    process grew by ~0.3 GB per step (OOM at 24 GB). Measured on SmolLM2:
+    flat at 9.9 GB instead, for ~25% more time per step."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 @dataclass
 class TrainSettings:
     steps: int
