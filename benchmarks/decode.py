@@ -125,11 +125,11 @@ def run_engine(
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def prepare_models(readme: Path | None) -> tuple[Path, Path]:
+def prepare_models(readme: Path | None, dense: Path | None = None) -> tuple[Path, Path]:
     from vllm_readme.checkpoint.tiny import build_random_readme_like
     from vllm_readme.refactor.pipeline import export_dense
 
-    dense = ROOT / "models" / "smollm2-dense"
+    dense = dense or ROOT / "models" / "smollm2-dense"
     if not (dense / "config.json").is_file():
         print(f"[decode] exporting dense SmolLM2 to {dense}")
         export_dense(None, dense)
@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--eager", action="store_true", help="disable torch.compile (default: vLLM's default)")
     parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: random weights, SmolLM2 shapes)")
+    parser.add_argument("--dense", type=Path, help="dense HF folder (default: SmolLM2-135M exported from GGUF)")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode.json")
     args = parser.parse_args()
     if args.quick:
@@ -199,7 +200,7 @@ def main() -> None:
 
     import torch
 
-    dense, readme = prepare_models(args.readme)
+    dense, readme = prepare_models(args.readme, args.dense)
     bandwidth = measure_bandwidth_gbs()
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

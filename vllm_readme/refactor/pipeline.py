@@ -357,8 +357,7 @@ class Refactor:
             "expert_channels": layout.active_size - layout.shared_size,
             "held_out_tokens": held_blocks.numel(),
             "perplexity": ppl,
-            "moe_over_dense": ppl[list(ppl)[-1]] / ppl["dense"],
-            "pruned_over_dense": ppl["pruned dense (same active size)"] / ppl["dense"],
+            "ratios": perplexity_ratios(ppl),
             "routing": routing_statistics(model, held_blocks, targets),
             "tuning_curve": curve,
             "timings_s": self.timings,
@@ -368,6 +367,18 @@ class Refactor:
             log(f"perplexity {name}: {value:.2f}")
         log(f"report: {json_path}, {png_path}")
         return results
+
+
+def perplexity_ratios(ppl: dict[str, float]) -> dict[str, float]:
+    """Read-ME's perplexity over each baseline's. With tuned baselines, the
+    like-for-like ratios are the "same tokens" ones."""
+    readme = ppl.get("Read-ME (tuned)", ppl.get("Read-ME"))
+    ratios = {f"Read-ME / {name}": readme / value for name, value in ppl.items() if not name.startswith("Read-ME")}
+    if "Read-ME, router only" in ppl:
+        ratios["Read-ME router only / pruned dense"] = (
+            ppl["Read-ME, router only"] / ppl["pruned dense (same active size)"]
+        )
+    return ratios
 
 
 def refactor(options: RefactorOptions, evaluate: bool = True) -> dict:
