@@ -103,6 +103,18 @@ print("RESULT " + json.dumps(rows))
 """
 
 
+def _die_with_parent() -> None:
+    """An engine left running after the benchmark is killed would skew every
+    later measurement on the machine: have the kernel stop it (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def run_engine(
     model: Path, dtype: str, batches: list[int], new_tokens: int, prompt_tokens: int, eager: bool
 ) -> list[dict]:
@@ -118,7 +130,7 @@ def run_engine(
         str(prompt_tokens),
         "1" if eager else "0",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, preexec_fn=_die_with_parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"engine for {model} ({dtype}) failed:\n{proc.stderr[-3000:]}")

@@ -206,12 +206,15 @@ def build_random_readme_like(
     dense_dir: str | Path,
     out_dir: str | Path,
     num_experts: int = 8,
-    shared_intermediate_size: int = 128,
-    expert_intermediate_size: int = 640,
+    shared_intermediate_size: int = 640,
+    expert_intermediate_size: int = 128,
     seed: int = 0,
 ) -> Path:
     """A random-weight Read-ME checkpoint with a dense model's shapes and
-    tokenizer (speed depends on shapes and route spread, not on values)."""
+    tokenizer (speed depends on shapes and route spread, not on values).
+
+    Default split of SmolLM2's 1536 MLP channels: 640 shared + 8 experts of
+    128 (1664 stored, 768 = half active per token, aligned for the kernels)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from vllm_readme.checkpoint.io import save_readme_checkpoint

@@ -83,25 +83,33 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(results, indent=2))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     ppl = results["perplexity"]
-    labels = list(ppl)
-    axes[0].bar(
-        labels, [ppl[k] for k in labels], color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][: len(labels)]
-    )
-    axes[0].set_ylabel("held-out perplexity (lower is better)")
-    axes[0].set_title(f"{results.get('model', '')}: active MLP {results.get('active_mlp_fraction', 0):.0%}")
-    axes[0].tick_params(axis="x", rotation=20)
+    labels = list(ppl)[::-1]
+    colors = ["#dd8452" if k.startswith("Read-ME") else "#4c72b0" for k in labels]
+    axes[0].barh(labels, [ppl[k] for k in labels], color=colors)
     for i, key in enumerate(labels):
-        axes[0].text(i, ppl[key], f"{ppl[key]:.1f}", ha="center", va="bottom")
+        axes[0].text(ppl[key], i, f" {ppl[key]:.2f}", va="center")
+    axes[0].set_xlabel("held-out perplexity (lower is better)")
+    axes[0].set_xlim(0, max(ppl.values()) * 1.18)
+    axes[0].set_title(f"{results.get('model', '')}: active MLP {results.get('active_mlp_fraction', 0):.0%}")
     curve = results.get("tuning_curve") or []
     if curve:
-        axes[1].plot([c["tokens"] for c in curve], [c["perplexity"] for c in curve], marker="o", label="Read-ME MoE")
-        axes[1].axhline(ppl["dense"], color="gray", ls="--", label="dense")
-        axes[1].axhline(ppl["dense"] * 1.25, color="gray", ls=":", label="dense x 1.25")
+        axes[1].plot(
+            [c["tokens"] for c in curve],
+            [c["perplexity"] for c in curve],
+            marker="o",
+            color="#dd8452",
+            label="Read-ME MoE",
+        )
+        axes[1].axhline(ppl["dense"], color="gray", ls="--", label="dense (untuned)")
+        tuned = ppl.get("dense (tuned, same tokens)")
+        if tuned is not None:
+            axes[1].axhline(tuned, color="#4c72b0", ls="--", label="dense tuned, same tokens")
+            axes[1].axhline(tuned * 1.25, color="#4c72b0", ls=":", label="x 1.25")
         axes[1].set_xlabel("expert-tuning tokens")
         axes[1].set_ylabel("held-out perplexity")
-        axes[1].legend()
+        axes[1].legend(fontsize=8)
     axes[1].set_title("perplexity vs tuning tokens")
     load = results["routing"]["expert_load_fraction"]
     axes[2].bar(range(len(load)), load)
