@@ -62,8 +62,21 @@ def serve_and_ask(model: Path, prompt: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "vllm-readme"), "serve", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--max-model-len", "2048", "--served-model-name", "readme", "--dtype", "bfloat16"]
+    cmd = [
+        str(Path(sys.executable).parent / "vllm-readme"),
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "2048",
+        "--served-model-name",
+        "readme",
+        "--dtype",
+        "bfloat16",
+    ]
     print("[serve] " + " ".join(cmd))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -78,6 +78,19 @@ def load_reference(model: Path):
     return ReadMEForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
 
+def edit_config(path: Path, **changes) -> None:
+    """Change config.json fields in place; ``router.X`` edits the router's."""
+    import json
+
+    data = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("router."):
+            data["router"][key.split(".", 1)[1]] = value
+        else:
+            data[key] = value
+    (path / "config.json").write_text(json.dumps(data))
+
+
 def error_chain(exc: BaseException) -> str:
     """All messages along an exception's cause/context chain."""
     messages, seen = [], set()

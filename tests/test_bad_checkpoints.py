@@ -1,10 +1,9 @@
 """Bad checkpoints fail at start-up with one clear message (invariant 5)."""
 
-import json
 import shutil
 
 import pytest
-from conftest import error_chain, vllm_engine
+from conftest import edit_config, error_chain, vllm_engine
 from safetensors.torch import load_file, save_file
 
 
@@ -16,16 +15,6 @@ def _copy(src, dst):
 def _edit_weights(path, edit):
     weights = load_file(path / "model.safetensors")
     save_file(edit(weights), path / "model.safetensors", metadata={"format": "pt"})
-
-
-def _edit_config(path, **changes):
-    data = json.loads((path / "config.json").read_text())
-    for key, value in changes.items():
-        if key.startswith("router."):
-            data["router"][key.split(".", 1)[1]] = value
-        else:
-            data[key] = value
-    (path / "config.json").write_text(json.dumps(data))
 
 
 def _engine_error(path, **overrides) -> str:
@@ -45,7 +34,7 @@ def test_missing_router_weights(tiny_gqa, tmp_path):
 
 def test_expert_count_that_disagrees_with_the_weights(tiny_gqa, tmp_path):
     bad = _copy(tiny_gqa, tmp_path / "bad")
-    _edit_config(bad, num_experts=3, expert_intermediate_sizes=[64, 64, 64], **{"router.num_experts": 3})
+    edit_config(bad, num_experts=3, expert_intermediate_sizes=[64, 64, 64], **{"router.num_experts": 3})
     _edit_weights(bad, lambda w: {k: (v[:3] if k.startswith("router.expert_head") else v) for k, v in w.items()})
     message = _engine_error(bad)
     assert "holds 4 experts" in message and "num_experts=3" in message
@@ -53,21 +42,21 @@ def test_expert_count_that_disagrees_with_the_weights(tiny_gqa, tmp_path):
 
 def test_router_vocab_smaller_than_the_tokenizer(tiny_gqa, tmp_path):
     bad = _copy(tiny_gqa, tmp_path / "bad")
-    _edit_config(bad, vocab_size=300, **{"router.vocab_size": 300})
+    edit_config(bad, vocab_size=300, **{"router.vocab_size": 300})
     message = _engine_error(bad)
     assert "the tokenizer has" in message and "router.vocab_size is 300" in message
 
 
 def test_unknown_activation(tiny_gqa, tmp_path):
     bad = _copy(tiny_gqa, tmp_path / "bad")
-    _edit_config(bad, hidden_act="swiglu_v9")
+    edit_config(bad, hidden_act="swiglu_v9")
     message = _engine_error(bad)
     assert "hidden_act='swiglu_v9' is not supported" in message
 
 
 def test_context_longer_than_the_router_positions(tiny_gqa, tmp_path):
     bad = _copy(tiny_gqa, tmp_path / "bad")
-    _edit_config(bad, **{"router.max_position_embeddings": 256})
+    edit_config(bad, **{"router.max_position_embeddings": 256})
     message = _engine_error(bad, max_model_len=512)
     assert "exceeds the router's max_position_embeddings=256" in message
     assert "--max-model-len 256" in message

@@ -1,8 +1,7 @@
 """The checkpoint format: config round trip, Auto classes, validation."""
 
-import json
-
 import pytest
+from conftest import edit_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import vllm_readme
@@ -66,13 +65,7 @@ def _edit_config(src, dst, **changes):
     import shutil
 
     shutil.copytree(src, dst)
-    data = json.loads((dst / "config.json").read_text())
-    for key, value in changes.items():
-        if key.startswith("router."):
-            data["router"][key.split(".", 1)[1]] = value
-        else:
-            data[key] = value
-    (dst / "config.json").write_text(json.dumps(data))
+    edit_config(dst, **changes)
     return dst
 
 

@@ -13,7 +13,7 @@ from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
 def save_readme_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
     """Write config.json, model.safetensors and the tokenizer into ``out_dir``."""
     out = Path(out_dir)
-    _check_writable(out)
+    check_writable(out)
     model.config.architectures = ["ReadMEForCausalLM"]
     model.save_pretrained(out)
     if tokenizer is not None:
@@ -21,16 +21,15 @@ def save_readme_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(folder: Path, what: str = "--out") -> None:
+    """Create ``folder`` and prove it writable, or name the problem."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ReadMEConfigError(
-            f"cannot write the checkpoint to {out}: {exc.strerror}. Choose a writable --out."
-        ) from exc
+        raise ReadMEConfigError(f"cannot write to {what} {folder}: {exc.strerror}. Choose a writable folder.") from exc
 
 
 def load_readme_config(path: str | Path) -> ReadMEConfig:

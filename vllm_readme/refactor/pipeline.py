@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_readme.checkpoint.io import save_readme_checkpoint
+from vllm_readme.checkpoint.io import check_writable, save_readme_checkpoint
 from vllm_readme.configuration_readme import ReadMEConfigError, RouterConfig
 from vllm_readme.refactor import data as data_mod
 from vllm_readme.refactor.activations import collect_activations
@@ -100,24 +100,13 @@ class Refactor:
         self.options = options
         self.out = Path(options.out)
         self.work = self.out / ".refactor"
-        self._check_output()
+        check_writable(self.work, "--out")
         self.dense_path = Path(options.dense) if options.dense else default_dense_model()
         # Stage timings survive reruns: a cached stage keeps the time it took when it ran.
         self.timings_path = self.work / "timings.json"
         self.timings: dict[str, float] = (
             json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
         )
-
-    def _check_output(self) -> None:
-        try:
-            self.work.mkdir(parents=True, exist_ok=True)
-            probe = self.work / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ReadMEConfigError(
-                f"cannot write to --out {self.out}: {exc.strerror}. Choose a writable folder."
-            ) from exc
 
     def _cached(self, stage: str) -> Path | None:
         marker = self.work / f"{stage}.json"
