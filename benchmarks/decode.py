@@ -166,22 +166,8 @@ def plot(results: dict, path: Path) -> None:
             if not rows:
                 continue
             batches = [r["batch"] for r in rows]
-            axes[0].plot(
-                batches,
-                [r["decode_tokens_per_s"] for r in rows],
-                style,
-                color=color,
-                marker="o",
-                label=f"{name}, {dtype}",
-            )
-            axes[1].plot(
-                batches,
-                [r["roofline_fraction"] for r in rows],
-                style,
-                color=color,
-                marker="o",
-                label=f"{name}, {dtype}",
-            )
+            for ax, metric in zip(axes, ("decode_tokens_per_s", "roofline_fraction"), strict=True):
+                ax.plot(batches, [r[metric] for r in rows], style, color=color, marker="o", label=f"{name}, {dtype}")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (concurrent sequences)")

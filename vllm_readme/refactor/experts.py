@@ -39,9 +39,6 @@ class ExpertLayout:
     def shared_size(self) -> int:
         return int(self.shared[0].sum())
 
-    def to_dict(self) -> dict:
-        return {"masks": self.masks, "shared": self.shared}
-
 
 def kept_channels(inter: int, keep_fraction: float, num_experts: int) -> int:
     if not 0 < keep_fraction <= 1:

@@ -183,6 +183,7 @@ class Refactor:
             return ExpertLayout(saved["masks"], saved["shared"]), saved["means"]
         self._invalidate("router")
         self._invalidate("tune")
+        (self.work / "router_targets.pt").unlink(missing_ok=True)
         t = time.time()
         per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
         domain_acts = [collect_activations(dense, blocks, bf16=opts.bf16) for blocks in per_domain]
@@ -230,9 +231,10 @@ class Refactor:
         t = time.time()
         blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.router_tokens))
         targets_path = self.work / "router_targets.pt"
-        if targets_path.is_file() and self._cached("experts"):
-            targets = torch.load(targets_path, weights_only=True)
-        else:
+        # Targets depend on the masks and on the blocks: reuse them only if
+        # both are unchanged (the experts stage deletes them when it reruns).
+        targets = torch.load(targets_path, weights_only=True) if targets_path.is_file() else None
+        if targets is None or targets.shape != blocks.shape:
             targets = expert_targets(dense, blocks, layout.masks, bf16=opts.bf16)
             torch.save(targets, targets_path)
         router = init_router(router_config, dense.model.embed_tokens.weight.detach(), opts.seed)
