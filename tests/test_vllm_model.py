@@ -118,3 +118,33 @@ def test_torch_compile_gives_the_same_greedy_tokens_as_eager(tiny_gqa):
     for prompt, tokens in zip(PROMPTS, compiled, strict=True):
         expected, _ = reference_greedy(reference, tok(prompt).input_ids, NEW_TOKENS)
         assert list(tokens) == expected
+
+
+def _routed_kernels(model) -> list[str]:
+    return [type(layer.mlp.routed_kernel).__name__ for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fused_moe"])
+def test_both_routed_expert_paths_match_the_reference(tiny_mha, kernel, monkeypatch):
+    """On CPU the default calls vLLM's grouped GEMM directly (issue 8); the
+    FusedMoE layer stays the fallback (and the GPU path). Both must give the
+    reference's logprobs, on the shape with unequal, zero-padded experts."""
+    monkeypatch.setenv("VLLM_README_ROUTED_KERNEL", kernel)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, prompt_logprobs=5, ignore_eos=True)
+    with vllm_engine(tiny_mha) as llm:
+        chosen = llm.apply_model(_routed_kernels)[0]
+        outputs = llm.generate(PROMPTS[:2], params)
+    assert set(chosen) == {"CPUGroupedGemm" if kernel == "auto" else "NoneType"}
+    reference = load_reference(tiny_mha)
+    for output in outputs:
+        expected_tokens, ref_logprobs = reference_greedy(reference, output.prompt_token_ids, 8)
+        assert list(output.outputs[0].token_ids) == expected_tokens
+        assert max_logprob_error(output, ref_logprobs) < LOGPROB_ATOL
+
+
+def test_unknown_routed_kernel_setting_is_named(monkeypatch):
+    from vllm_readme.model_executor.kernels import choose_routed_kernel
+
+    monkeypatch.setenv("VLLM_README_ROUTED_KERNEL", "triton")
+    with pytest.raises(ValueError, match="VLLM_README_ROUTED_KERNEL='triton'.*unset it"):
+        choose_routed_kernel(torch.nn.Module())

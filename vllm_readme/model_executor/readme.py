@@ -8,7 +8,8 @@ Model -> ForCausalLM. Paper §3-4 / DESIGN.md §1, §4:
   like the backbone's: decoding routes only the new tokens.
 * Every layer adds the shared MLP (one dense GEMM) to the token's routed
   expert (FusedMoE grouped GEMM, top-1, weight 1.0, same expert every layer).
-* Expert ids reach FusedMoE through ``slot_of_expert`` (identity today): the
+* Expert ids reach the weights through ``ReadMEModel.slot_table`` [layer,
+  expert] -> weight slot (identity today), gathered once per forward: the
   one indirection an expert-weight cache can later own.
 * The latest step's expert ids are kept in ``expert_ids_buffer`` on the
   device (no host sync), where a worker or scheduler hook can read them.
@@ -20,12 +21,13 @@ routes. Pipeline parallelism is not supported.
 """
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import get_act_and_mul_fn, get_act_fn
 from vllm.model_executor.layers.attention import Attention
@@ -54,6 +56,7 @@ from vllm_readme.configuration_readme import (
     ReadMEConfigError,
     RouterConfig,
 )
+from vllm_readme.model_executor.kernels import CPUGroupedGemm, choose_routed_kernel
 
 logger = init_logger(__name__)
 
@@ -81,21 +84,32 @@ class ReadMESharedMLP(nn.Module):
         return out
 
 
+class Routes(NamedTuple):
+    """One forward's routes, computed once by the router for every layer."""
+
+    logits: torch.Tensor  # [T, E] router logits (FusedMoE's input)
+    slots: torch.Tensor  # [T, 1] int32: this layer's weight slot of each token's expert
+    weights: torch.Tensor  # [T, 1] float32 ones (Read-ME does not scale its expert)
+
+
 class ReadMEMoE(nn.Module):
     """Shared MLP + the routed expert chosen by the decoupled router."""
 
-    def __init__(self, config: ReadMEConfig, prefix: str):
+    def __init__(self, config: ReadMEConfig, slot_table: torch.Tensor, layer_index: int, prefix: str):
         super().__init__()
+        # The model's [layer, expert] -> slot table (a plain attribute: the
+        # model owns the buffer); FusedMoE's routing function reads our row.
+        self._slot_table = slot_table
+        self.layer_index = layer_index
         self.hidden_size = config.hidden_size
         self.num_experts = config.num_experts
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.routed_kernel: CPUGroupedGemm | None = None  # None: FusedMoE's own forward
         self.shared = None
         if config.shared_intermediate_size > 0:
             self.shared = ReadMESharedMLP(
                 config.hidden_size, config.shared_intermediate_size, config.hidden_act, f"{prefix}.shared"
             )
-        # Expert id -> physical slot of FusedMoE's weight tensors. Identity
-        # while every expert is resident; an expert cache remaps it.
-        self.register_buffer("slot_of_expert", torch.arange(config.num_experts, dtype=torch.int32), persistent=False)
         self.experts = FusedMoEFactory(
             num_experts=config.num_experts,
             top_k=1,
@@ -115,11 +129,22 @@ class ReadMEMoE(nn.Module):
         """Top-1 of the router's logits, mapped to a weight slot; weight 1.0
         (Read-ME does not scale the expert's output)."""
         expert_ids = gating_output.argmax(dim=-1, keepdim=True)
-        slots = self.slot_of_expert[expert_ids]
+        slots = self._slot_table[self.layer_index][expert_ids]
         return torch.ones(slots.shape, dtype=torch.float32, device=slots.device), slots
 
-    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden_states=hidden_states, router_logits=router_logits)
+    def use_routed_kernel(self, kernel: CPUGroupedGemm | None) -> None:
+        """Set after loading (FusedMoE has prepacked its weights by then)."""
+        self.routed_kernel = kernel
+
+    def forward(self, hidden_states: torch.Tensor, routes: "Routes") -> torch.Tensor:
+        if self.routed_kernel is None:
+            return self.experts(hidden_states=hidden_states, router_logits=routes.logits)
+        out = self.routed_kernel(self.experts.routed_experts, hidden_states, routes.slots, routes.weights)
+        if self.shared is not None:
+            out = out + self.shared(hidden_states)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
 
 
 class ReadMEAttention(nn.Module):
@@ -175,7 +200,14 @@ class ReadMEAttention(nn.Module):
 
 
 class ReadMEDecoderLayer(nn.Module):
-    def __init__(self, config: ReadMEConfig, cache_config: CacheConfig | None, prefix: str):
+    def __init__(
+        self,
+        config: ReadMEConfig,
+        cache_config: CacheConfig | None,
+        slot_table: torch.Tensor,
+        layer_index: int,
+        prefix: str,
+    ):
         super().__init__()
         self.self_attn = ReadMEAttention(
             hidden_size=config.hidden_size,
@@ -189,7 +221,7 @@ class ReadMEDecoderLayer(nn.Module):
             cache_config=cache_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = ReadMEMoE(config, prefix=f"{prefix}.mlp")
+        self.mlp = ReadMEMoE(config, slot_table, layer_index, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -198,7 +230,7 @@ class ReadMEDecoderLayer(nn.Module):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
-        router_logits: torch.Tensor,
+        routes: Routes,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
@@ -207,7 +239,7 @@ class ReadMEDecoderLayer(nn.Module):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states, router_logits), residual
+        return self.mlp(hidden_states, routes), residual
 
 
 class ReadMERouterMLP(nn.Module):
@@ -293,8 +325,12 @@ class ReadMEModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
         )
+        # [layer, expert] -> physical slot in that layer's expert weights.
+        # Identity while every expert is resident; an expert cache remaps it.
+        slot_table = torch.arange(config.num_experts, dtype=torch.int32).repeat(config.num_hidden_layers, 1)
+        self.register_buffer("slot_table", slot_table, persistent=False)
         self.layers = nn.ModuleList(
-            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}")
+            ReadMEDecoderLayer(config, cache_config, self.slot_table, i, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -314,11 +350,16 @@ class ReadMEModel(nn.Module):
         if input_ids is None:
             raise ValueError("Read-ME routes from token ids; prompts given as embeddings cannot be routed.")
         router_logits = self.router(input_ids, positions)
-        self.expert_ids_buffer[: input_ids.shape[0]].copy_(router_logits.argmax(dim=-1))
+        expert_ids = router_logits.argmax(dim=-1)
+        self.expert_ids_buffer[: input_ids.shape[0]].copy_(expert_ids)
+        # Every layer's slots in one gather: [layers, T, 1].
+        slots = self.slot_table[:, expert_ids].unsqueeze(-1)
+        weights = torch.ones(slots.shape[1:], dtype=torch.float32, device=slots.device)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, router_logits)
+        for i, layer in enumerate(self.layers):
+            routes = Routes(router_logits, slots[i], weights)
+            hidden_states, residual = layer(positions, hidden_states, residual, routes)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -376,6 +417,14 @@ class ReadMEForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return ReadMEWeightLoader(self).load(weights)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after FusedMoE prepacked its weights:
+        pick how the routed experts run (same choice for every layer)."""
+        for layer in self.model.layers:
+            kernel, why = choose_routed_kernel(layer.mlp.experts)
+            layer.mlp.use_routed_kernel(kernel)
+        logger.info("Read-ME routed experts: %s", why)
 
 
 class ReadMEWeightLoader:
