@@ -3,10 +3,16 @@ Read-ME model of SmolLM2's shapes, side by side in one run (issue 8).
 
 Reports tokens/s and ms per decode step at several batch sizes, in bf16 and
 fp32, the machine's memory read bandwidth measured in the same run, and each
-configuration's fraction of its own weight-read roofline. Results go to
-benchmarks/results/decode.json and decode.png.
+configuration's fraction of its own weight-read roofline. A third engine
+serves the same Read-ME model through vLLM's FusedMoE layer
+(VLLM_README_ROUTED_KERNEL=fused_moe) to show what the direct kernel wins.
 
-    python benchmarks/decode.py              # the full table (a few minutes)
+All engines of a dtype stay loaded, each in its own process, and take turns
+(dense, Read-ME, FusedMoE, dense, ...) for --rounds rounds; the best of each
+is kept. Drift on a shared machine then hits every configuration alike.
+Results go to benchmarks/results/decode.json and decode.png.
+
+    python benchmarks/decode.py              # the full table (~15 minutes)
     python benchmarks/decode.py --quick      # a smoke test of a few seconds per engine
 """
 
@@ -80,26 +86,30 @@ import json, os, sys, time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-model, dtype, batches, new_tokens, prompt_tokens, eager = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
-llm = LLM(model=model, dtype=dtype, max_model_len=prompt_tokens + new_tokens + 8, max_num_seqs=max(batches),
+model, dtype, max_batch, max_len, eager = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+llm = LLM(model=model, dtype=dtype, max_model_len=max_len, max_num_seqs=max_batch,
           kv_cache_memory_bytes=1 << 30, enforce_eager=eager, seed=0)
 vocab = llm.llm_engine.model_config.get_vocab_size()
-def prompts(batch, salt):
-    return [TokensPrompt(prompt_token_ids=[(97 * (i + 1) + 31 * j + salt) % (vocab - 10) + 5 for j in range(prompt_tokens)]) for i in range(batch)]
-def timed(batch, max_tokens, salt):
+def prompts(batch, prompt_tokens, salt):
+    return [TokensPrompt(prompt_token_ids=[(97 * (i + 1) + 31 * j + salt) % (vocab - 10) + 5 for j in range(prompt_tokens)])
+            for i in range(batch)]
+def timed(batch, prompt_tokens, max_tokens, salt):
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t = time.perf_counter(); out = llm.generate(prompts(batch, salt), params, use_tqdm=False); dt = time.perf_counter() - t
+    t = time.perf_counter(); out = llm.generate(prompts(batch, prompt_tokens, salt), params, use_tqdm=False)
+    dt = time.perf_counter() - t
     assert all(len(o.outputs[0].token_ids) == max_tokens for o in out)
     return dt
-rows = []
-for batch in batches:
-    timed(batch, 4, 0)  # warm-up (compilation, allocator)
-    prefill = min(timed(batch, 1, s) for s in (1, 2))
-    total = min(timed(batch, new_tokens, s) for s in (3, 4))
-    step_ms = (total - prefill) / (new_tokens - 1) * 1000
-    rows.append({"batch": batch, "total_s": total, "prefill_s": prefill, "decode_step_ms": step_ms,
-                 "tokens_per_s": batch * new_tokens / total, "decode_tokens_per_s": batch * 1000 / step_ms})
-print("RESULT " + json.dumps(rows))
+warm = set()
+print("READY", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    batch, new_tokens, prompt_tokens = req["batch"], req["new_tokens"], req["prompt_tokens"]
+    if batch not in warm:
+        timed(batch, prompt_tokens, 4, 0)  # warm-up (compilation for this size, allocator)
+        warm.add(batch)
+    prefill = timed(batch, prompt_tokens, 1, 1)
+    total = timed(batch, prompt_tokens, new_tokens, 2)
+    print("RESULT " + json.dumps({"prefill_s": prefill, "total_s": total}), flush=True)
 """
 
 
@@ -115,26 +125,78 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_engine(
-    model: Path, dtype: str, batches: list[int], new_tokens: int, prompt_tokens: int, eager: bool
-) -> list[dict]:
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-c",
-        WORKER,
-        str(model),
-        dtype,
-        json.dumps(batches),
-        str(new_tokens),
-        str(prompt_tokens),
-        "1" if eager else "0",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, preexec_fn=_die_with_parent)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"engine for {model} ({dtype}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+class Engine:
+    """One engine in its own process, kept alive across measurements so that
+    engines can take turns (A B A B ...): drift on a shared machine then hits
+    every configuration alike instead of whichever ran last."""
+
+    def __init__(self, label: str, model: Path, dtype: str, max_batch: int, max_len: int, eager: bool, env: dict):
+        self.label = label
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false", **env)
+        cmd = [sys.executable, "-c", WORKER, str(model), dtype, str(max_batch), str(max_len), "1" if eager else "0"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        raise RuntimeError(f"engine {self.label} stopped:\n{self.proc.stderr.read()[-3000:]}")
+
+    def wait_ready(self) -> None:
+        self._read("READY")
+
+    def measure(self, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
+        self.proc.stdin.write(
+            json.dumps({"batch": batch, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens}) + "\n"
+        )
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def measure_interleaved(engines: list[Engine], batches: list[int], new_tokens: int, prompt_tokens: int, rounds: int):
+    """Best of ``rounds`` per (engine, batch), the engines taking turns."""
+    best: dict[tuple[str, int], dict] = {}
+    for r in range(rounds):
+        for batch in batches:
+            for engine in engines:
+                m = engine.measure(batch, new_tokens, prompt_tokens)
+                key = (engine.label, batch)
+                if key not in best or m["total_s"] < best[key]["total_s"]:
+                    best[key] = {**m, "prefill_s": min(m["prefill_s"], best.get(key, m)["prefill_s"])}
+            print(f"[decode] round {r + 1}/{rounds}, batch {batch}: done", flush=True)
+    rows = {}
+    for engine in engines:
+        rows[engine.label] = []
+        for batch in batches:
+            m = best[(engine.label, batch)]
+            step_ms = (m["total_s"] - m["prefill_s"]) / (new_tokens - 1) * 1000
+            rows[engine.label].append(
+                {
+                    "batch": batch,
+                    "total_s": m["total_s"],
+                    "prefill_s": m["prefill_s"],
+                    "decode_step_ms": step_ms,
+                    "tokens_per_s": batch * new_tokens / m["total_s"],
+                    "decode_tokens_per_s": batch * 1000 / step_ms,
+                }
+            )
+    return rows
 
 
 def prepare_models(readme: Path | None, dense: Path | None = None) -> tuple[Path, Path]:
@@ -161,7 +223,11 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for dtype, style in (("bfloat16", "-"), ("float32", "--")):
-        for name, color in (("dense (stock vLLM)", "#4c72b0"), ("Read-ME (plugin)", "#dd8452")):
+        for name, color in (
+            ("dense (stock vLLM)", "#4c72b0"),
+            ("Read-ME (plugin)", "#dd8452"),
+            ("Read-ME via FusedMoE", "#999999"),
+        ):
             rows = results["runs"].get(f"{name} {dtype}")
             if not rows:
                 continue
@@ -190,10 +256,14 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="disable torch.compile (default: vLLM's default)")
     parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: random weights, SmolLM2 shapes)")
     parser.add_argument("--dense", type=Path, help="dense HF folder (default: SmolLM2-135M exported from GGUF)")
+    parser.add_argument("--rounds", type=int, default=3, help="engines take turns this many times; best kept")
+    parser.add_argument(
+        "--no-fused-moe-baseline", action="store_true", help="skip the Read-ME engine forced onto vLLM's FusedMoE layer"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "decode.json")
     args = parser.parse_args()
     if args.quick:
-        args.batches, args.dtypes, args.new_tokens = [1, 4], ["bfloat16"], 8
+        args.batches, args.dtypes, args.new_tokens, args.rounds = [1, 4], ["bfloat16"], 8, 1
     import platform
 
     import torch
@@ -213,10 +283,28 @@ def main() -> None:
         "dense": json.loads((dense / "config.json").read_text()),
         "readme": json.loads((readme / "config.json").read_text()),
     }
+    variants = [("dense (stock vLLM)", dense, "dense", {}), ("Read-ME (plugin)", readme, "readme", {})]
+    if not args.no_fused_moe_baseline:
+        # The same model through vLLM's FusedMoE layer: what the direct CPU
+        # kernel call (vllm_readme/model_executor/kernels.py) wins.
+        variants.append(("Read-ME via FusedMoE", readme, "readme", {"VLLM_README_ROUTED_KERNEL": "fused_moe"}))
+    max_len = args.prompt_tokens + args.new_tokens + 8
     for dtype in args.dtypes:
         width = 2 if dtype in ("bfloat16", "float16") else 4
-        for label, model, kind in (("dense (stock vLLM)", dense, "dense"), ("Read-ME (plugin)", readme, "readme")):
-            rows = run_engine(model, dtype, args.batches, args.new_tokens, args.prompt_tokens, args.eager)
+        engines = [
+            Engine(label, model, dtype, max(args.batches), max_len, args.eager, env)
+            for label, model, _, env in variants
+        ]
+        try:
+            for engine in engines:
+                engine.wait_ready()
+            print(f"[decode] {dtype}: {len(engines)} engines ready; measuring in turns, {args.rounds} round(s)")
+            measured = measure_interleaved(engines, args.batches, args.new_tokens, args.prompt_tokens, args.rounds)
+        finally:
+            for engine in engines:
+                engine.close()
+        for label, _, kind, _ in variants:
+            rows = measured[label]
             for row in rows:
                 step_bytes = weight_bytes_per_step(configs[kind], row["batch"], width, kind == "readme")
                 row["weight_bytes_per_step"] = step_bytes
@@ -231,10 +319,17 @@ def main() -> None:
         results.setdefault("speedup_readme_over_dense", {})[dtype] = {
             str(a["batch"]): b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(d, r, strict=True)
         }
+        f = results["runs"].get(f"Read-ME via FusedMoE {dtype}")
+        if f:
+            results.setdefault("speedup_direct_kernel_over_fused_moe", {})[dtype] = {
+                str(a["batch"]): b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(f, r, strict=True)
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
-    print(json.dumps(results["speedup_readme_over_dense"], indent=2))
+    print("Read-ME / dense:", json.dumps(results["speedup_readme_over_dense"], indent=2))
+    if "speedup_direct_kernel_over_fused_moe" in results:
+        print("direct kernel / FusedMoE:", json.dumps(results["speedup_direct_kernel_over_fused_moe"], indent=2))
     print(f"[decode] wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -1,165 +1,248 @@
-"""Where a decode step's time goes: router, attention, shared MLP, routed
-experts, lm_head, the rest of the model, and what lies outside the model
-(sampling, scheduling, the plugin's and vLLM's bookkeeping).
+"""Where a decode step's time goes, on the engine as served (torch.compile on).
 
-Module timers (forward hooks; CPU ops are synchronous, so wall time between
-a module's pre- and post-hook is its cost) on an eager in-process engine.
+For each model and batch size: one in-process engine, a warm-up, then the
+torch profiler over a greedy decode. Every op's self time is put into a
+category by its name and shapes (GEMMs by their (N, K) against the model's
+config, attention ops by their head shape):
+
+    attention (QKV/O GEMMs + paged attention), MLP (dense), shared MLP,
+    routed experts, router, lm_head, elementwise (norms, RoPE, residuals:
+    inductor's kernels), compile wrappers (guards, AOT runtime), other ops
+    (sampling, input preparation, small aten ops), and the time when no op
+    runs at all (Python: scheduler, engine loop, output processing, the
+    model's Python wrappers; the engine's and the plugin's bookkeeping).
+
+Prefill is measured separately (max_tokens=1) and subtracted, so the numbers
+are per decode step. From the dense model's MLP share it also derives the
+speed-up a Read-ME model could reach on this machine if its MLP cost exactly
+its active fraction and nothing else changed (``ceiling``).
+
+    python benchmarks/decode_profile.py                  # batch 1 and 32, bf16
+    python benchmarks/decode_profile.py --batches 1 --dtype float32
+
 Writes benchmarks/results/decode_profile.json and .png.
-
-    python benchmarks/decode_profile.py [--batch 1] [--dtype bfloat16]
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
-# Module class name -> category. The first matching enclosing module wins, so
-# the shared MLP (called inside the routed-experts layer) is not counted twice.
-CATEGORIES = {
-    "ReadMERouter": "router",
-    "ReadMESharedMLP": "shared MLP",
-    "ReadMEMoE": "MLP (routed experts)",
-    "LlamaMLP": "MLP (dense)",
-    "ReadMEAttention": "attention",
-    "LlamaAttention": "attention",
-}
-
-
-def install_timers(model):
-    totals = defaultdict(float)
-    stack = []
-
-    def pre(module, _args, category):
-        stack.append((category, time.perf_counter()))
-
-    def post(module, _args, _out, category):
-        cat, start = stack.pop()
-        elapsed = time.perf_counter() - start
-        totals[cat] += elapsed
-        if stack:  # do not count nested time twice
-            parent, parent_start = stack[-1]
-            totals[parent] -= elapsed
-
-    for module in model.modules():
-        category = CATEGORIES.get(type(module).__name__)
-        if category:
-            module.register_forward_pre_hook(lambda m, a, c=category: pre(m, a, c))
-            module.register_forward_hook(lambda m, a, o, c=category: post(m, a, o, c))
-    original_forward = model.forward
-    original_logits = model.compute_logits
-
-    def forward(*args, **kwargs):
-        stack.append(("model (embedding, norms, residuals)", time.perf_counter()))
-        out = original_forward(*args, **kwargs)
-        cat, start = stack.pop()
-        totals[cat] += time.perf_counter() - start
-        totals["forward calls"] += 1
-        return out
-
-    def compute_logits(*args, **kwargs):
-        start = time.perf_counter()
-        out = original_logits(*args, **kwargs)
-        totals["lm_head (logits)"] += time.perf_counter() - start
-        return out
-
-    model.forward = forward
-    model.compute_logits = compute_logits
-    model._decode_profile = totals
+ORDER = [
+    "attention",
+    "MLP (dense)",
+    "shared MLP",
+    "routed experts",
+    "router",
+    "lm_head",
+    "elementwise (inductor)",
+    "compile wrappers",
+    "other ops (sampling, input prep, small aten)",
+    "no op running (Python: engine, scheduler, model wrappers)",
+]
+OTHER = ORDER[-2]
 
 
-def read_timers(model):
-    return dict(model._decode_profile)
+def gemm_categories(config: dict) -> dict[tuple[int, int], str]:
+    """(N, K) of every GEMM the model runs -> category."""
+    h, hd = config["hidden_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {(q + 2 * kv, h): "attention", (h, q): "attention", (config["vocab_size"], h): "lm_head"}
+    if config.get("model_type") == "readme":
+        shared = config["shared_intermediate_size"]
+        shapes[(2 * shared, h)] = shapes[(h, shared)] = "shared MLP"
+        r = config["router"]
+        rq, rkv = r["num_attention_heads"] * r["head_dim"], r["num_key_value_heads"] * r["head_dim"]
+        ri = r["intermediate_size"] * (2 if r["gated_mlp"] else 1)
+        for n, k in ((rq + 2 * rkv, r["hidden_size"]), (r["hidden_size"], rq), (ri, r["hidden_size"])):
+            shapes[(n, k)] = "router"
+        shapes[(r["hidden_size"], r["intermediate_size"])] = "router"
+        shapes[(r["num_experts"], r["hidden_size"])] = "router"
+    else:
+        i = config["intermediate_size"]
+        shapes[(2 * i, h)] = shapes[(h, i)] = "MLP (dense)"
+    return shapes
 
 
-def reset_timers(model):
-    model._decode_profile.clear()
+def categorize(name: str, shapes: list, gemms: dict, router_heads: tuple | None) -> str:
+    if name in ("_C::onednn_mm", "aten::mm", "aten::addmm", "_C::weight_packed_linear"):
+        if shapes and len(shapes[0]) == 2 and len(shapes[1]) == 2:
+            return gemms.get((shapes[0][1], shapes[1][1]), OTHER)
+        return OTHER
+    if name == "_C::cpu_fused_moe" or name.startswith("vllm::moe_forward"):
+        return "routed experts"
+    if "attention" in name or "kv_cache" in name or "attn" in name:
+        heads = tuple(shapes[0][1:]) if shapes and len(shapes[0]) == 3 else None
+        if router_heads and heads in router_heads:
+            return "router"
+        return "attention"
+    if "CompiledFxGraph" in name:
+        return "elementwise (inductor)"
+    if name in ("Pregraph bytecode",) or name.startswith("AOTDispatcher") or name.startswith("TorchDynamo"):
+        return "compile wrappers"
+    return OTHER
 
 
-def profile(model_dir: Path, dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
+def worker(model: str, dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    config = json.loads((Path(model) / "config.json").read_text())
     llm = LLM(
-        model=str(model_dir),
+        model=model,
         dtype=dtype,
-        enforce_eager=True,
         max_model_len=prompt_tokens + new_tokens + 8,
         max_num_seqs=batch,
         kv_cache_memory_bytes=1 << 30,
         seed=0,
     )
+
+    vocab = config["vocab_size"]
     prompts = [
-        TokensPrompt(prompt_token_ids=[(97 * (i + 1) + 31 * j) % 40000 + 5 for j in range(prompt_tokens)])
+        TokensPrompt(prompt_token_ids=[(97 * (i + 1) + 31 * j) % (vocab - 10) + 5 for j in range(prompt_tokens)])
         for i in range(batch)
     ]
-    llm.apply_model(install_timers)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    timings = {}
-    for max_tokens in (1, new_tokens):
-        llm.apply_model(reset_timers)
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
-        timings[max_tokens] = (time.perf_counter() - start, llm.apply_model(read_timers)[0])
-    (t1, m1), (tn, mn) = timings[1], timings[new_tokens]
+
+    def run(max_tokens: int) -> tuple[float, dict[str, float]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - start
+        r = config.get("router")
+        router_heads = (
+            {(r["num_attention_heads"], r["head_dim"]), (r["num_key_value_heads"], r["head_dim"])} if r else None
+        )
+        gemms = gemm_categories(config)
+        totals: dict[str, float] = defaultdict(float)
+        for event in prof.key_averages(group_by_input_shape=True):
+            if event.key.startswith("[") or event.key.startswith("ProfilerStep"):
+                continue
+            totals[categorize(event.key, event.input_shapes, gemms, router_heads)] += event.self_cpu_time_total / 1e3
+        return wall * 1e3, dict(totals)
+
+    llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    wall1, ops1 = run(1)
+    walln, opsn = run(new_tokens)
     steps = new_tokens - 1
-    per_step = {k: (mn.get(k, 0.0) - m1.get(k, 0.0)) / steps * 1000 for k in mn if k != "forward calls"}
-    step_ms = (tn - t1) / steps * 1000
-    per_step["outside the model (sampling, scheduler, bookkeeping)"] = step_ms - sum(per_step.values())
-    del llm, params
-    return {"model": model_dir.name, "dtype": dtype, "batch": batch, "decode_step_ms": step_ms, "ms_per_step": per_step}
+    step_ms = (walln - wall1) / steps
+    per_step = {k: (opsn.get(k, 0.0) - ops1.get(k, 0.0)) / steps for k in ORDER if k in opsn}
+    per_step[ORDER[-1]] = step_ms - sum(per_step.values())
+    return {
+        "model": Path(model).name,
+        "dtype": dtype,
+        "batch": batch,
+        "decode_step_ms": step_ms,
+        "ms_per_step": per_step,
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=40)
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        type=Path,
-        default=[ROOT / "models" / "smollm2-dense", ROOT / "models" / "smollm2-shapes-readme"],
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_profile.json")
-    args = parser.parse_args()
-    results = [profile(m, args.dtype, args.batch, args.new_tokens, args.prompt_tokens) for m in args.models]
-    for r in results:
-        print(f"[profile] {r['model']} {r['dtype']} batch {r['batch']}: {r['decode_step_ms']:.2f} ms/step")
-        for k, v in sorted(r["ms_per_step"].items(), key=lambda kv: -kv[1]):
-            print(f"    {k:55s} {v:6.2f} ms  {v / r['decode_step_ms']:5.1%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+def run_worker(model: Path, dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, __file__, "--worker", str(model), dtype, str(batch), str(new_tokens), str(prompt_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"profile of {model} ({dtype}, batch {batch}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def ceiling(dense: dict, readme: dict, active_fraction: float) -> dict:
+    """Read-ME's best speed-up here if its MLP cost exactly the active
+    fraction of the dense MLP and every other part cost what it does now."""
+    d, r = dense["ms_per_step"], readme["ms_per_step"]
+    mlp = d.get("MLP (dense)", 0.0)
+    rest = dense["decode_step_ms"] - mlp
+    ideal = rest + active_fraction * mlp + r.get("router", 0.0)
+    measured_mlp = r.get("shared MLP", 0.0) + r.get("routed experts", 0.0)
+    return {
+        "dense_mlp_share": mlp / dense["decode_step_ms"],
+        "ideal_readme_step_ms": ideal,
+        "ceiling_speedup": dense["decode_step_ms"] / ideal,
+        "measured_speedup": dense["decode_step_ms"] / readme["decode_step_ms"],
+        "readme_mlp_over_dense_mlp": measured_mlp / mlp if mlp else None,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in results for k in r["ms_per_step"]})
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.9 * len(results)))
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(results)))
     for row, r in enumerate(results):
         left = 0.0
-        for i, k in enumerate(keys):
+        for i, k in enumerate(ORDER):
             v = max(0.0, r["ms_per_step"].get(k, 0.0))
             ax.barh(row, v, left=left, color=plt.cm.tab10(i), label=k if row == 0 else None)
             left += v
     ax.set_yticks(range(len(results)), [f"{r['model']} ({r['dtype']}, batch {r['batch']})" for r in results])
-    ax.set_xlabel("ms per decode step (eager)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step (torch.compile on, CPU)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=110, bbox_inches="tight")
-    print(f"[profile] wrote {args.out}")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        model, dtype, batch, new_tokens, prompt_tokens = sys.argv[2:7]
+        print("RESULT " + json.dumps(worker(model, dtype, int(batch), int(new_tokens), int(prompt_tokens))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=40)
+    parser.add_argument("--dense", type=Path, default=ROOT / "models" / "smollm2-dense")
+    parser.add_argument("--readme", type=Path, default=ROOT / "models" / "smollm2-shapes-readme")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_profile.json")
+    args = parser.parse_args()
+    for model in (args.dense, args.readme):
+        if not (model / "config.json").is_file():
+            sys.exit(
+                f"{model} has no config.json: run `python benchmarks/decode.py --quick` first to build both models."
+            )
+    readme_config = json.loads((args.readme / "config.json").read_text())
+    dense_config = json.loads((args.dense / "config.json").read_text())
+    active = (readme_config["shared_intermediate_size"] + readme_config["expert_intermediate_size"]) / dense_config[
+        "intermediate_size"
+    ]
+    results, ceilings = [], {}
+    for batch in args.batches:
+        pair = [
+            run_worker(m, args.dtype, batch, args.new_tokens, args.prompt_tokens) for m in (args.dense, args.readme)
+        ]
+        results += pair
+        ceilings[str(batch)] = ceiling(*pair, active_fraction=active)
+        for r in pair:
+            print(f"[profile] {r['model']} {r['dtype']} batch {r['batch']}: {r['decode_step_ms']:.2f} ms/step")
+            for k in ORDER:
+                v = r["ms_per_step"].get(k)
+                if v is not None:
+                    print(f"    {k:40s} {v:6.2f} ms  {v / r['decode_step_ms']:5.1%}")
+        c = ceilings[str(batch)]
+        print(
+            f"[profile] batch {batch}: dense MLP is {c['dense_mlp_share']:.0%} of its step; with the MLP at its active "
+            f"fraction ({active:.0%}) Read-ME could reach {c['ceiling_speedup']:.2f}x here; measured "
+            f"{c['measured_speedup']:.2f}x (Read-ME MLP = {c['readme_mlp_over_dense_mlp']:.2f} of the dense MLP's time)"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"active_mlp_fraction": active, "ceilings": ceilings, "profiles": results}, indent=2)
+    )
+    plot(results, args.out.with_suffix(".png"))
+    print(f"[profile] wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
