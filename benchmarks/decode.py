@@ -66,19 +66,35 @@ def weight_bytes_per_step(config: dict, batch: int, bytes_per_param: int, readme
     return params * bytes_per_param
 
 
-def resident_weight_bytes(model_dir: Path) -> int:
+def weight_group(name: str) -> str:
+    if name.startswith("router."):
+        return "router"
+    if ".mlp.experts." in name:
+        return "routed experts"
+    if ".mlp.shared" in name:
+        return "shared MLP"
+    if ".mlp." in name:
+        return "MLP"
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return "embedding / lm_head"
+    return "attention and norms"
+
+
+def resident_weight_params(model_dir: Path) -> dict[str, int]:
+    """Parameters stored in the checkpoint (= resident in vLLM: the shared
+    part once, every expert, the router), by group, and their total."""
     from safetensors import safe_open
 
-    total = 0
-    for file in model_dir.glob("*.safetensors"):
+    groups: dict[str, int] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for name in f.keys():
-                shape = f.get_slice(name).get_shape()
                 n = 1
-                for d in shape:
+                for d in f.get_slice(name).get_shape():
                     n *= d
-                total += n
-    return total
+                groups[weight_group(name)] = groups.get(weight_group(name), 0) + n
+    groups["total"] = sum(groups.values())
+    return groups
 
 
 WORKER = r"""
@@ -170,33 +186,51 @@ class Engine:
 
 
 def measure_interleaved(engines: list[Engine], batches: list[int], new_tokens: int, prompt_tokens: int, rounds: int):
-    """Best of ``rounds`` per (engine, batch), the engines taking turns."""
-    best: dict[tuple[str, int], dict] = {}
+    """Every engine at every batch size, ``rounds`` times, the engines taking
+    turns. Per (engine, batch): the best round (``decode_step_ms``), and the
+    step time of every round (``round_step_ms``) so that ratios can be taken
+    round by round, between measurements made seconds apart."""
+    samples: dict[tuple[str, int], list[dict]] = {}
     for r in range(rounds):
         for batch in batches:
             for engine in engines:
                 m = engine.measure(batch, new_tokens, prompt_tokens)
-                key = (engine.label, batch)
-                if key not in best or m["total_s"] < best[key]["total_s"]:
-                    best[key] = {**m, "prefill_s": min(m["prefill_s"], best.get(key, m)["prefill_s"])}
+                m["step_ms"] = (m["total_s"] - m["prefill_s"]) / (new_tokens - 1) * 1000
+                samples.setdefault((engine.label, batch), []).append(m)
             print(f"[decode] round {r + 1}/{rounds}, batch {batch}: done", flush=True)
     rows = {}
     for engine in engines:
         rows[engine.label] = []
         for batch in batches:
-            m = best[(engine.label, batch)]
-            step_ms = (m["total_s"] - m["prefill_s"]) / (new_tokens - 1) * 1000
+            runs = samples[(engine.label, batch)]
+            best = min(runs, key=lambda m: m["step_ms"])
             rows[engine.label].append(
                 {
                     "batch": batch,
-                    "total_s": m["total_s"],
-                    "prefill_s": m["prefill_s"],
-                    "decode_step_ms": step_ms,
-                    "tokens_per_s": batch * new_tokens / m["total_s"],
-                    "decode_tokens_per_s": batch * 1000 / step_ms,
+                    "total_s": best["total_s"],
+                    "prefill_s": best["prefill_s"],
+                    "decode_step_ms": best["step_ms"],
+                    "round_step_ms": [m["step_ms"] for m in runs],
+                    "tokens_per_s": batch * new_tokens / best["total_s"],
+                    "decode_tokens_per_s": batch * 1000 / best["step_ms"],
                 }
             )
     return rows
+
+
+def paired_speedup(base: list[dict], other: list[dict]) -> dict[str, dict]:
+    """Per batch: ratio of best step times, and the median and range of the
+    round-by-round ratios (each round's two runs were made back to back)."""
+    out = {}
+    for a, b in zip(base, other, strict=True):
+        ratios = sorted(x / y for x, y in zip(a["round_step_ms"], b["round_step_ms"], strict=True))
+        out[str(a["batch"])] = {
+            "best": a["decode_step_ms"] / b["decode_step_ms"],
+            "median_of_rounds": ratios[len(ratios) // 2],
+            "min_of_rounds": ratios[0],
+            "max_of_rounds": ratios[-1],
+        }
+    return out
 
 
 def prepare_models(readme: Path | None, dense: Path | None = None) -> tuple[Path, Path]:
@@ -275,7 +309,7 @@ def main() -> None:
         "bandwidth_gbs": bandwidth,
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
-        "resident_weight_params": {"dense": resident_weight_bytes(dense), "readme": resident_weight_bytes(readme)},
+        "resident_weight_params": {"dense": resident_weight_params(dense), "readme": resident_weight_params(readme)},
         "runs": {},
     }
     print(f"[decode] memory read bandwidth {bandwidth:.1f} GB/s")
@@ -316,20 +350,23 @@ def main() -> None:
             results["runs"][f"{label} {dtype}"] = rows
     for dtype in args.dtypes:
         d, r = results["runs"][f"dense (stock vLLM) {dtype}"], results["runs"][f"Read-ME (plugin) {dtype}"]
-        results.setdefault("speedup_readme_over_dense", {})[dtype] = {
-            str(a["batch"]): b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(d, r, strict=True)
-        }
+        results.setdefault("speedup_readme_over_dense", {})[dtype] = paired_speedup(d, r)
         f = results["runs"].get(f"Read-ME via FusedMoE {dtype}")
         if f:
-            results.setdefault("speedup_direct_kernel_over_fused_moe", {})[dtype] = {
-                str(a["batch"]): b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(f, r, strict=True)
-            }
+            results.setdefault("speedup_direct_kernel_over_fused_moe", {})[dtype] = paired_speedup(f, r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
-    print("Read-ME / dense:", json.dumps(results["speedup_readme_over_dense"], indent=2))
-    if "speedup_direct_kernel_over_fused_moe" in results:
-        print("direct kernel / FusedMoE:", json.dumps(results["speedup_direct_kernel_over_fused_moe"], indent=2))
+    for key, what in (
+        ("speedup_readme_over_dense", "Read-ME over dense"),
+        ("speedup_direct_kernel_over_fused_moe", "direct kernel over FusedMoE"),
+    ):
+        for dtype, per_batch in results.get(key, {}).items():
+            for batch, v in per_batch.items():
+                print(
+                    f"[decode] {what:28s} {dtype:8s} batch {batch:>3s}: best {v['best']:.2f}x, rounds: median "
+                    f"{v['median_of_rounds']:.2f}x [{v['min_of_rounds']:.2f}-{v['max_of_rounds']:.2f}]"
+                )
     print(f"[decode] wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

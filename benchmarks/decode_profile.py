@@ -7,8 +7,8 @@ config, attention ops by their head shape):
 
     attention (QKV/O GEMMs + paged attention), MLP (dense), shared MLP,
     routed experts, router, lm_head, elementwise (norms, RoPE, residuals:
-    inductor's kernels), compile wrappers (guards, AOT runtime), other ops
-    (sampling, input preparation, small aten ops), and the time when no op
+    inductor's kernels), compile wrappers (guards, AOT runtime), sampling,
+    other ops (input preparation, small aten ops), and the time when no op
     runs at all (Python: scheduler, engine loop, output processing, the
     model's Python wrappers; the engine's and the plugin's bookkeeping).
 
@@ -44,7 +44,8 @@ ORDER = [
     "lm_head",
     "elementwise (inductor)",
     "compile wrappers",
-    "other ops (sampling, input prep, small aten)",
+    "sampling",
+    "other ops (input prep, small aten)",
     "no op running (Python: engine, scheduler, model wrappers)",
 ]
 OTHER = ORDER[-2]
@@ -83,6 +84,9 @@ def categorize(name: str, shapes: list, gemms: dict, router_heads: tuple | None)
         if router_heads and heads in router_heads:
             return "router"
         return "attention"
+    # The router's argmax is fused into an inductor kernel: an argmax op is the sampler's.
+    if name == "aten::argmax" or "greedy_argmax" in name or "sampl" in name or "topk_topp" in name:
+        return "sampling"
     if "CompiledFxGraph" in name:
         return "elementwise (inductor)"
     if name in ("Pregraph bytecode",) or name.startswith("AOTDispatcher") or name.startswith("TorchDynamo"):
@@ -179,12 +183,13 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = [*plt.cm.tab10.colors, "#333333"]
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(results)))
     for row, r in enumerate(results):
         left = 0.0
         for i, k in enumerate(ORDER):
             v = max(0.0, r["ms_per_step"].get(k, 0.0))
-            ax.barh(row, v, left=left, color=plt.cm.tab10(i), label=k if row == 0 else None)
+            ax.barh(row, v, left=left, color=colors[i], label=k if row == 0 else None)
             left += v
     ax.set_yticks(range(len(results)), [f"{r['model']} ({r['dtype']}, batch {r['batch']})" for r in results])
     ax.invert_yaxis()

@@ -36,6 +36,9 @@ def test_decode_benchmark_quick_smoke(tiny_gqa, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["bandwidth_gbs"] > 0
+    resident = results["resident_weight_params"]
+    assert resident["readme"]["router"] > 0 and resident["readme"]["routed experts"] > 0
+    assert resident["dense"]["total"] == sum(v for k, v in resident["dense"].items() if k != "total")
     for rows in results["runs"].values():
         assert [r["batch"] for r in rows] == [1, 4]
         assert all(r["decode_step_ms"] > 0 and 0 < r["roofline_fraction"] for r in rows)

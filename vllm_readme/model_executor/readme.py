@@ -7,7 +7,9 @@ Model -> ForCausalLM. Paper §3-4 / DESIGN.md §1, §4:
   layers are ordinary vLLM ``Attention`` layers, so vLLM pages their KV cache
   like the backbone's: decoding routes only the new tokens.
 * Every layer adds the shared MLP (one dense GEMM) to the token's routed
-  expert (FusedMoE grouped GEMM, top-1, weight 1.0, same expert every layer).
+  expert (grouped GEMM, top-1, weight 1.0, same expert every layer): on CPU
+  vLLM's grouped-GEMM kernel called directly on FusedMoE's prepacked weights,
+  elsewhere the FusedMoE layer itself (kernels.py; chosen after loading).
 * Expert ids reach the weights through ``ReadMEModel.slot_table`` [layer,
   expert] -> weight slot (identity today), gathered once per forward: the
   one indirection an expert-weight cache can later own.
