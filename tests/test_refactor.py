@@ -121,11 +121,17 @@ def _router_problem(seed=0):
 
 def test_router_loss_falls_on_a_fixed_dataset(tmp_path):
     blocks, targets, config = _router_problem()
-    router = init_router(config, torch.randn(200, 48), seed=0)
-    history = train_router(router, blocks, targets, TrainSettings(60, 4, 3e-3, seed=0, checkpoint_every=100), tmp_path)
+    # Own generator: the global RNG's state depends on which tests ran before.
+    embedding = torch.randn(200, 48, generator=torch.Generator().manual_seed(0))
+    router = init_router(config, embedding, seed=0)
+    settings = TrainSettings(150, 4, 3e-3, seed=0, checkpoint_every=1000)
+    history = train_router(router, blocks, targets, settings, tmp_path)
     first = sum(loss for _, loss in history[:5]) / 5
     last = sum(loss for _, loss in history[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
+    # ln 3 = 1.10 at the start; the targets are a function of the token id,
+    # so a working router drives the loss near zero (measured 0.007-0.026
+    # over four embedding seeds; 60 steps only halved it, too close to call).
+    assert last < 0.1 * first, (first, last)
 
 
 class _Interrupt(Exception):
