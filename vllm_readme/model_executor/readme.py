@@ -101,6 +101,7 @@ class ReadMEMoE(nn.Module):
         super().__init__()
         # The model's [layer, expert] -> slot table (a plain attribute: the
         # model owns the buffer); FusedMoE's routing function reads our row.
+        # Remap it in place (copy_), as CUDA graphs and this alias require.
         self._slot_table = slot_table
         self.layer_index = layer_index
         self.hidden_size = config.hidden_size
@@ -138,7 +139,7 @@ class ReadMEMoE(nn.Module):
         """Set after loading (FusedMoE has prepacked its weights by then)."""
         self.routed_kernel = kernel
 
-    def forward(self, hidden_states: torch.Tensor, routes: "Routes") -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
             return self.experts(hidden_states=hidden_states, router_logits=routes.logits)
         out = self.routed_kernel(self.experts.routed_experts, hidden_states, routes.slots, routes.weights)
