@@ -103,3 +103,22 @@ def test_validate_reports_tokenizer_larger_than_router_vocab(tiny_gqa, tmp_path)
         ReadMEConfigError, match=f"the tokenizer has {size} tokens but router.vocab_size is {size - 10}"
     ):
         validate_checkpoint(bad)
+
+
+def test_plugin_logs_go_through_vllms_handler():
+    """What the plugin decides (kernel, model shape) is logged at INFO; vLLM
+    only configures its own "vllm" logger tree, so ours must sit inside it."""
+    import logging
+
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging_if_needed
+
+    from vllm_readme.model_executor import kernels, readme
+
+    configure_logging_if_needed(LoggingConfig())  # what every engine does at start
+    for module in (kernels, readme):
+        logger = module.logger
+        while logger.propagate and not logger.handlers and logger.parent is not None:
+            logger = logger.parent
+        assert logger.name == "vllm" and logger.handlers, (module.__name__, logger.name)
+        assert module.logger.getEffectiveLevel() == logging.getLogger("vllm").level

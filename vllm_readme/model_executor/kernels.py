@@ -26,7 +26,9 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
-logger = init_logger(__name__)
+# Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
+# (a logger outside that tree has no handler, and INFO lines would be lost).
+logger = init_logger(f"vllm.{__name__}")
 
 ROUTED_KERNELS = ("auto", "fused_moe")
 

@@ -60,7 +60,9 @@ from vllm_readme.configuration_readme import (
 )
 from vllm_readme.model_executor.kernels import CPUGroupedGemm, choose_routed_kernel
 
-logger = init_logger(__name__)
+# Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
+# (a logger outside that tree has no handler, and INFO lines would be lost).
+logger = init_logger(f"vllm.{__name__}")
 
 # FusedMoE's names for the activations our experts may use.
 _MOE_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
