@@ -44,6 +44,10 @@ def builtin_documents(name: str) -> list[str]:
         for dist in importlib.metadata.distributions():
             text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
             name_ = dist.metadata.get("Name") or ""
+            # Not our own README: it changes with every edit, and with it the
+            # calibration text and the experts of every later build.
+            if name_.lower().replace("_", "-") == "vllm-readme":
+                continue
             if len(text) >= MIN_DOCUMENT_CHARS:
                 docs[name_.lower()] = text
         return [docs[k] for k in sorted(docs)]
