@@ -32,6 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from decode import _die_with_parent, prepare_models  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -153,7 +155,7 @@ def worker(model: str, dtype: str, batch: int, new_tokens: int, prompt_tokens: i
 def run_worker(model: Path, dtype: str, batch: int, new_tokens: int, prompt_tokens: int) -> dict:
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--worker", str(model), dtype, str(batch), str(new_tokens), str(prompt_tokens)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, preexec_fn=_die_with_parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"profile of {model} ({dtype}, batch {batch}) failed:\n{proc.stderr[-3000:]}")
@@ -209,15 +211,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=40)
-    parser.add_argument("--dense", type=Path, default=ROOT / "models" / "smollm2-dense")
-    parser.add_argument("--readme", type=Path, default=ROOT / "models" / "smollm2-shapes-readme")
+    parser.add_argument("--dense", type=Path, help="dense HF folder (default: SmolLM2-135M exported from GGUF)")
+    parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: random weights, SmolLM2 shapes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_profile.json")
     args = parser.parse_args()
-    for model in (args.dense, args.readme):
-        if not (model / "config.json").is_file():
-            sys.exit(
-                f"{model} has no config.json: run `python benchmarks/decode.py --quick` first to build both models."
-            )
+    args.dense, args.readme = prepare_models(args.readme, args.dense)  # built on first use, as decode.py does
     readme_config = json.loads((args.readme / "config.json").read_text())
     dense_config = json.loads((args.dense / "config.json").read_text())
     active = (readme_config["shared_intermediate_size"] + readme_config["expert_intermediate_size"]) / dense_config[

@@ -109,7 +109,9 @@ class ReadMEMoE(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_experts = config.num_experts
         self.tp_size = get_tensor_model_parallel_world_size()
-        self.routed_kernel: CPUGroupedGemm | None = None  # None: FusedMoE's own forward
+        # Set after loading, once FusedMoE has prepacked its weights; None:
+        # FusedMoE's own forward.
+        self.routed_kernel: CPUGroupedGemm | None = None
         self.shared = None
         if config.shared_intermediate_size > 0:
             self.shared = ReadMESharedMLP(
@@ -136,10 +138,6 @@ class ReadMEMoE(nn.Module):
         expert_ids = gating_output.argmax(dim=-1, keepdim=True)
         slots = self._slot_table[self.layer_index][expert_ids]
         return torch.ones(slots.shape, dtype=torch.float32, device=slots.device), slots
-
-    def use_routed_kernel(self, kernel: CPUGroupedGemm | None) -> None:
-        """Set after loading (FusedMoE has prepacked its weights by then)."""
-        self.routed_kernel = kernel
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
@@ -427,8 +425,7 @@ class ReadMEForCausalLM(nn.Module):
         """vLLM's model-level hook, after FusedMoE prepacked its weights:
         pick how the routed experts run (same choice for every layer)."""
         for layer in self.model.layers:
-            kernel, why = choose_routed_kernel(layer.mlp.experts)
-            layer.mlp.use_routed_kernel(kernel)
+            layer.mlp.routed_kernel, why = choose_routed_kernel(layer.mlp.experts)
         logger.info("Read-ME routed experts: %s", why)
 
 
