@@ -49,20 +49,24 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from vllm_readme.checkpoint.authors import import_authors_checkpoint
+    from vllm_readme.checkpoint.authors import RouterOverrides, import_authors_checkpoint
     from vllm_readme.checkpoint.io import validate_checkpoint
 
-    path = import_authors_checkpoint(
-        args.llama,
-        args.masks,
-        args.out,
-        router_heads=args.router_heads,
-        router_attention_scale=None if args.router_attention_scale <= 0 else args.router_attention_scale,
+    overrides = RouterOverrides(
+        num_heads=args.router_heads,
+        normalizer=args.router_normalizer,
+        rope_theta=args.router_rope_theta,
+        rms_norm_eps=args.router_rms_norm_eps,
+        hidden_act=args.router_act,
     )
+    path = import_authors_checkpoint(args.llama, args.masks, args.out, overrides)
     config = validate_checkpoint(path)
+    router = config.router_config
     print(
-        f"wrote {path}: {config.num_experts} experts x {config.expert_intermediate_size} channels "
-        f"+ {config.shared_intermediate_size} shared"
+        f"wrote {path}: {config.num_hidden_layers} layers, {config.num_experts} experts x "
+        f"{config.expert_intermediate_size} channels + {config.shared_intermediate_size} shared; router "
+        f"{router.num_hidden_layers} layer(s), {router.num_attention_heads} heads, width {router.hidden_size}, "
+        f"q.k x {router.scale:g}, RoPE theta {router.rope_theta:g}, RMSNorm eps {router.rms_norm_eps:g}"
     )
     return 0
 
@@ -104,9 +108,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from vllm_readme.refactor.pipeline import options_of_build, refactor
 
-    options = options_of_build(args.out)
+    options = options_of_build(args.out)  # with the dtype the build resolved, so its cached stages are reused
     if args.tuned_baselines:
         options = dataclasses.replace(options, tuned_baselines=True)
+    if args.device:
+        options = dataclasses.replace(options, device=args.device)
     results = refactor(options, evaluate=True)
     print(json_dumps_short(results["perplexity"]))
     return 0
@@ -178,6 +184,20 @@ def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, help=f"seed; same seed, same build (default {d.seed})")
     p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        help=f"autocast precision of statistics and training (default {d.dtype}). auto: bf16 only where the "
+        "hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 otherwise; on a "
+        "CPU without them (e.g. AVX2 only) bf16 is emulated and 5-10x slower than fp32. The choice and its "
+        "reason are logged first; stages cached in another precision are rebuilt. Perplexities are always "
+        "measured in fp32",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help=f"where statistics and training run (default {d.device}: cuda when PyTorch sees a GPU, else cpu)",
+    )
+    p.add_argument(
         "--tuned-baselines",
         action="store_true",
         default=None,
@@ -201,17 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     tiny.set_defaults(func=_cmd_build_tiny)
 
-    imp = sub.add_parser("import", help="convert the Read-ME authors' checkpoint (Llama + cluster_predictor + mask.pt)")
-    imp.add_argument("--llama", required=True, help="folder with the authors' safetensors and config.json")
-    imp.add_argument("--masks", required=True, help="the authors' mask file (mask.pt)")
-    imp.add_argument("--out", required=True, help="output folder for the Read-ME checkpoint")
-    imp.add_argument("--router-heads", type=int, default=4, help="router attention heads (default: 4, as in the paper)")
-    imp.add_argument(
-        "--router-attention-scale",
-        type=float,
-        default=1.0,
-        help="router q.k multiplier (default 1.0 as in the authors' code; <= 0 means 1/sqrt(head_dim))",
+    imp = sub.add_parser(
+        "import",
+        help="convert a checkpoint written by the Read-ME authors' code (Llama + cluster_predictor + mask.pt)",
+        description="Reads what the authors' code (VITA-Group/READ-ME) saves: pytorch_model.bin or safetensors "
+        "(sharded or not) with the router as cluster_predictor.*, its hyper-parameters from config.json "
+        "(n_head, n_layer, embedding_dim, inter_dim, N_cluster, normalizer, hidden_act_predictor), and "
+        "generate_mask.py's mask.pt (keys by module name or layer index). No option is needed for a checkpoint "
+        "their code wrote; the --router-* options only override config.json. See docs/authors_checkpoint.md.",
     )
+    imp.add_argument("--llama", required=True, help="folder the authors' code saved (config.json + weights)")
+    imp.add_argument("--masks", help="the authors' mask file (default: LLAMA/mask.pt)")
+    imp.add_argument("--out", required=True, help="output folder for the Read-ME checkpoint")
+    imp.add_argument("--router-heads", type=int, help="override config.json's n_head (router attention heads)")
+    imp.add_argument(
+        "--router-normalizer",
+        type=float,
+        help="override config.json's normalizer: the router divides q.k by it (the authors use 1)",
+    )
+    imp.add_argument(
+        "--router-rope-theta", type=float, help="override the router's RoPE base (default: the backbone's rope_theta)"
+    )
+    imp.add_argument(
+        "--router-rms-norm-eps",
+        type=float,
+        help="override the router's RMSNorm eps (default 1e-6, hard-coded in the authors' router)",
+    )
+    imp.add_argument("--router-act", help="override config.json's hidden_act_predictor (default silu)")
     imp.set_defaults(func=_cmd_import)
 
     ref = sub.add_parser(
@@ -230,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tuned-baselines",
         action="store_true",
         help="also tune dense and pruned dense with the Read-ME model's tuning tokens (fair comparison)",
+    )
+    ev.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where to evaluate (default: the build's --device); the precision is always the build's",
     )
     ev.set_defaults(func=_cmd_eval)
 

@@ -18,12 +18,16 @@ def split_dense_mlp(
     shared_mask: torch.Tensor,
     expert_masks: torch.Tensor,
     expert_intermediate_size: int | None = None,
+    additive: bool = False,
 ) -> dict[str, torch.Tensor | list[int]]:
     """Split one layer's dense MLP.
 
     gate_proj/up_proj: ``[I, H]``; down_proj: ``[H, I]``; shared_mask: bool
-    ``[I]``; expert_masks: bool ``[E, I]`` (may include shared channels, which
-    are removed from the expert). Returns shared ``[S, H]``/``[H, S]`` weights,
+    ``[I]``; expert_masks: bool ``[E, I]``. By default expert e is the union
+    shared | expert_masks[e], so shared channels in an expert mask are
+    removed from the expert. ``additive=True`` is the authors' semantics
+    (their MLP multiplies by ``residual + mask_e``): a channel in both masks
+    counts twice, so it is kept in the expert as well. Returns shared ``[S, H]``/``[H, S]`` weights,
     stacked expert weights ``[E, P, H]``/``[E, H, P]`` and each expert's true
     channel count.
     """
@@ -35,7 +39,7 @@ def split_dense_mlp(
             f"masks do not match the MLP: intermediate size {inter}, shared mask {tuple(shared_mask.shape)}, "
             f"expert masks {tuple(expert_masks.shape)}"
         )
-    own = expert_masks & ~shared_mask
+    own = expert_masks if additive else expert_masks & ~shared_mask
     sizes = [int(n) for n in own.sum(dim=1)]
     padded = expert_intermediate_size or max(max(sizes), 1)
     if max(sizes) > padded:
