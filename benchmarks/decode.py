@@ -1,18 +1,23 @@
 """Decode speed: stock vLLM serving dense SmolLM2-135M vs the plugin serving a
 Read-ME model of SmolLM2's shapes, side by side in one run (issue 8).
 
-Reports tokens/s and ms per decode step at several batch sizes, in bf16 and
-fp32, the machine's memory read bandwidth measured in the same run, and each
-configuration's fraction of its own weight-read roofline. A third engine
-serves the same Read-ME model through vLLM's FusedMoE layer
-(VLLM_README_ROUTED_KERNEL=fused_moe) to show what the direct kernel wins.
+Reports tokens/s and ms per decode step at several batch sizes, in the
+machine's native dtype (vllm_readme/precision.py: bf16 on a GPU with bf16 or a
+CPU with AVX512-BF16/AMX, fp32 elsewhere, where bf16 is emulated; --dtypes
+bfloat16 float32 for both), the machine's memory read bandwidth measured in
+the same run, and each configuration's fraction of its own weight-read
+roofline. A third engine serves the same Read-ME model through vLLM's
+FusedMoE layer (VLLM_README_ROUTED_KERNEL=fused_moe) to show what the direct
+kernel wins.
 
 All engines of a dtype stay loaded, each in its own process, and take turns
 (dense, Read-ME, FusedMoE, dense, ...) for --rounds rounds; the best of each
 is kept. Drift on a shared machine then hits every configuration alike.
-Results go to benchmarks/results/decode.json and decode.png.
+Results go to benchmarks/results/decode.json and decode.png, with a one-line
+description of the machine (CPU, cores, bf16-relevant flags, native dtype).
 
-    python benchmarks/decode.py              # the full table (~15 minutes)
+    python benchmarks/decode.py              # the full table, native dtype
+    python benchmarks/decode.py --dtypes bfloat16 float32   # both (~15 minutes)
     python benchmarks/decode.py --quick      # a smoke test of a few seconds per engine
 """
 
@@ -273,7 +278,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("batch (concurrent sequences)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("decode tokens/s")
-    axes[0].set_title(f"decode throughput ({results['machine']})")
+    axes[0].set_title("decode throughput")
+    fig.suptitle(results["machine"], fontsize=8)
     axes[1].set_ylabel("fraction of weight-read roofline")
     axes[1].set_title(f"measured bandwidth {results['bandwidth_gbs']:.1f} GB/s")
     fig.tight_layout()
@@ -282,9 +288,16 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 4, 8 new tokens, bf16 only")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: batch 1 and 4, 8 new tokens, one round, native dtype"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        help="serving dtypes: auto, bf16/bfloat16, fp32/float32 (default: auto, the machine's native choice: "
+        "bf16 on a GPU with bf16 or a CPU with AVX512-BF16/AMX, else fp32)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--eager", action="store_true", help="disable torch.compile (default: vLLM's default)")
@@ -297,15 +310,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "decode.json")
     args = parser.parse_args()
     if args.quick:
-        args.batches, args.dtypes, args.new_tokens, args.rounds = [1, 4], ["bfloat16"], 8, 1
-    import platform
+        args.batches, args.new_tokens, args.rounds = [1, 4], 8, 1
+    from vllm_readme.precision import machine_description, read_machine, resolve_precision
 
-    import torch
-
+    machine = read_machine()
+    native = resolve_precision("auto", machine=machine)
+    # vLLM's spelling, each dtype once, in the order asked
+    args.dtypes = list(dict.fromkeys(resolve_precision(d, machine=machine).vllm_dtype for d in args.dtypes or ["auto"]))
     dense, readme = prepare_models(args.readme, args.dense)
     bandwidth = measure_bandwidth_gbs()
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine_description(machine, native),
+        "dtypes": args.dtypes,
         "bandwidth_gbs": bandwidth,
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,

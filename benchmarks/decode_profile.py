@@ -17,8 +17,11 @@ are per decode step. From the dense model's MLP share it also derives the
 speed-up a Read-ME model could reach on this machine if its MLP cost exactly
 its active fraction and nothing else changed (``ceiling``).
 
-    python benchmarks/decode_profile.py                  # batch 1 and 32, bf16
+    python benchmarks/decode_profile.py                  # batch 1 and 32, the machine's native dtype
     python benchmarks/decode_profile.py --batches 1 --dtype float32
+
+The native dtype is bf16 on a GPU with bf16 or a CPU with AVX512-BF16/AMX,
+fp32 elsewhere (vllm_readme/precision.py).
 
 Writes benchmarks/results/decode_profile.json and .png.
 """
@@ -208,13 +211,21 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (the machine's native choice), bf16/bfloat16 or fp32/float32"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--dense", type=Path, help="dense HF folder (default: SmolLM2-135M exported from GGUF)")
     parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: random weights, SmolLM2 shapes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_profile.json")
     args = parser.parse_args()
+    from vllm_readme.precision import machine_description, resolve_precision
+
+    precision = resolve_precision(args.dtype)
+    args.dtype = precision.vllm_dtype
+    machine = machine_description(precision=precision)
+    print(f"[profile] {machine}")
     args.dense, args.readme = prepare_models(args.readme, args.dense)  # built on first use, as decode.py does
     readme_config = json.loads((args.readme / "config.json").read_text())
     dense_config = json.loads((args.dense / "config.json").read_text())
@@ -242,7 +253,9 @@ def main() -> None:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps({"active_mlp_fraction": active, "ceilings": ceilings, "profiles": results}, indent=2)
+        json.dumps(
+            {"machine": machine, "active_mlp_fraction": active, "ceilings": ceilings, "profiles": results}, indent=2
+        )
     )
     plot(results, args.out.with_suffix(".png"))
     print(f"[profile] wrote {args.out} and {args.out.with_suffix('.png')}")

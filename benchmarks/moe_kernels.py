@@ -15,7 +15,10 @@ Fusion: fused_shared_as_experts, the shared part cut into five 128-channel
 "experts" every token uses plus its own expert, one grouped-GEMM call (top-6).
 Reference: dense_mlp_onednn, SmolLM2's dense 1536-channel MLP.
 
-    python benchmarks/moe_kernels.py [--dtype bfloat16]
+    python benchmarks/moe_kernels.py [--dtype auto|bfloat16|float32]
+
+The default dtype is the machine's native one (vllm_readme/precision.py):
+bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere, where bf16 is emulated.
 
 Writes benchmarks/results/moe_kernels.json.
 """
@@ -35,12 +38,22 @@ def main() -> None:
     import vllm._custom_ops as ops
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto (default): bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_kernels.json")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    from vllm_readme.precision import machine_description, resolve_precision
+
+    precision = resolve_precision(args.dtype, device="cpu")  # vLLM's CPU kernels
+    args.dtype, dtype = precision.vllm_dtype, precision.dtype
+    machine = machine_description(precision=precision)
+    print(f"[moe_kernels] {machine}", flush=True)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -79,7 +92,7 @@ def main() -> None:
         torch.ops._C.silu_and_mul(out, gate_up)
         return out
 
-    results = {"dtype": args.dtype, "threads": torch.get_num_threads(), "us_per_layer": {}}
+    results = {"dtype": args.dtype, "machine": machine, "threads": torch.get_num_threads(), "us_per_layer": {}}
 
     def bench_batch(m: int) -> dict[str, float]:
         x = rand(m, H) * 50

@@ -1,7 +1,7 @@
 """Refactor SmolLM2-135M-Instruct with the default options (cached in
 models/smollm2-readme) and publish its report under benchmarks/results/.
 
-    python benchmarks/refactor_smollm2.py [--out models/smollm2-readme]
+    python benchmarks/refactor_smollm2.py [--out models/smollm2-readme] [--dtype auto|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "smollm2-readme")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="as `vllm-readme refactor --dtype`"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="as `vllm-readme refactor --device`"
+    )
     args = parser.parse_args()
-    results = refactor(RefactorOptions(out=args.out))
+    results = refactor(RefactorOptions(out=args.out, dtype=args.dtype, device=args.device))
     target = ROOT / "benchmarks" / "results"
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.out / "refactor.json", target / "refactor_smollm2.json")

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
+
+from vllm_readme.precision import autocast
 
 
 @contextmanager
@@ -24,26 +26,31 @@ def down_proj_inputs(model, callback: Callable[[int, torch.Tensor], None]):
             hook.remove()
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` computes; the stages send their batches there."""
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
-def collect_activations(model, blocks: torch.Tensor, batch_size: int = 8, bf16: bool = True) -> torch.Tensor:
-    """``[tokens, layers, channels]`` of ``|down_proj input|`` as float16."""
+def collect_activations(
+    model, blocks: torch.Tensor, batch_size: int = 8, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``[tokens, layers, channels]`` of ``|down_proj input|`` as float16 on
+    the CPU; the model runs on its own device, autocast to ``dtype``."""
+    device = model_device(model)
     num_layers = len(model.model.layers)
     inter = model.config.intermediate_size
     out = torch.empty(blocks.numel(), num_layers, inter, dtype=torch.float16)
     cursor = {"row": 0}
 
     def record(layer: int, inner: torch.Tensor) -> None:
-        flat = inner.reshape(-1, inter).abs().to(torch.float16)
+        flat = inner.reshape(-1, inter).abs().to("cpu", torch.float16)
         out[cursor["row"] : cursor["row"] + flat.shape[0], layer] = flat
 
-    with down_proj_inputs(model, record), autocast(bf16):
+    with down_proj_inputs(model, record), autocast(device, dtype):
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="activation statistics", unit="batch"):
             batch = blocks[start : start + batch_size]
-            model(batch)
+            model(batch.to(device))
             cursor["row"] += batch.numel()
     return out
 

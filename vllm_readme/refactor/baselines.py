@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_readme.refactor.activations import autocast
+from vllm_readme.precision import autocast
+from vllm_readme.refactor.activations import model_device
 from vllm_readme.refactor.evaluate import pruned_forward
 from vllm_readme.refactor.training import TrainSettings, train
 
@@ -23,20 +24,22 @@ def tune_dense(
     blocks: torch.Tensor,
     settings: TrainSettings,
     checkpoint_dir: Path,
-    bf16: bool,
+    dtype: torch.dtype,
     keep_masks: torch.Tensor | None = None,
     log=print,
 ):
     """A tuned copy of ``dense`` (pruned to ``keep_masks`` if given); returns
-    its forward function (logits) for evaluation."""
+    its forward function (logits) for evaluation. Trains on ``dense``'s
+    device, autocast to ``dtype``."""
     model = copy.deepcopy(dense)
+    device = model_device(model)
     for name, param in model.named_parameters():
         param.requires_grad = "embed_tokens" not in name and name != "lm_head.weight"
     forward = pruned_forward(model, keep_masks) if keep_masks is not None else (lambda b: model(b).logits)
 
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
-        batch = blocks[rows]
-        with autocast(bf16):
+        batch = blocks[rows].to(device)
+        with autocast(device, dtype):
             logits = forward(batch).float()
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 

@@ -44,12 +44,12 @@ def build_readme_model(dense, layout: ExpertLayout, router_state: dict, router: 
     for name, tensor in dense.state_dict().items():
         if ".mlp." in name:
             continue
-        state[name] = tensor.float()
+        state[name] = tensor.float().cpu()  # the model is built on the CPU, whatever device dense is on
     for layer, block in enumerate(dense.model.layers):
         parts = split_dense_mlp(
-            block.mlp.gate_proj.weight.float(),
-            block.mlp.up_proj.weight.float(),
-            block.mlp.down_proj.weight.float(),
+            block.mlp.gate_proj.weight.float().cpu(),
+            block.mlp.up_proj.weight.float().cpu(),
+            block.mlp.down_proj.weight.float().cpu(),
             layout.shared[layer],
             layout.masks[layer],
             expert_intermediate_size=config.expert_intermediate_size,

@@ -11,20 +11,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_readme.refactor.activations import autocast
+from vllm_readme.refactor.activations import model_device
 
 
 @torch.no_grad()
 def perplexity(
-    forward, blocks: torch.Tensor, batch_size: int = 8, bf16: bool = False, desc: str = "perplexity"
+    forward, blocks: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu", desc: str = "perplexity"
 ) -> float:
     """exp(mean next-token NLL) over ``[rows, seq]`` blocks; ``forward(batch)``
-    returns logits."""
+    returns logits for a batch on ``device``. Always fp32 (no autocast), so
+    perplexities compare across machines and build precisions."""
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch"):
-        batch = blocks[start : start + batch_size]
-        with autocast(bf16):
-            logits = forward(batch).float()
+        batch = blocks[start : start + batch_size].to(device)
+        logits = forward(batch).float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
@@ -39,7 +39,7 @@ def pruned_forward(dense, keep_masks: torch.Tensor):
     def forward(batch):
         hooks = [
             block.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args, mask=keep_masks[layer]: (args[0] * mask.to(args[0].dtype),)
+                lambda _m, args, mask=keep_masks[layer]: (args[0] * mask.to(args[0].device, args[0].dtype),)
             )
             for layer, block in enumerate(dense.model.layers)
         ]
@@ -57,7 +57,8 @@ def routing_statistics(model, blocks: torch.Tensor, targets: torch.Tensor | None
     """Expert load, how often a token keeps the previous token's expert (the
     paper: 2921 of 4096 for Read-ME vs 850 for Mixtral) and, with targets,
     the router's accuracy against the best-covering expert."""
-    routes = torch.cat([model.route(blocks[i : i + 16])[1] for i in range(0, len(blocks), 16)])
+    device = model_device(model)
+    routes = torch.cat([model.route(blocks[i : i + 16].to(device))[1].cpu() for i in range(0, len(blocks), 16)])
     num_experts = model.config.num_experts
     load = torch.bincount(routes.flatten(), minlength=num_experts).float()
     same = (routes[:, 1:] == routes[:, :-1]).float().mean()

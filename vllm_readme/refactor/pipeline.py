@@ -17,6 +17,7 @@ import torch
 
 from vllm_readme.checkpoint.io import check_writable, save_readme_checkpoint
 from vllm_readme.configuration_readme import ReadMEConfigError, RouterConfig
+from vllm_readme.precision import machine_description, read_machine, resolve_precision
 from vllm_readme.refactor import data as data_mod
 from vllm_readme.refactor.activations import collect_activations
 from vllm_readme.refactor.build import build_readme_model
@@ -65,10 +66,18 @@ class RefactorOptions:
     tuned_baselines: bool = False  # also tune dense and pruned dense with the same tokens (fair comparison)
     seed: int = 0
     checkpoint_every: int = 25
-    bf16: bool = True  # bf16 autocast for statistics and training (AMX/AVX512-BF16 CPUs, GPUs)
+    # Autocast precision of statistics and training: "auto" = bf16 where the hardware computes it natively
+    # (GPU with bf16, CPU with AVX512-BF16/AMX), fp32 otherwise. A build resolves it once (Refactor).
+    dtype: str = "auto"
+    device: str = "auto"  # "auto" = cuda when a GPU is available
 
     def stage_key(self, stage: str) -> dict:
-        common = ["dense", "calib", "block_len", "held_out_fraction", "seed"]
+        """What a cached stage must match to be reused. The dtype changes
+        every stage's numbers (the statistics first), so it is in all of them,
+        resolved: a build in fp32 never reuses statistics made in bf16."""
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"stage_key needs a resolved dtype (bf16 or fp32), got {self.dtype!r}")
+        common = ["dense", "calib", "block_len", "held_out_fraction", "seed", "dtype"]
         per_stage = {
             "experts": common + ["experts_from", "num_experts", "keep", "stats_tokens", "cluster_iterations"],
             "router": [
@@ -95,9 +104,22 @@ def log(message: str) -> None:
     print(f"[refactor] {message}", flush=True)
 
 
+def _saved_key(path: Path) -> dict:
+    """A stage key written by an earlier run. Keys from before the dtype was
+    keyed lack it; those builds all ran in bf16 autocast."""
+    key = json.loads(path.read_text())
+    key.setdefault("dtype", "bf16")
+    return key
+
+
 class Refactor:
     def __init__(self, options: RefactorOptions):
-        self.options = options
+        # Resolved once, before anything is loaded; the options then carry the
+        # dtype actually used (stage keys, options.json, `vllm-readme eval`).
+        self.machine = read_machine()
+        self.precision = resolve_precision(options.dtype, options.device, self.machine)
+        self.asked_dtype = options.dtype
+        self.options = options = dataclasses.replace(options, dtype=self.precision.name)
         self.out = Path(options.out)
         self.work = self.out / ".refactor"
         check_writable(self.work, "--out")
@@ -110,7 +132,7 @@ class Refactor:
 
     def _cached(self, stage: str) -> Path | None:
         marker = self.work / f"{stage}.json"
-        if marker.is_file() and json.loads(marker.read_text()) == self.options.stage_key(stage):
+        if marker.is_file() and _saved_key(marker) == self.options.stage_key(stage):
             return marker
         return None
 
@@ -123,7 +145,7 @@ class Refactor:
         folder = self.work / stage
         key_file = folder / "options.json"
         key = self.options.stage_key(stage)
-        if folder.is_dir() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
+        if folder.is_dir() and (not key_file.is_file() or _saved_key(key_file) != key):
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         key_file.write_text(json.dumps(key, indent=1))
@@ -139,14 +161,19 @@ class Refactor:
     def run(self, evaluate: bool = True) -> dict:
         started = time.time()
         limit_heap_growth()
-        opts = self.options
+        opts, precision = self.options, self.precision
+        log(f"precision: {precision}")
+        log(f"device: {precision.device}")
+        log(f"machine: {machine_description(self.machine)}")
         (self.work / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
+        (self.work / "precision.json").write_text(json.dumps(self.precision_record(), indent=1))
         # Cheap checks first: bad input fails before any weight is loaded.
         domains = data_mod.load_domains(opts.calib)
         inter = load_dense_config(self.dense_path).intermediate_size
         keep = kept_channels(inter, opts.keep, opts.num_experts)
         log(f"dense model: {self.dense_path}")
         dense, tokenizer = load_dense(self.dense_path)
+        dense.to(precision.device)
         calib, held = data_mod.split_domains(domains, opts.held_out_fraction)
         self.tokenizer, self.calib = tokenizer, calib
         held_blocks = torch.cat(
@@ -158,7 +185,7 @@ class Refactor:
 
         layout, means = self._experts(dense, tokenizer, calib, keep)
         router_config, router_state = self._router(dense, tokenizer, calib, layout)
-        model = build_readme_model(dense, layout, router_state, router_config)
+        model = build_readme_model(dense, layout, router_state, router_config).to(precision.device)
         log(
             f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
             f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)"
@@ -174,11 +201,21 @@ class Refactor:
             results = self.evaluate(dense, model, layout, means, held_blocks, curve)
         return results
 
+    def precision_record(self) -> dict:
+        """How the precision was chosen, for precision.json and the report."""
+        return {
+            "asked": {"dtype": self.asked_dtype, "device": self.options.device},
+            "dtype": self.precision.name,
+            "device": self.precision.device,
+            "reason": self.precision.reason,
+            "machine": machine_description(self.machine),
+        }
+
     # -- stages ------------------------------------------------------------
     def _experts(self, dense, tokenizer, calib, keep) -> tuple[ExpertLayout, torch.Tensor]:
         opts, path = self.options, self.work / "experts.pt"
         if self._cached("experts") and path.is_file():
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             log("experts: cached")
             return ExpertLayout(saved["masks"], saved["shared"]), saved["means"]
         self._invalidate("router")
@@ -186,7 +223,7 @@ class Refactor:
         (self.work / "router_targets.pt").unlink(missing_ok=True)
         t = time.time()
         per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
-        domain_acts = [collect_activations(dense, blocks, bf16=opts.bf16) for blocks in per_domain]
+        domain_acts = [collect_activations(dense, blocks, dtype=self.precision.dtype) for blocks in per_domain]
         acts = torch.cat(domain_acts)
         means = layer_means(acts)
         if opts.experts_from == "domains":
@@ -226,18 +263,19 @@ class Refactor:
         router_config.validate()
         if self._cached("router") and path.is_file():
             log("router: cached")
-            return router_config, torch.load(path, weights_only=True)
+            return router_config, torch.load(path, map_location="cpu", weights_only=True)
         self._invalidate("tune")
         t = time.time()
         blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.router_tokens))
         targets_path = self.work / "router_targets.pt"
         # Targets depend on the masks and on the blocks: reuse them only if
         # both are unchanged (the experts stage deletes them when it reruns).
-        targets = torch.load(targets_path, weights_only=True) if targets_path.is_file() else None
+        targets = torch.load(targets_path, map_location="cpu", weights_only=True) if targets_path.is_file() else None
         if targets is None or targets.shape != blocks.shape:
-            targets = expert_targets(dense, blocks, layout.masks, bf16=opts.bf16)
+            targets = expert_targets(dense, blocks, layout.masks, dtype=self.precision.dtype)
             torch.save(targets, targets_path)
-        router = init_router(router_config, dense.model.embed_tokens.weight.detach(), opts.seed)
+        router = init_router(router_config, dense.model.embed_tokens.weight.detach().cpu(), opts.seed)
+        router.to(self.precision.device)
         settings = TrainSettings(opts.router_steps, opts.router_batch, opts.router_lr, opts.seed, opts.checkpoint_every)
         history = train_router(router, blocks, targets, settings, self._fresh_training_dir("router"), log)
         acc = router_accuracy(router, blocks[: 4 * opts.router_batch], targets[: 4 * opts.router_batch])
@@ -245,11 +283,12 @@ class Refactor:
             f"router: {len(history)} steps this run, final loss {history[-1][1] if history else float('nan'):.4f}, "
             f"training accuracy {acc:.1%}"
         )
-        torch.save(router.state_dict(), path)
+        router_state = {name: tensor.cpu() for name, tensor in router.state_dict().items()}
+        torch.save(router_state, path)
         (self.work / "router_history.json").write_text(json.dumps(history))
         self._mark("router")
         self.timings["router_s"] = time.time() - t
-        return router_config, router.state_dict()
+        return router_config, router_state
 
     def _tune(self, model, tokenizer, calib, held_blocks) -> list[dict]:
         opts, path = self.options, self.work / "tuned.pt"
@@ -257,7 +296,7 @@ class Refactor:
             return []
         if self._cached("tune") and path.is_file():
             log("expert tuning: cached")
-            model.load_state_dict(torch.load(path, weights_only=True))
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return json.loads((self.work / "tuning_curve.json").read_text())
         t = time.time()
         tune_dir = self._fresh_training_dir("tune")
@@ -286,7 +325,7 @@ class Refactor:
                 log(f"expert tuning: {done}/{steps} steps, held-out perplexity {curve[-1]['perplexity']:.2f}")
                 model.train()
 
-        tune_experts(model, blocks, settings, tune_dir, opts.bf16, log, on_step=evaluate_at)
+        tune_experts(model, blocks, settings, tune_dir, self.precision.dtype, log, on_step=evaluate_at)
         torch.save(model.state_dict(), path)
         (self.work / "tuning_curve.json").write_text(json.dumps(curve))
         self._mark("tune")
@@ -294,7 +333,9 @@ class Refactor:
         return curve
 
     def _moe_ppl(self, model, held_blocks) -> float:
-        return perplexity(lambda b: model(b).logits, held_blocks, desc="held-out perplexity (MoE)")
+        return perplexity(
+            lambda b: model(b).logits, held_blocks, device=self.precision.device, desc="held-out perplexity (MoE)"
+        )
 
     def _tuned_baselines(self, dense, pruned_masks, held_blocks) -> dict[str, float]:
         """Dense and pruned dense tuned with the Read-ME model's tokens."""
@@ -315,8 +356,12 @@ class Refactor:
             ("dense (tuned, same tokens)", None, "baseline_dense"),
             ("pruned dense (tuned, same tokens)", pruned_masks, "baseline_pruned"),
         ):
-            forward = tune_dense(dense, blocks, settings, self._fresh_training_dir(folder), opts.bf16, masks, log)
-            results[label] = perplexity(forward, held_blocks, desc=f"held-out perplexity ({label})")
+            forward = tune_dense(
+                dense, blocks, settings, self._fresh_training_dir(folder), self.precision.dtype, masks, log
+            )
+            results[label] = perplexity(
+                forward, held_blocks, device=self.precision.device, desc=f"held-out perplexity ({label})"
+            )
         cache.write_text(json.dumps(results))
         self._mark("baselines")
         self.timings["baselines_s"] = time.time() - t
@@ -326,11 +371,14 @@ class Refactor:
     def evaluate(self, dense, model, layout: ExpertLayout, means, held_blocks, curve) -> dict:
         t = time.time()
         pruned_masks = top_channels(means, layout.active_size)
-        targets = expert_targets(dense, held_blocks, layout.masks, bf16=self.options.bf16)
+        device = self.precision.device
+        targets = expert_targets(dense, held_blocks, layout.masks, dtype=self.precision.dtype)
         ppl = {
-            "dense": perplexity(lambda b: dense(b).logits, held_blocks, desc="held-out perplexity (dense)"),
+            "dense": perplexity(
+                lambda b: dense(b).logits, held_blocks, device=device, desc="held-out perplexity (dense)"
+            ),
             "pruned dense (same active size)": perplexity(
-                pruned_forward(dense, pruned_masks), held_blocks, desc="held-out perplexity (pruned)"
+                pruned_forward(dense, pruned_masks), held_blocks, device=device, desc="held-out perplexity (pruned)"
             ),
         }
         if curve:
@@ -343,6 +391,7 @@ class Refactor:
         results = {
             "model": self.dense_path.name,
             "options": {k: str(v) for k, v in dataclasses.asdict(self.options).items()},
+            "precision": self.precision_record(),
             "active_mlp_fraction": layout.active_size / dense.config.intermediate_size,
             "shared_channels": layout.shared_size,
             "expert_channels": layout.active_size - layout.shared_size,
@@ -382,6 +431,10 @@ def options_of_build(out: Path) -> RefactorOptions:
     if not path.is_file():
         raise ReadMEConfigError(f"{out} holds no refactor build (missing {path}); run `vllm-readme refactor` first.")
     data = json.loads(path.read_text())
+    # Builds from before the dtype was an option recorded a bf16 flag (always on).
+    legacy_bf16 = data.pop("bf16", None)
+    if "dtype" not in data:
+        data["dtype"] = "fp32" if legacy_bf16 in (False, "False") else "bf16"
     data["out"] = Path(data["out"])
     data["dense"] = Path(data["dense"]) if data.get("dense") not in (None, "None") else None
     return RefactorOptions(**data)

@@ -15,25 +15,31 @@ from tqdm import tqdm
 
 from vllm_readme.configuration_readme import RouterConfig
 from vllm_readme.modeling_readme import ReadMERouter
-from vllm_readme.refactor.activations import autocast, down_proj_inputs, normalized
+from vllm_readme.precision import autocast
+from vllm_readme.refactor.activations import down_proj_inputs, model_device, normalized
 from vllm_readme.refactor.training import TrainSettings, train
 
 
 @torch.no_grad()
-def expert_targets(model, blocks: torch.Tensor, masks: torch.Tensor, batch_size: int = 8, bf16: bool = True):
-    """``[rows, seq]`` best-covering expert per token (masks ``[L, E, I]``)."""
+def expert_targets(
+    model, blocks: torch.Tensor, masks: torch.Tensor, batch_size: int = 8, dtype: torch.dtype = torch.float32
+):
+    """``[rows, seq]`` best-covering expert per token (masks ``[L, E, I]``),
+    on the CPU; the model runs on its own device, autocast to ``dtype``."""
+    device = model_device(model)
     scores = torch.zeros(*blocks.shape, masks.shape[1])
+    masks = masks.to(device)
     current = {}
 
     def accumulate(layer: int, inner: torch.Tensor) -> None:
         current["scores"] += normalized(inner.abs()) @ masks[layer].T.float()
 
-    with down_proj_inputs(model, accumulate), autocast(bf16):
+    with down_proj_inputs(model, accumulate), autocast(device, dtype):
         for start in tqdm(range(0, len(blocks), batch_size), desc="router targets", unit="batch"):
-            batch = blocks[start : start + batch_size]
-            current["scores"] = torch.zeros(*batch.shape, masks.shape[1])
+            batch = blocks[start : start + batch_size].to(device)
+            current["scores"] = torch.zeros(*batch.shape, masks.shape[1], device=device)
             model(batch)
-            scores[start : start + batch_size] = current["scores"]
+            scores[start : start + batch_size] = current["scores"].cpu()
     return scores.argmax(dim=-1)
 
 
@@ -64,9 +70,13 @@ def train_router(
     checkpoint_dir: Path,
     log=print,
 ) -> list[tuple[int, float]]:
+    device = model_device(router)
+
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
-        logits = router(blocks[rows])
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[rows].reshape(-1))
+        logits = router(blocks[rows].to(device))
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[rows].to(device).reshape(-1)
+        )
 
     router.train()
     history = train("router", list(router.parameters()), router, loss_fn, len(blocks), settings, checkpoint_dir, log)
@@ -76,5 +86,6 @@ def train_router(
 
 @torch.no_grad()
 def router_accuracy(router: ReadMERouter, blocks: torch.Tensor, targets: torch.Tensor) -> float:
-    predicted = torch.cat([router(blocks[i : i + 16]).argmax(-1) for i in range(0, len(blocks), 16)])
+    device = model_device(router)
+    predicted = torch.cat([router(blocks[i : i + 16].to(device)).argmax(-1).cpu() for i in range(0, len(blocks), 16)])
     return float((predicted == targets).float().mean())

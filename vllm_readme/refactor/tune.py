@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from vllm_readme.modeling_readme import ReadMEForCausalLM
-from vllm_readme.refactor.activations import autocast
+from vllm_readme.precision import autocast
+from vllm_readme.refactor.activations import model_device
 from vllm_readme.refactor.training import TrainSettings, train
 
 
@@ -17,21 +18,23 @@ def tune_experts(
     blocks: torch.Tensor,
     settings: TrainSettings,
     checkpoint_dir: Path,
-    bf16: bool,
+    dtype: torch.dtype,
     log=print,
     on_step=None,
 ) -> list[tuple[int, float]]:
     """Train attention, norms and MLPs; the router and the (tied) token
-    embedding stay fixed. Routes come from the frozen router."""
+    embedding stay fixed. Routes come from the frozen router. The model
+    trains on its own device, autocast to ``dtype``."""
+    device = model_device(model)
     for name, param in model.named_parameters():
         param.requires_grad = not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
     with torch.no_grad():
-        routes = torch.cat([model.route(blocks[i : i + 16])[1] for i in range(0, len(blocks), 16)])
+        routes = torch.cat([model.route(blocks[i : i + 16].to(device))[1].cpu() for i in range(0, len(blocks), 16)])
 
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
-        batch = blocks[rows]
-        with autocast(bf16):
-            return model(batch, expert_ids=routes[rows], labels=batch).loss
+        batch = blocks[rows].to(device)
+        with autocast(device, dtype):
+            return model(batch, expert_ids=routes[rows].to(device), labels=batch).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
