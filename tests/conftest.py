@@ -72,10 +72,92 @@ def vllm_engine(model: Path, **overrides):
         cleanup_dist_env_and_memory()
 
 
+SERVE_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(model: Path, log_path: Path, *args: str, env: dict | None = None):
+    """``vllm-readme serve MODEL`` as a real multi-process server; yields
+    (process, base URL without /v1). Terminated (then killed) afterwards."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "vllm-readme"),
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *args,
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(proc, port, log_path)
+            yield proc, f"http://127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def wait_healthy(proc, port: int, log_path: Path) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + SERVE_TIMEOUT_S
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"server not healthy after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+
+
 def load_reference(model: Path):
     from vllm_readme.modeling_readme import ReadMEForCausalLM
 
     return ReadMEForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+class RouteRecorder:
+    """A route observer (the model calls it with positions and expert ids
+    after every forward); tests add it in the worker via LLM.apply_model."""
+
+    def __init__(self):
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        self.steps.append((positions.cpu().clone(), expert_ids.cpu().clone()))
+
+
+def start_route_trace(model) -> None:
+    model.route_observers.append(RouteRecorder())
+
+
+def take_route_trace(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    recorder = next(o for o in model.route_observers if isinstance(o, RouteRecorder))
+    model.route_observers.remove(recorder)
+    return recorder.steps
 
 
 def edit_config(path: Path, **changes) -> None:

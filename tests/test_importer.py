@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from authors_layout import AuthorsModel, Shape, write_authors_checkpoint
-from conftest import edit_config, load_reference, vllm_engine
+from conftest import edit_config, load_reference, start_route_trace, take_route_trace, vllm_engine
 
 from vllm_readme import ReadMEConfigError
 from vllm_readme.checkpoint.authors import import_authors_checkpoint
@@ -28,15 +28,6 @@ def _import_with_cli(src, out, *extra) -> None:
     assert cli_main(["import", "--llama", str(src), "--masks", str(src / "mask.pt"), "--out", str(out), *extra]) == 0
 
 
-def _start_route_trace(model):
-    model.route_trace = []
-
-
-def _take_route_trace(model):
-    trace, model.route_trace = model.route_trace, None
-    return trace
-
-
 @pytest.mark.parametrize("fmt", ["bin", "safetensors-sharded"])
 def test_vllm_on_the_imported_checkpoint_reproduces_the_authors_precise_generation(tmp_path, fmt):
     """Greedy tokens, raw logits (every prompt and generated position, top 5)
@@ -51,9 +42,9 @@ def test_vllm_on_the_imported_checkpoint_reproduces_the_authors_precise_generati
     with vllm_engine(out, max_model_len=256, logprobs_mode="raw_logits", max_num_seqs=1) as llm:
         results = []
         for prompt in PROMPTS:  # one at a time: the route trace is per engine step
-            llm.apply_model(_start_route_trace)
+            llm.apply_model(start_route_trace)
             output = llm.generate([prompt], params)[0]
-            results.append((output, llm.apply_model(_take_route_trace)[0]))
+            results.append((output, llm.apply_model(take_route_trace)[0]))
 
     worst, distinct_routes = 0.0, set()
     for output, trace in results:

@@ -1,77 +1,20 @@
 """`vllm-readme serve` (vLLM's own `vllm serve`) as a real multi-process
 OpenAI server, queried with the `openai` client."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 import torch
-from conftest import load_reference
+from conftest import load_reference, served
 from transformers import AutoTokenizer
-
-SERVE_TIMEOUT_S = 240
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_gqa, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "vllm-readme"),
-        "serve",
-        str(tiny_gqa),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--served-model-name",
-        "tiny-readme",
-        "--enforce-eager",
-        "--max-num-seqs",
-        "4",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_healthy(proc, port, log_path)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _wait_healthy(proc, port, log_path):
-    deadline = time.time() + SERVE_TIMEOUT_S
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"server not healthy after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+    args = ("--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny-readme")
+    with served(tiny_gqa, log_path, *args, "--enforce-eager", "--max-num-seqs", "4") as (_, url):
+        yield url + "/v1"
 
 
 def _reference_text(path, prompt_ids, n):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import PROMPTS, load_reference, vllm_engine
+from conftest import PROMPTS, load_reference, start_route_trace, take_route_trace, vllm_engine
 from vllm import SamplingParams
 
 NEW_TOKENS = 16
@@ -71,15 +71,6 @@ def _record(metric: str, shape: str, value: float) -> None:
         json.dump(data, f, indent=2)
 
 
-def _start_route_trace(model):
-    model.route_trace = []
-
-
-def _take_route_trace(model):
-    trace, model.route_trace = model.route_trace, None
-    return trace
-
-
 @pytest.mark.parametrize("shape", ["gqa", "mha"])
 def test_kv_cached_router_equals_full_recompute_token_by_token(tiny_checkpoints, shape):
     """Chunked prefill (16-token chunks) then decode: every step routes only
@@ -87,9 +78,9 @@ def test_kv_cached_router_equals_full_recompute_token_by_token(tiny_checkpoints,
     path = tiny_checkpoints[shape]
     prompt = " ".join(PROMPTS)  # longer than one chunk
     with vllm_engine(path, max_num_batched_tokens=16, enable_chunked_prefill=True, max_num_seqs=1) as llm:
-        llm.apply_model(_start_route_trace)
+        llm.apply_model(start_route_trace)
         output = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
-        trace = llm.apply_model(_take_route_trace)[0]
+        trace = llm.apply_model(take_route_trace)[0]
     sequence = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
     assert len(output.prompt_token_ids) > 32, "the prompt must span several prefill chunks"
 

@@ -22,7 +22,8 @@ all-reduce); every rank computes identical router logits, hence identical
 routes. Pipeline parallelism is not supported.
 """
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,7 @@ from vllm_readme.configuration_readme import (
     RouterConfig,
 )
 from vllm_readme.model_executor.kernels import CPUGroupedGemm, choose_routed_kernel
+from vllm_readme.model_executor.metrics import ExpertStepMetrics
 
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
 # (a logger outside that tree has no handler, and INFO lines would be lost).
@@ -386,9 +388,12 @@ class ReadMEForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        # Set by tests/tools through LLM.apply_model (eager mode only): a list
-        # that receives (positions, expert_ids) of every forward.
-        self.route_trace: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Called with (positions, expert_ids) after every forward: the
+        # Prometheus metrics (metrics.py) and whatever tools add through
+        # LLM.apply_model (tests record routes this way).
+        self.route_observers: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
+        if os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
+            self.route_observers.append(ExpertStepMetrics(config.num_experts))
         logger.info(
             "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
             config.num_hidden_layers,
@@ -410,9 +415,10 @@ class ReadMEForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden_states = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-        if self.route_trace is not None:
-            n = positions.shape[0]
-            self.route_trace.append((positions.cpu().clone(), self.model.expert_ids_buffer[:n].cpu().clone()))
+        if self.route_observers:
+            expert_ids = self.model.expert_ids_buffer[: positions.shape[0]]
+            for observe in self.route_observers:
+                observe(positions, expert_ids)
         return hidden_states
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,84 @@
+"""What the routes of each engine step look like, as Prometheus metrics.
+
+Read-ME's serving argument (paper §4) is about how many distinct experts a
+batch touches: every distinct expert is one more set of weights to read (or
+to load into an expert cache). The model reports, per forward step:
+
+* ``vllm_readme:unique_experts_per_step`` (histogram): distinct experts among
+  the step's tokens (the paper's "unique experts per batch");
+* ``vllm_readme:routed_tokens_total`` (counter, label ``expert``): tokens
+  routed to each expert (load balance).
+
+The model runs in vLLM's engine-core process; the OpenAI server exports
+``/metrics`` from its own process. ``vllm-readme serve`` therefore sets
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multi-process mode, which
+vLLM's server already reads through ``get_prometheus_registry``) so these
+metrics appear beside vLLM's. Deltas between two scrapes give a workload's
+figures; engine warm-up steps are counted too, so never read absolutes.
+
+On CPU the counts are read at once (a few microseconds). On a GPU they are
+accumulated on the device and copied to the host every ``flush_every``
+steps, so the step itself never waits for the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNIQUE_EXPERTS = "vllm_readme:unique_experts_per_step"
+ROUTED_TOKENS = "vllm_readme:routed_tokens"
+
+_metrics: dict[str, object] = {}
+
+
+def _prometheus(num_experts: int):
+    """One set of metric objects per process (an in-process test may build
+    several engines; prometheus_client refuses a name registered twice)."""
+    from prometheus_client import Counter, Histogram
+
+    if not _metrics:
+        _metrics["unique"] = Histogram(
+            UNIQUE_EXPERTS,
+            "Distinct experts among the tokens of one engine step (Read-ME routes)",
+            buckets=[float(b) for b in range(1, max(num_experts, 64) + 1)],
+        )
+        _metrics["tokens"] = Counter(ROUTED_TOKENS, "Tokens routed to each expert", ["expert"])
+    return _metrics["unique"], _metrics["tokens"]
+
+
+class ExpertStepMetrics:
+    """A route observer: call with (positions, expert_ids) of every step."""
+
+    def __init__(self, num_experts: int, flush_every: int = 32):
+        self.num_experts = num_experts
+        self.flush_every = flush_every
+        self.unique, tokens = _prometheus(num_experts)
+        self.tokens = [tokens.labels(expert=str(e)) for e in range(num_experts)]
+        self._pending: list[torch.Tensor] = []  # GPU: per-step expert counts, not yet on the host
+
+    def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        counts = torch.bincount(expert_ids.long(), minlength=self.num_experts)
+        if counts.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return
+            self._pending.append(counts)
+            if len(self._pending) >= self.flush_every:
+                self.flush()
+            return
+        self._record(counts.tolist())
+
+    def flush(self) -> None:
+        if self._pending:
+            rows = torch.stack(self._pending).tolist()
+            self._pending.clear()
+            for row in rows:
+                self._record(row)
+
+    def _record(self, counts: list[int]) -> None:
+        used = 0
+        for expert, n in enumerate(counts[: self.num_experts]):
+            if n:
+                used += 1
+                self.tokens[expert].inc(n)
+        if used:
+            self.unique.observe(used)
