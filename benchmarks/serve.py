@@ -1,0 +1,547 @@
+"""Serving benchmark: the plugin serving Read-ME against stock vLLM serving
+the dense model, through the OpenAI server, measured the way users serve
+(issue 14).
+
+One run starts every server itself (`vllm-readme serve`, i.e. vLLM's own
+`vllm serve`), drives each over HTTP with vLLM's serving-benchmark client
+(`vllm.benchmarks.serve`, the code behind `vllm bench serve`), and writes
+benchmarks/results/serve.{json,png,md}. The servers stay up and take turns
+on every configuration (the order alternating), so drift on a shared
+machine hits both alike.
+
+Workloads (docs/serving_benchmark.md states the distributions):
+
+* ``random``: 70 prompt tokens -> 128 output tokens (vLLM's random dataset);
+* ``chat``: a Chatbot-Arena-like mix, lengths drawn from log-normals with the
+  means LMSYS-Chat-1M reports (69.5 prompt / 214.5 response tokens),
+  prompts cut from real text;
+
+each at fixed concurrency 1, 8, 32 and 64, and ``chat`` under Poisson
+arrivals at fractions of the dense server's saturated request rate. Per
+configuration: output tok/s, requests/s, TTFT, TPOT, ITL, end-to-end latency
+(mean, p50, p95, p99), normalised latency (end-to-end / output tokens, the
+paper's metric), and from each server's /metrics the mean tokens per engine
+step and, for Read-ME, the mean unique experts per step.
+
+More engines plug in as columns: ``--engine 'LABEL=MODEL [serve options]'``
+(e.g. a scheduler or an expert-pool size, as those land).
+
+    python benchmarks/serve.py            # full run (~30-40 min on 2 cores)
+    python benchmarks/serve.py --quick    # smoke test (tiny models given with --dense/--readme)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode import _die_with_parent  # noqa: E402
+
+# LMSYS-Chat-1M (Zheng et al., 2023, arXiv 2309.11998), Table 1: mean tokens
+# per user prompt and per model response. Log-normal with sigma 1 (our
+# choice: a heavy right tail, as chat traffic has), clipped to the bounds.
+CHAT_MEAN_PROMPT, CHAT_MEAN_OUTPUT, CHAT_SIGMA = 69.5, 214.5, 1.0
+CHAT_PROMPT_BOUNDS, CHAT_OUTPUT_BOUNDS = (4, 1024), (4, 512)
+PAPER = {
+    "mean normalised latency vs FCFS baseline": "-6.1% (Read-ME, expert-aware batching)",
+    "p95 normalised latency": "-10%",
+    "unique experts per batch": "3.51 (expert-aware) vs 5.08 (FCFS decode-first)",
+}
+
+
+@dataclass
+class EngineSpec:
+    label: str
+    model: Path
+    serve_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Server:
+    """`vllm-readme serve` in its own process group, kept up across workloads."""
+
+    def __init__(self, spec: EngineSpec, dtype: str, max_model_len: int, max_num_seqs: int, log_dir: Path):
+        self.spec = spec
+        self.name = "model"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / (spec.label.replace(" ", "_").replace("/", "_") + ".log")
+        cmd = [
+            str(Path(sys.executable).parent / "vllm-readme"),
+            "serve",
+            str(spec.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--served-model-name",
+            self.name,
+            "--disable-uvicorn-access-log",
+            *spec.serve_args,
+        ]
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **spec.env)
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the server)
+        print(f"[serve] starting {spec.label}: {shlex.join(cmd)}", flush=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.label} exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        print(f"[serve] {self.spec.label} ready on {self.url}", flush=True)
+                        return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{self.spec.label} not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.name.endswith("_bucket"):
+                    out[sample.name] = out.get(sample.name, 0.0) + sample.value
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class Workload:
+    dataset: str  # "random" or "chat"
+    concurrency: int | None  # None: unbounded
+    rate: float | None  # requests/s (Poisson); None: all at once
+    num_prompts: int
+
+    @property
+    def key(self) -> str:
+        load = f"c{self.concurrency}" if self.rate is None else f"rate {self.rate:.2f}/s"
+        return f"{self.dataset} {load}"
+
+
+def write_chat_dataset(path: Path, tokenizer_dir: Path, n: int, seed: int, max_model_len: int, scale: float) -> dict:
+    """The chat mix as vLLM's custom dataset (jsonl: prompt, output_tokens).
+    Prompts are cut from real text (Python's own docstrings) to the drawn
+    token lengths. Returns the realised length statistics."""
+    from transformers import AutoTokenizer
+
+    from vllm_readme.checkpoint.tiny import local_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    stream = tokenizer("\n\n".join(local_corpus(2_000_000)), add_special_tokens=False).input_ids
+    rng = random.Random(seed)
+
+    def draw(mean: float, bounds: tuple[int, int]) -> int:
+        mu = math.log(mean * scale) - CHAT_SIGMA**2 / 2
+        return int(min(max(round(rng.lognormvariate(mu, CHAT_SIGMA)), bounds[0]), bounds[1]))
+
+    rows = []
+    for _ in range(n):
+        prompt_len = draw(CHAT_MEAN_PROMPT, CHAT_PROMPT_BOUNDS)
+        output_len = min(draw(CHAT_MEAN_OUTPUT, CHAT_OUTPUT_BOUNDS), max_model_len - prompt_len - 8)
+        start = rng.randrange(0, len(stream) - prompt_len)
+        rows.append({"prompt": tokenizer.decode(stream[start : start + prompt_len]), "output_tokens": output_len})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = sorted(len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows)
+    outputs = sorted(r["output_tokens"] for r in rows)
+    return {
+        "requests": n,
+        "prompt_tokens": _summary(prompts),
+        "output_tokens": _summary(outputs),
+        "source": "LMSYS-Chat-1M means (69.5 prompt / 214.5 response tokens), log-normal sigma 1, clipped "
+        f"to {CHAT_PROMPT_BOUNDS} / {CHAT_OUTPUT_BOUNDS}" + (f", lengths scaled x{scale}" if scale != 1 else ""),
+    }
+
+
+def _summary(values: list[float]) -> dict:
+    values = sorted(values)
+    if not values:
+        return {}
+    return {
+        "mean": sum(values) / len(values),
+        "p50": _percentile(values, 50),
+        "p95": _percentile(values, 95),
+        "p99": _percentile(values, 99),
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def run_client(server: Server, workload: Workload, chat_path: Path, random_lens: tuple[int, int], seed: int) -> dict:
+    """vLLM's serving-benchmark client against one server, one workload."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = [
+        "--backend",
+        "openai",
+        "--base-url",
+        server.url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        server.name,
+        "--tokenizer",
+        str(server.spec.model),
+        "--num-prompts",
+        str(workload.num_prompts),
+        "--request-rate",
+        "inf" if workload.rate is None else str(workload.rate),
+        "--seed",
+        str(seed),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,95,99",
+        "--num-warmups",
+        "2",
+        "--save-detailed",
+        "--disable-tqdm",
+    ]
+    if workload.concurrency is not None:
+        argv += ["--max-concurrency", str(workload.concurrency)]
+    if workload.dataset == "random":
+        argv += ["--dataset-name", "random", "--random-input-len", str(random_lens[0])]
+        argv += ["--random-output-len", str(random_lens[1])]
+    else:
+        argv += ["--dataset-name", "custom", "--dataset-path", str(chat_path), "--custom-output-len", "-1"]
+        argv += ["--skip-chat-template"]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    before = server.metrics()
+    result = bench_main(parser.parse_args(argv))
+    after = server.metrics()
+    return summarise(result, before, after)
+
+
+def summarise(result: dict, before: dict, after: dict) -> dict:
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    out = {k: result.get(k) for k in ("completed", "failed", "duration", "request_throughput", "output_throughput")}
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "p95", "p99"):
+            out[f"{stat}_{metric}_ms"] = result.get(f"{stat}_{metric}_ms")
+    normalised = sorted(
+        1000 * latency / n for latency, n in zip(result["latencies"], result["output_lens"], strict=True) if n > 0
+    )
+    out["normalised_latency_ms_per_token"] = _summary(normalised)
+    out["normalised_latency_samples"] = normalised
+    steps = delta("vllm:iteration_tokens_total_count")
+    out["engine_steps"] = steps
+    out["mean_tokens_per_step"] = delta("vllm:iteration_tokens_total_sum") / steps if steps else None
+    expert_steps = delta("vllm_readme:unique_experts_per_step_count")
+    if expert_steps:
+        out["mean_unique_experts_per_step"] = delta("vllm_readme:unique_experts_per_step_sum") / expert_steps
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def prepare_models(dense: Path | None, readme: Path | None) -> tuple[Path, Path]:
+    from vllm_readme.refactor.pipeline import export_dense
+
+    dense = dense or ROOT / "models" / "smollm2-dense"
+    if not (dense / "config.json").is_file():
+        print(f"[serve] exporting dense SmolLM2 to {dense}", flush=True)
+        export_dense(None, dense)
+    readme = readme or ROOT / "models" / "smollm2-readme"
+    if not (readme / "config.json").is_file():
+        print(f"[serve] building the refactored SmolLM2 (make demo's model) at {readme}", flush=True)
+        subprocess.run([str(Path(sys.executable).parent / "vllm-readme"), "refactor", "--out", str(readme)], check=True)
+    return dense, readme
+
+
+def parse_engine(text: str) -> EngineSpec:
+    label, _, rest = text.partition("=")
+    words = shlex.split(rest)
+    if not label or not words:
+        raise SystemExit(f"--engine {text!r}: expected 'LABEL=MODEL [vllm serve options]'")
+    return EngineSpec(label, Path(words[0]), words[1:])
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("vllm-cpu", "vllm", "torch", "transformers", "vllm-readme"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--dense", type=Path, help="dense HF folder (default: SmolLM2-135M exported from its GGUF)")
+    parser.add_argument("--readme", type=Path, help="Read-ME checkpoint (default: models/smollm2-readme, make demo's)")
+    parser.add_argument("--engine", action="append", default=[], help="extra column: 'LABEL=MODEL [serve options]'")
+    parser.add_argument("--dtype", default="auto", help="serving dtype (default auto: bf16 only where native)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--rate-fractions",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75, 1.0, 1.5],
+        help="Poisson rates as fractions of the dense server's saturated chat request rate (c=64)",
+    )
+    parser.add_argument("--prompts-per-concurrency", type=float, default=2.0, help="requests = max(8, this x c)")
+    parser.add_argument("--prompts-per-rate", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke test: c 1 and 4, one rate, short outputs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
+    args = parser.parse_args()
+
+    from vllm_readme.precision import machine_description, read_machine, resolve_precision
+
+    random_lens, chat_scale = (70, 128), 1.0
+    if args.quick:
+        args.concurrency, args.rate_fractions, args.prompts_per_rate = [1, 4], [0.5], 8
+        random_lens, chat_scale, args.max_model_len = (16, 16), 0.1, min(args.max_model_len, 256)
+    machine = read_machine()
+    precision = resolve_precision(args.dtype, machine=machine)
+    dense, readme = prepare_models(args.dense, args.readme)
+    specs = [
+        EngineSpec("dense (stock vLLM)", dense),
+        EngineSpec("Read-ME (plugin, FCFS, all experts resident)", readme),
+    ]
+    specs += [parse_engine(e) for e in args.engine]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vllm-readme-serve-bench-"))
+    chat_path = work / "chat.jsonl"
+    largest = max(args.concurrency)
+    chat_stats = write_chat_dataset(
+        chat_path, dense, max(256, 2 * largest, args.prompts_per_rate), args.seed, args.max_model_len, chat_scale
+    )
+    results = {
+        "machine": machine_description(machine, precision),
+        "cpu_count": os.cpu_count(),
+        "dtype": precision.vllm_dtype,
+        "versions": versions(),
+        "engines": {s.label: {"model": str(s.model), "serve_args": s.serve_args} for s in specs},
+        "workloads": {"random": {"prompt_tokens": random_lens[0], "output_tokens": random_lens[1]}, "chat": chat_stats},
+        "paper": PAPER,
+        "runs": {},
+    }
+    print(f"[serve] {results['machine']}; serving in {precision.vllm_dtype}", flush=True)
+    servers = [Server(s, precision.vllm_dtype, args.max_model_len, max(largest, 64), work) for s in specs]
+    try:
+        for server in servers:
+            server.wait_ready()
+        workloads = [
+            Workload(dataset, c, None, max(8, int(args.prompts_per_concurrency * c)))
+            for dataset in ("random", "chat")
+            for c in args.concurrency
+        ]
+        for i, workload in enumerate(workloads):
+            run_in_turns(servers, workload, i, results, chat_path, random_lens, args)
+        saturated = results["runs"][f"chat c{largest}"][specs[0].label]["request_throughput"]
+        for j, fraction in enumerate(args.rate_fractions):
+            workload = Workload("chat", None, saturated * fraction, args.prompts_per_rate)
+            run_in_turns(servers, workload, len(workloads) + j, results, chat_path, random_lens, args)
+            results["runs"][workload.key]["rate_fraction_of_dense_saturation"] = fraction
+    finally:
+        for server in servers:
+            server.stop()
+    results["ratios"] = ratios(results, specs)
+    args.out.write_text(json.dumps(results, indent=1))
+    plot(results, specs, args.out.with_suffix(".png"))
+    args.out.with_suffix(".md").write_text(report(results, specs))
+    print(f"[serve] wrote {args.out}, {args.out.with_suffix('.png')} and {args.out.with_suffix('.md')}")
+
+
+def run_in_turns(servers, workload, index, results, chat_path, random_lens, args) -> None:
+    order = servers if index % 2 == 0 else servers[::-1]
+    row = results["runs"].setdefault(workload.key, {})
+    for server in order:
+        start = time.time()
+        summary = run_client(server, workload, chat_path, random_lens, args.seed)
+        row[server.spec.label] = summary
+        experts = summary.get("mean_unique_experts_per_step")
+        print(
+            f"[serve] {workload.key:18s} {server.spec.label:48s} {summary['output_throughput']:7.1f} tok/s, "
+            f"p95 TPOT {summary['p95_tpot_ms']:7.1f} ms, {summary['completed']}/{workload.num_prompts} done"
+            + (f", {experts:.2f} unique experts/step" if experts else "")
+            + f" ({time.time() - start:.0f} s)",
+            flush=True,
+        )
+
+
+def ratios(results: dict, specs: list[EngineSpec]) -> dict:
+    """Each engine against the first (dense), per workload."""
+    base = specs[0].label
+    out = {}
+    for key, row in results["runs"].items():
+        if base not in row:
+            continue
+        b = row[base]
+        for spec in specs[1:]:
+            r = row.get(spec.label)
+            if not r:
+                continue
+            out.setdefault(spec.label, {})[key] = {
+                "output_throughput": r["output_throughput"] / b["output_throughput"],
+                "p95_tpot": r["p95_tpot_ms"] / b["p95_tpot_ms"],
+                "mean_normalised_latency": r["normalised_latency_ms_per_token"]["mean"]
+                / b["normalised_latency_ms_per_token"]["mean"],
+                "p95_normalised_latency": r["normalised_latency_ms_per_token"]["p95"]
+                / b["normalised_latency_ms_per_token"]["p95"],
+            }
+    return out
+
+
+def report(results: dict, specs: list[EngineSpec]) -> str:
+    lines = [
+        "# Serving benchmark (benchmarks/serve.py)",
+        "",
+        f"Machine: {results['machine']}; serving dtype {results['dtype']}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        "",
+        "Chat mix: " + results["workloads"]["chat"]["source"] + "; realised prompt tokens mean "
+        f"{results['workloads']['chat']['prompt_tokens']['mean']:.1f}, output tokens mean "
+        f"{results['workloads']['chat']['output_tokens']['mean']:.1f}.",
+        "",
+        "| workload | engine | out tok/s | req/s | p95 TTFT ms | mean TPOT ms | p95 TPOT ms | p95 e2e ms "
+        "| mean norm. ms/tok | p95 norm. ms/tok | tokens/step | unique experts/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in results["runs"].items():
+        for spec in specs:
+            r = row.get(spec.label)
+            if not isinstance(r, dict):
+                continue
+            n = r["normalised_latency_ms_per_token"]
+            experts = r.get("mean_unique_experts_per_step")
+            tokens = r.get("mean_tokens_per_step")
+            lines.append(
+                f"| {key} | {spec.label} | {r['output_throughput']:.1f} | {r['request_throughput']:.2f} | "
+                f"{r['p95_ttft_ms']:.0f} | {r['mean_tpot_ms']:.1f} | {r['p95_tpot_ms']:.1f} | {r['p95_e2el_ms']:.0f} | "
+                f"{n['mean']:.1f} | {n['p95']:.1f} | {tokens:.1f} | " + (f"{experts:.2f}" if experts else "-") + " |"
+                if tokens is not None
+                else f"| {key} | {spec.label} | {r['output_throughput']:.1f} | ... |"
+            )
+    lines += ["", "Ratios against the dense server (same run, servers taking turns):", ""]
+    lines += [
+        "| engine | workload | out tok/s | p95 TPOT | mean norm. latency | p95 norm. latency |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, per in results["ratios"].items():
+        for key, v in per.items():
+            lines.append(
+                f"| {label} | {key} | {v['output_throughput']:.2f}x | {v['p95_tpot']:.2f}x | "
+                f"{v['mean_normalised_latency']:.2f}x | {v['p95_normalised_latency']:.2f}x |"
+            )
+    lines += ["", "The paper's figures (Read-ME §4, its own testbed), for comparison:", ""]
+    lines += [f"- {k}: {v}" for k, v in results["paper"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, specs: list[EngineSpec], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    runs = results["runs"]
+    concurrency_keys = [k for k in runs if " c" in k]
+    cdf_key = max((k for k in concurrency_keys if k.startswith("chat")), key=lambda k: int(k.split(" c")[1]))
+    for i, spec in enumerate(specs):
+        color = colors[i % len(colors)]
+        samples = runs[cdf_key].get(spec.label, {}).get("normalised_latency_samples", [])
+        if samples:
+            axes[0].plot(samples, [(j + 1) / len(samples) for j in range(len(samples))], color=color, label=spec.label)
+        rate_keys = [k for k in runs if "rate" in k]
+        rates = [runs[k]["rate_fraction_of_dense_saturation"] for k in rate_keys]
+        tput = [runs[k].get(spec.label, {}).get("output_throughput") for k in rate_keys]
+        axes[1].plot(rates, tput, marker="o", color=color, label=spec.label)
+        for dataset, style in (("random", "-"), ("chat", "--")):
+            keys = [k for k in concurrency_keys if k.startswith(dataset)]
+            xs = [int(k.split(" c")[1]) for k in keys]
+            ys = [runs[k].get(spec.label, {}).get("p95_tpot_ms") for k in keys]
+            axes[2].plot(xs, ys, style, marker="o", color=color, label=f"{spec.label}, {dataset}")
+    axes[0].set(
+        xlabel="end-to-end latency / output tokens (ms)", ylabel="fraction of requests", title=f"CDF, {cdf_key}"
+    )
+    axes[1].set(
+        xlabel="Poisson rate (fraction of dense saturation)",
+        ylabel="output tokens/s",
+        title="throughput vs rate (chat)",
+    )
+    axes[2].set(xlabel="concurrency", ylabel="p95 TPOT (ms)", title="TPOT vs concurrency", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['machine']}; {results['dtype']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
