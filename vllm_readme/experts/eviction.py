@@ -1,0 +1,184 @@
+"""Which resident expert to evict when a slot is needed (paper §4.3).
+
+One interface, four policies. Belady evicts the expert whose next use is
+farthest in the future, which Read-ME can know because routes are computed
+before the backbone runs; LRU, LFU and random are the baselines. Experts the
+current step needs are passed as ``pinned`` and are never chosen: evicting
+one mid-step would compute with the wrong weights.
+
+Plain Python over expert ids: no vLLM, no torch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
+NEVER = float("inf")
+
+
+class EvictionPolicy:
+    name = "base"
+
+    def touch(self, expert: int, step: int) -> None:
+        """``expert`` was used at ``step``."""
+
+    def forget(self, expert: int) -> None:
+        """``expert`` left the pool."""
+
+    def victim(self, resident: Iterable[int], pinned: set[int], step: int) -> int:
+        candidates = [e for e in resident if e not in pinned]
+        if not candidates:
+            raise RuntimeError("every resident expert is pinned by this step: the pool is smaller than one step needs")
+        return self._pick(candidates, step)
+
+    def _pick(self, candidates: list[int], step: int) -> int:
+        raise NotImplementedError
+
+
+class LRU(EvictionPolicy):
+    name = "lru"
+
+    def __init__(self):
+        self.last_use: dict[int, int] = {}
+
+    def touch(self, expert, step):
+        self.last_use[expert] = step
+
+    def forget(self, expert):
+        self.last_use.pop(expert, None)
+
+    def _pick(self, candidates, step):
+        return min(candidates, key=lambda e: (self.last_use.get(e, -1), e))
+
+
+class LFU(EvictionPolicy):
+    """Least frequently used over the whole history (ties: least recent)."""
+
+    name = "lfu"
+
+    def __init__(self):
+        self.uses: dict[int, int] = {}
+        self.last_use: dict[int, int] = {}
+
+    def touch(self, expert, step):
+        self.uses[expert] = self.uses.get(expert, 0) + 1
+        self.last_use[expert] = step
+
+    def _pick(self, candidates, step):
+        return min(candidates, key=lambda e: (self.uses.get(e, 0), self.last_use.get(e, -1), e))
+
+
+class RandomEviction(EvictionPolicy):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def _pick(self, candidates, step):
+        return self.rng.choice(sorted(candidates))
+
+
+class Belady(EvictionPolicy):
+    """Farthest next use first. ``next_use(expert, step)`` is the caller's
+    knowledge of the future (exact in an offline replay; in a server, the
+    routes it has already computed); experts never used again go first,
+    ties broken by least recent use."""
+
+    name = "belady"
+
+    def __init__(self, next_use: Callable[[int, int], float]):
+        self.next_use = next_use
+        self.last_use: dict[int, int] = {}
+
+    def touch(self, expert, step):
+        self.last_use[expert] = step
+
+    def forget(self, expert):
+        self.last_use.pop(expert, None)
+
+    def _pick(self, candidates, step):
+        return max(candidates, key=lambda e: (self.next_use(e, step), -self.last_use.get(e, -1), -e))
+
+
+def make_policy(name: str, next_use: Callable[[int, int], float] | None = None, seed: int = 0) -> EvictionPolicy:
+    if name == "belady":
+        if next_use is None:
+            raise ValueError("Belady eviction needs the future: a next_use(expert, step) function.")
+        return Belady(next_use)
+    if name == "lru":
+        return LRU()
+    if name == "lfu":
+        return LFU()
+    if name == "random":
+        return RandomEviction(seed)
+    raise ValueError(f"unknown eviction policy {name!r}; choose one of {list(EVICTION_POLICIES)}.")
+
+
+class ExpertPoolModel:
+    """A pool of ``capacity`` expert slots, as a replay sees it: which
+    experts are resident, hits and misses per access."""
+
+    def __init__(self, capacity: int, policy: EvictionPolicy):
+        if capacity < 1:
+            raise ValueError(f"expert pool capacity must be >= 1, got {capacity}.")
+        self.capacity = capacity
+        self.policy = policy
+        self.resident: set[int] = set()
+        self.hits = 0
+        self.misses = 0
+
+    def access(self, experts: Iterable[int], step: int) -> int:
+        """One step needs ``experts`` (all pinned for the step); returns the
+        number of loads (misses)."""
+        needed = set(experts)
+        if len(needed) > self.capacity:
+            raise ValueError(
+                f"a step needs {len(needed)} distinct experts but the pool holds {self.capacity}; "
+                f"the pool must hold at least {len(needed)}."
+            )
+        loads = 0
+        for expert in sorted(needed):
+            if expert in self.resident:
+                self.hits += 1
+            else:
+                self.misses += 1
+                loads += 1
+                if len(self.resident) >= self.capacity:
+                    out = self.policy.victim(self.resident, needed, step)
+                    self.resident.discard(out)
+                    self.policy.forget(out)
+                self.resident.add(expert)
+            self.policy.touch(expert, step)
+        return loads
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def single_stream_hit_ratio(routes: list[int], capacity: int, policy: str, lookahead: int | None = None) -> float:
+    """The paper's Table 4 setting: one token at a time, one expert for all
+    layers. ``lookahead``: how many future routes Belady may see (None =
+    all of them, the exact-future bound)."""
+    positions: dict[int, list[int]] = {}
+    for i, e in enumerate(routes):
+        positions.setdefault(e, []).append(i)
+
+    def next_use(expert: int, step: int) -> float:
+        import bisect
+
+        uses = positions.get(expert, [])
+        k = bisect.bisect_right(uses, step)
+        if k == len(uses):
+            return NEVER
+        if lookahead is not None and uses[k] - step > lookahead:
+            return NEVER
+        return uses[k]
+
+    pool = ExpertPoolModel(capacity, make_policy(policy, next_use))
+    for step, expert in enumerate(routes):
+        pool.access([expert], step)
+    return pool.hit_ratio
