@@ -142,3 +142,12 @@ def test_belady_beats_lru_and_random_and_lookahead_bounds_it():
         short = single_stream_hit_ratio(routes, capacity, "belady", lookahead=1)
         assert belady > lru and belady > rand
         assert short <= belady
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_with_a_pool_smaller_than_the_experts_no_step_exceeds_it_and_all_finish(policy):
+    trace = skewed_trace(24, seed=4)
+    result = simulate(trace, policy, max_requests=16, max_held_back=3, chunk=16, cache_capacity=2, eviction="belady")
+    assert max(result.unique_experts_per_step) <= 2
+    assert result.tokens == sum(len(r.prompt_routes) + len(r.output_routes) for r in trace)
+    assert result.hits + result.misses > 0

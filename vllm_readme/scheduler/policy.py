@@ -44,15 +44,28 @@ class Candidate:
 
 @dataclasses.dataclass
 class Budget:
+    """What a step may still hold: tokens, requests and (with an expert pool
+    smaller than the model's experts) distinct experts."""
+
     tokens: int
     requests: int
+    max_experts: int | None = None
+    opened: set[int] = dataclasses.field(default_factory=set)
 
     def fits(self, candidate: Candidate) -> bool:
-        return candidate.tokens <= self.tokens and self.requests >= 1
+        if candidate.tokens > self.tokens or self.requests < 1:
+            return False
+        if self.max_experts is None or candidate.experts is None:
+            return True
+        return len(self.opened | candidate.experts) <= self.max_experts
 
     def take(self, candidate: Candidate) -> None:
         self.tokens -= candidate.tokens
         self.requests -= 1
+        self.opened |= candidate.experts or set()
+
+    def copy(self) -> Budget:
+        return Budget(self.tokens, self.requests, self.max_experts, set(self.opened))
 
 
 def choose(
@@ -64,11 +77,13 @@ def choose(
     cost_model: StepCostModel | None = None,
     resident: set[int] | None = None,
     batch_tokens: int | None = None,
+    max_experts: int | None = None,
 ) -> list[str]:
-    """Request ids to run this step, in the order taken."""
+    """Request ids to run this step, in the order taken. ``max_experts``:
+    distinct experts a step may touch (an expert pool's capacity)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {list(POLICIES)}.")
-    budget = Budget(max_tokens, max_requests)
+    budget = Budget(max_tokens, max_requests, max_experts)
     chosen: list[Candidate] = []
     forced = sorted(
         (c for c in candidates if c.experts is None or c.held_back >= max_held_back), key=lambda c: c.arrival
@@ -145,7 +160,7 @@ def _by_cost(
         current = tokens / model.step_ms(tokens, len(opened), loads) if tokens else 0.0
         best, best_ratio = None, current
         for new, group in groups.items():
-            take, spare = [], Budget(budget.tokens, budget.requests)
+            take, spare = [], budget.copy()
             for c in group:
                 if spare.fits(c):
                     spare.take(c)

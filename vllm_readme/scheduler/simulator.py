@@ -45,9 +45,16 @@ class _Running:
     def done(self) -> bool:
         return self.prefilled == len(self.trace.prompt_routes) and self.decoded == len(self.trace.output_routes)
 
-    def next_tokens(self, chunk: int) -> tuple[int, list[int]]:
+    def next_tokens(self, chunk: int, max_experts: int | None) -> tuple[int, list[int]]:
         if self.prefilled < len(self.trace.prompt_routes):
             routes = self.trace.prompt_routes[self.prefilled : self.prefilled + chunk]
+            if max_experts is not None:  # a chunk must fit the pool: cut it where it would not
+                seen: set[int] = set()
+                for i, e in enumerate(routes):
+                    seen.add(e)
+                    if len(seen) > max_experts:
+                        routes = routes[:i]
+                        break
             return len(routes), routes
         return 1, [self.trace.output_routes[self.decoded]]
 
@@ -149,14 +156,24 @@ def simulate(
             continue
         candidates, routes_of = [], {}
         for rid, r in running.items():
-            tokens, routes = r.next_tokens(chunk)
+            tokens, routes = r.next_tokens(chunk, cache_capacity)
             routes_of[rid] = routes
             candidates.append(
                 Candidate(rid, tokens, frozenset(routes), r.arrival, r.prefilled < len(r.trace.prompt_routes))
             )
             candidates[-1].held_back = tracker.get(rid)
         resident = pool.resident if pool is not None else None
-        chosen = choose(policy, candidates, max_tokens, max_requests, max_held_back, cost_model, resident, batch_tokens)
+        chosen = choose(
+            policy,
+            candidates,
+            max_tokens,
+            max_requests,
+            max_held_back,
+            cost_model,
+            resident,
+            batch_tokens,
+            max_experts=cache_capacity,
+        )
         tracker.update(running, chosen)
         experts = set().union(*(routes_of[rid] for rid in chosen))
         tokens = sum(len(routes_of[rid]) for rid in chosen)

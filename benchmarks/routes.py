@@ -1,0 +1,162 @@
+"""What the routes of a Read-ME model allow a scheduler and an expert cache
+to gain, replayed offline in seconds (paper §4.2-4.3).
+
+Routes are recorded from the model's own router (the reference
+implementation; the router reads token ids only) on held-out text of the
+built-in corpus that no refactoring stage saw. Reported:
+
+* route statistics: P[route_t == route_(t-1)], mean run length, load per expert;
+* the paper's Table 4 setting: single-stream hit ratio of an expert pool of
+  capacity 2..5 under random, LRU, LFU and Belady (exact future; and a
+  lookahead of one token, what a decoding server knows);
+* replay of serving (vllm_readme/scheduler/simulator.py): requests of 70
+  prompt + 128 further tokens of the same text, concurrency 8/32/64, under
+  FCFS, the paper's greedy-by-expert and the cost-model policy: unique
+  experts per step, tokens per step, held-back steps, and the hit ratio of
+  a pool of half the experts under LRU and Belady.
+
+    python benchmarks/routes.py [--readme models/smollm2-readme]
+
+Writes benchmarks/results/routes.json and routes.png. The replay's
+throughput uses the default step-cost model, not this machine's: compare
+unique experts and hit ratios, not its tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def record_routes(model_dir: Path, max_tokens: int, block_len: int = 512) -> list[list[int]]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_readme.modeling_readme import ReadMEForCausalLM
+    from vllm_readme.refactor.data import load_domains, split_domains, token_blocks
+    from vllm_readme.refactor.pipeline import RefactorOptions
+
+    options = RefactorOptions(out=model_dir)
+    _, held = split_domains(load_domains(list(options.calib)), options.held_out_fraction)
+    documents = [doc for domain in held for doc in domain.documents]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    blocks = token_blocks(tokenizer, documents, block_len, max_tokens)
+    model = ReadMEForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model.route(block[None])[1][0].tolist() for block in blocks]
+
+
+def route_statistics(blocks: list[list[int]], num_experts: int) -> dict:
+    same, pairs, runs, load = 0, 0, [], [0] * num_experts
+    for routes in blocks:
+        run = 1
+        for prev, cur in zip(routes, routes[1:], strict=False):
+            pairs += 1
+            if prev == cur:
+                same += 1
+                run += 1
+            else:
+                runs.append(run)
+                run = 1
+        runs.append(run)
+        for r in routes:
+            load[r] += 1
+    total = sum(load)
+    return {
+        "tokens": total,
+        "persistence": same / pairs,
+        "mean_run_length": sum(runs) / len(runs),
+        "load_fraction": [n / total for n in load],
+        "max_over_mean_load": max(load) / (total / num_experts),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "models" / "smollm2-readme")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--out", type=Path, default=RESULTS / "routes.json")
+    args = parser.parse_args()
+
+    from vllm_readme.experts.eviction import EVICTION_POLICIES, single_stream_hit_ratio
+    from vllm_readme.scheduler.simulator import TraceRequest, simulate
+
+    num_experts = json.loads((args.readme / "config.json").read_text())["num_experts"]
+    blocks = record_routes(args.readme, args.tokens)
+    stream = [r for block in blocks for r in block]
+    results = {"model": str(args.readme), "routes": route_statistics(blocks, num_experts), "single_stream": {}}
+    print(f"[routes] {len(stream)} tokens; persistence {results['routes']['persistence']:.1%}")
+    for capacity in range(2, min(6, num_experts)):
+        row = {p: single_stream_hit_ratio(stream, capacity, p) for p in EVICTION_POLICIES}
+        row["belady (next token only)"] = single_stream_hit_ratio(stream, capacity, "belady", lookahead=1)
+        results["single_stream"][capacity] = row
+        print(f"[routes] capacity {capacity}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()))
+
+    requests = []
+    for i, block in enumerate(blocks):
+        for start in range(0, len(block) - 198 + 1, 198):
+            requests.append(
+                TraceRequest(f"b{i}.{start}", 0, block[start : start + 70], block[start + 70 : start + 198])
+            )
+    results["replay"] = {}
+    half = max(1, num_experts // 2)
+    for concurrency in (8, 32, 64):
+        trace = requests[: 2 * concurrency]
+        rows = {}
+        for policy, extra in (
+            ("fcfs", {}),
+            ("greedy-expert", {"batch_tokens": max(1, concurrency // 2)}),
+            ("cost-model", {}),
+        ):
+            common = dict(max_requests=concurrency, max_held_back=4, chunk=512, **extra)
+            rows[policy] = simulate(trace, policy, **common).summary()
+            for eviction, future in (("lru", "known"), ("belady", "known"), ("belady", "exact")):
+                cached = simulate(trace, policy, cache_capacity=half, eviction=eviction, future=future, **common)
+                rows[policy][f"hit_ratio_{half}_of_{num_experts} {eviction} ({future} future)"] = cached.hit_ratio
+        results["replay"][concurrency] = rows
+        print(
+            f"[routes] c{concurrency}: unique experts/step "
+            + ", ".join(f"{p} {r['mean_unique_experts_per_step']:.2f}" for p, r in rows.items())
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    plot(results, args.out.with_suffix(".png"))
+    print(f"[routes] wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    single = results["single_stream"]
+    capacities = sorted(single, key=int)
+    for policy in single[capacities[0]]:
+        axes[0].plot([int(c) for c in capacities], [single[c][policy] for c in capacities], marker="o", label=policy)
+    axes[0].set(xlabel="pool capacity (experts)", ylabel="hit ratio", title="single stream (paper Table 4 setting)")
+    replay = results["replay"]
+    concurrencies = sorted(replay, key=int)
+    for policy in replay[concurrencies[0]]:
+        ys = [replay[c][policy]["mean_unique_experts_per_step"] for c in concurrencies]
+        axes[1].plot([int(c) for c in concurrencies], ys, marker="o", label=policy)
+    axes[1].set(xlabel="concurrency", ylabel="unique experts per step", title="replay of routes", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    route = results["routes"]
+    fig.suptitle(
+        f"{results['model']}: persistence {route['persistence']:.1%}, mean run {route['mean_run_length']:.2f} tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
