@@ -32,7 +32,7 @@ from vllm_readme.scheduler.cost_model import StepCostModel
 POLICIES = ("fcfs", "decode-first", "prefill-first", "greedy-expert", "cost-model")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Candidate:
     request_id: str
     tokens: int  # tokens this step would run: 1 for a decode, the chunk for a prefill
@@ -135,7 +135,8 @@ def _greedy_by_expert(rest: list[Candidate], budget: Budget) -> list[Candidate]:
             if budget.fits(c):
                 budget.take(c)
                 picked.append(c)
-        remaining = [c for c in remaining if c not in picked]
+        taken_ids = {id(c) for c in picked}
+        remaining = [c for c in remaining if id(c) not in taken_ids]
     return picked
 
 
@@ -181,7 +182,8 @@ def _by_cost(
         opened |= new
         tokens += sum(c.tokens for c in take)
         loads += len(new - resident) if resident is not None else 0
-        remaining = [c for c in remaining if c not in take]
+        taken_ids = {id(c) for c in take}
+        remaining = [c for c in remaining if id(c) not in taken_ids]
     return picked
 
 
