@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import PROMPTS, load_reference, start_route_trace, take_route_trace, vllm_engine
 from vllm import SamplingParams
+from vllm.platforms import current_platform
 
 NEW_TOKENS = 16
 # fp32 on CPU: vLLM's fused kernels and plain PyTorch differ by rounding only
@@ -131,6 +132,23 @@ def test_both_routed_expert_paths_match_the_reference(tiny_mha, kernel, monkeypa
         expected_tokens, ref_logprobs = reference_greedy(reference, output.prompt_token_ids, 8)
         assert list(output.outputs[0].token_ids) == expected_tokens
         assert max_logprob_error(output, ref_logprobs) < LOGPROB_ATOL
+
+
+def _routed_kernel_reasons(model) -> list[str]:
+    from vllm_readme.model_executor.kernels import choose_routed_kernel
+
+    return [choose_routed_kernel(layer.mlp.experts)[1] for layer in model.model.layers]
+
+
+@pytest.mark.skipif(not current_platform.is_cpu(), reason="the direct grouped-GEMM call is the CPU build's path")
+def test_cpu_build_calls_vllms_grouped_gemm_directly(tiny_gqa):
+    """kernels.py reads FusedMoE's internals (in one place) to call vLLM's CPU
+    grouped GEMM directly. If a vLLM upgrade moves them, the model quietly
+    falls back to FusedMoE, right but slower: this test fails then, with why."""
+    with vllm_engine(tiny_gqa) as llm:
+        chosen = llm.apply_model(_routed_kernels)[0]
+        reasons = llm.apply_model(_routed_kernel_reasons)[0]
+    assert set(chosen) == {"CPUGroupedGemm"}, reasons
 
 
 def test_unknown_routed_kernel_setting_is_named(monkeypatch):

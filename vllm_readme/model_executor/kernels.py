@@ -1,28 +1,39 @@
-"""How the routed experts of a Read-ME layer are computed (issue 8).
+"""How the routed experts of a Read-ME layer are computed, and the one place
+that reads vLLM's FusedMoE internals (docs/design.md, "Inside vLLM").
 
 Read-ME knows every token's expert before the backbone runs, so a layer needs
 no gate: only "token t uses weight slot s". Two paths do that:
 
-* ``fused_moe``: vLLM's FusedMoE layer, given the router's logits and a custom
-  routing function (argmax -> slot). Used on GPU (Triton/CUTLASS grouped GEMM,
-  CUDA graphs) and wherever the direct path does not apply.
+* ``fused_moe``: vLLM's FusedMoE layer, handed the slots where it expects
+  router logits and a routing function that returns them as they are. Used
+  on GPU (Triton/CUTLASS grouped GEMM, CUDA graphs) and wherever the direct
+  path does not apply.
 * ``cpu_grouped_gemm``: vLLM's CPU grouped-GEMM kernel (``_C.cpu_fused_moe``)
-  called directly on the weights FusedMoE already loaded and prepacked, with
-  the slots computed once per forward instead of a routing function per
-  layer. The op is traced by torch.compile (it has a meta kernel); no host
-  sync. Measured (benchmarks/decode.py, README): the same speed as FusedMoE
-  under torch.compile, 1.1-1.4x faster decode from batch 8 on in eager mode,
-  where FusedMoE's Python runner (routing, prepare/finalize) runs per layer.
+  called directly on the weights FusedMoE already loaded and prepacked. The
+  op is traced by torch.compile (it has a meta kernel); no host sync.
+  Measured (benchmarks/decode.py, README): the same speed as FusedMoE under
+  torch.compile, 1.1-1.4x faster decode from batch 8 on in eager mode, where
+  FusedMoE's Python runner (routing, prepare/finalize) runs per layer.
 
 The choice is made once after the weights are loaded
 (``choose_routed_kernel``) and logged. ``VLLM_README_ROUTED_KERNEL=fused_moe``
 forces FusedMoE everywhere (for comparisons); the default is ``auto``.
+
+What the plugin reads from FusedMoE beyond its constructor and forward
+(vLLM 0.32): ``FusedMoEFactory`` returns a runner whose ``routed_experts``
+module holds the weights ``w13_weight`` ``[E, 2I, H]`` and ``w2_weight``
+``[E, H, I]``, their ``weight_loader`` (which takes a stacked ``[E, ...]``
+tensor whole) and the kernel FusedMoE chose
+(``quant_method.moe_kernel.fused_experts``). Only this module names them;
+tests/test_vllm_model.py fails if an upgrade moves them and the CPU build
+falls back to FusedMoE.
 """
 
 import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
@@ -31,21 +42,45 @@ from vllm.platforms import current_platform
 logger = init_logger(f"vllm.{__name__}")
 
 ROUTED_KERNELS = ("auto", "fused_moe")
+# Checkpoint projection -> FusedMoE's shard and parameter.
+_EXPERT_SHARDS = {"gate_proj": ("w1", "w13_weight"), "up_proj": ("w3", "w13_weight"), "down_proj": ("w2", "w2_weight")}
+
+
+def slots_as_given(
+    hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FusedMoE's routing function. The layer passes the slots the model
+    gathered once per forward (int32 ``[T, 1]``) where FusedMoE expects
+    router logits, and FusedMoE hands them here untouched: they are the
+    routes. Weight 1.0: Read-ME does not scale its expert's output."""
+    return torch.ones(gating_output.shape, dtype=torch.float32, device=gating_output.device), gating_output
+
+
+def load_stacked_experts(fused_moe: nn.Module, projection: str, tensor: torch.Tensor) -> str:
+    """Load one stacked ``[E, ...]`` checkpoint tensor (``gate_proj``,
+    ``up_proj`` or ``down_proj``) with FusedMoE's own weight loader, every
+    expert in one call; returns the parameter's name under ``fused_moe``.
+    Tensor parallelism slices it there, as for any FusedMoE weight."""
+    shard, name = _EXPERT_SHARDS[projection]
+    param = getattr(fused_moe.routed_experts, name)
+    # A 3-D tensor is loaded whole ("full load"): expert_id is not used.
+    param.weight_loader(param, tensor, name, shard_id=shard, expert_id=0)
+    return f"routed_experts.{name}"
 
 
 @dataclass(frozen=True)
 class CPUGroupedGemm:
-    """The direct CPU path: prepacked weights live on ``experts`` (FusedMoE's
-    RoutedExperts module) as ``w13_weight`` / ``w2_weight``."""
+    """The direct CPU path over a FusedMoE layer's prepacked weights."""
 
     isa: str
     activation: str
 
     def __call__(
-        self, experts: torch.nn.Module, hidden_states: torch.Tensor, slots: torch.Tensor, route_weights: torch.Tensor
+        self, fused_moe: nn.Module, hidden_states: torch.Tensor, slots: torch.Tensor, route_weights: torch.Tensor
     ) -> torch.Tensor:
         """``out[t] = expert_{slots[t]}(hidden_states[t])``; ``slots`` int32
         [T, 1], ``route_weights`` float32 [T, 1] ones."""
+        experts = fused_moe.routed_experts
         out = torch.empty_like(hidden_states)
         # Traced by torch.compile as is (the op has a meta kernel): no Python
         # wrapper runs per layer at decode time.
@@ -65,7 +100,7 @@ class CPUGroupedGemm:
         return out
 
 
-def choose_routed_kernel(fused_moe: torch.nn.Module) -> tuple[CPUGroupedGemm | None, str]:
+def choose_routed_kernel(fused_moe: nn.Module) -> tuple[CPUGroupedGemm | None, str]:
     """The direct CPU kernel for this FusedMoE layer, or None (keep FusedMoE),
     with the reason either way. Call after FusedMoE processed its weights."""
     wanted = os.environ.get("VLLM_README_ROUTED_KERNEL", "auto")
@@ -80,15 +115,16 @@ def choose_routed_kernel(fused_moe: torch.nn.Module) -> tuple[CPUGroupedGemm | N
     if not hasattr(torch.ops._C, "cpu_fused_moe"):
         return None, "this vLLM build has no _C.cpu_fused_moe"
     routed = getattr(fused_moe, "routed_experts", None)
-    impl = getattr(
-        getattr(getattr(getattr(routed, "quant_method", None), "moe_kernel", None), "impl", None), "fused_experts", None
-    )
+    moe_kernel = getattr(getattr(routed, "quant_method", None), "moe_kernel", None)
+    impl = getattr(moe_kernel, "fused_experts", None)
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     if not isinstance(impl, CPUUnquantizedExperts):
         return None, f"FusedMoE chose {type(impl).__name__}, not the CPU grouped GEMM"
-    if getattr(impl, "_use_zentorch", False):
-        return None, "FusedMoE uses zentorch on this CPU"
+    # Unknown (renamed in a later vLLM): assume zentorch, whose weights the
+    # direct call must not read; FusedMoE stays correct, and the test says so.
+    if getattr(impl, "_use_zentorch", True):
+        return None, "FusedMoE uses zentorch on this CPU (or this vLLM does not say)"
     if getattr(routed, "w13_bias", None) is not None:
         return None, "experts with biases"
     activation = impl.moe_config.activation.value

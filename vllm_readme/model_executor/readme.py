@@ -1,7 +1,7 @@
 """Read-ME in vLLM: decoupled router + Llama backbone with shared/routed MLPs.
 
 Top-down as vLLM's mixtral.py: MoE -> Attention -> DecoderLayer -> Router ->
-Model -> ForCausalLM. Paper §3-4 / DESIGN.md §1, §4:
+Model -> ForCausalLM. Paper §3-4; docs/design.md, "The model" and "Data flow":
 
 * The router is a small causal transformer over token ids. Its attention
   layers are ordinary vLLM ``Attention`` layers, so vLLM pages their KV cache
@@ -10,6 +10,8 @@ Model -> ForCausalLM. Paper §3-4 / DESIGN.md §1, §4:
   expert (grouped GEMM, top-1, weight 1.0, same expert every layer): on CPU
   vLLM's grouped-GEMM kernel called directly on FusedMoE's prepacked weights,
   elsewhere the FusedMoE layer itself (kernels.py; chosen after loading).
+  Both paths take the same slots; the shared MLP and the all-reduce follow
+  either.
 * Expert ids reach the weights through ``ReadMEModel.slot_table`` [layer,
   expert] -> weight slot (identity today), gathered once per forward: the
   one indirection an expert-weight cache can later own.
@@ -49,7 +51,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from vllm.sequence import IntermediateTensors
 
 from vllm_readme.checkpoint.io import check_tokenizer_fits
@@ -59,7 +61,12 @@ from vllm_readme.configuration_readme import (
     ReadMEConfigError,
     RouterConfig,
 )
-from vllm_readme.model_executor.kernels import CPUGroupedGemm, choose_routed_kernel
+from vllm_readme.model_executor.kernels import (
+    CPUGroupedGemm,
+    choose_routed_kernel,
+    load_stacked_experts,
+    slots_as_given,
+)
 from vllm_readme.model_executor.metrics import ExpertStepMetrics
 
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
@@ -72,7 +79,7 @@ _MOE_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_ta
 
 class ReadMESharedMLP(nn.Module):
     """The always-on part of every MLP; its down projection is not reduced,
-    FusedMoE sums it with the routed output and reduces once."""
+    ReadMEMoE sums it with the routed output and reduces once."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, prefix: str):
         super().__init__()
@@ -91,9 +98,8 @@ class ReadMESharedMLP(nn.Module):
 
 
 class Routes(NamedTuple):
-    """One forward's routes, computed once by the router for every layer."""
+    """One layer's routes, from the slots the model gathers once per forward."""
 
-    logits: torch.Tensor  # [T, E] router logits (FusedMoE's input)
     slots: torch.Tensor  # [T, 1] int32: this layer's weight slot of each token's expert
     weights: torch.Tensor  # [T, 1] float32 ones (Read-ME does not scale its expert)
 
@@ -101,14 +107,9 @@ class Routes(NamedTuple):
 class ReadMEMoE(nn.Module):
     """Shared MLP + the routed expert chosen by the decoupled router."""
 
-    def __init__(self, config: ReadMEConfig, slot_table: torch.Tensor, layer_index: int, prefix: str):
+    def __init__(self, config: ReadMEConfig, prefix: str):
         super().__init__()
-        # The model's [layer, expert] -> slot table (a plain attribute: the
-        # model owns the buffer); FusedMoE's routing function reads our row.
-        # Remap it in place (copy_), as CUDA graphs and this alias require.
-        self._slot_table = slot_table
-        self.layer_index = layer_index
-        self.hidden_size = config.hidden_size
+        self.prefix = prefix  # named in loading errors
         self.num_experts = config.num_experts
         self.tp_size = get_tensor_model_parallel_world_size()
         # Set after loading, once FusedMoE has prepacked its weights; None:
@@ -119,37 +120,55 @@ class ReadMEMoE(nn.Module):
             self.shared = ReadMESharedMLP(
                 config.hidden_size, config.shared_intermediate_size, config.hidden_act, f"{prefix}.shared"
             )
+        # The routed experts only: no gate, no shared part, no all-reduce
+        # (forward adds and reduces for both paths).
         self.experts = FusedMoEFactory(
             num_experts=config.num_experts,
             top_k=1,
             hidden_size=config.hidden_size,
             intermediate_size=config.expert_intermediate_size,
             renormalize=False,
-            custom_routing_function=self.select_experts,
+            custom_routing_function=slots_as_given,
             activation=_MOE_ACTIVATION[config.hidden_act],
-            shared_experts=self.shared,
-            ckpt_names=("gate_proj", "down_proj", "up_proj"),
+            reduce_results=False,
             prefix=f"{prefix}.experts",
         )
 
-    def select_experts(
-        self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-1 of the router's logits, mapped to a weight slot; weight 1.0
-        (Read-ME does not scale the expert's output)."""
-        expert_ids = gating_output.argmax(dim=-1, keepdim=True)
-        slots = self._slot_table[self.layer_index][expert_ids]
-        return torch.ones(slots.shape, dtype=torch.float32, device=slots.device), slots
-
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
-            return self.experts(hidden_states=hidden_states, router_logits=routes.logits)
-        out = self.routed_kernel(self.experts.routed_experts, hidden_states, routes.slots, routes.weights)
+            out = self.experts(hidden_states=hidden_states, router_logits=routes.slots)
+        else:
+            out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights)
         if self.shared is not None:
             out = out + self.shared(hidden_states)
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """``experts.{gate,up,down}_proj`` are stacked ``[E, ...]`` tensors,
+        each loaded whole by FusedMoE's weight loader; ``shared.*`` load as
+        any vLLM layer's weights."""
+        loaded, shared = set(), []
+        for name, tensor in weights:
+            projection = name.removeprefix("experts.")
+            if projection == name:
+                shared.append((name, tensor))
+                continue
+            self._check_stacked(name, projection, tensor)
+            loaded.add("experts." + load_stacked_experts(self.experts, projection, tensor))
+        return loaded | AutoWeightsLoader(self).load_weights(shared)
+
+    def _check_stacked(self, name: str, projection: str, tensor: torch.Tensor) -> None:
+        name = f"{self.prefix}.{name}"
+        if projection not in ("gate_proj", "up_proj", "down_proj"):
+            raise ReadMEConfigError(f"checkpoint weight {name!r}: unknown expert projection {projection!r}.")
+        if tensor.dim() != 3 or tensor.shape[0] != self.num_experts:
+            raise ReadMEConfigError(
+                f"checkpoint weight {name!r} holds {tensor.shape[0] if tensor.dim() else 0} experts "
+                f"(shape {tuple(tensor.shape)}) but config.json says num_experts={self.num_experts}; "
+                "fix num_experts or re-export the checkpoint."
+            )
 
 
 class ReadMEAttention(nn.Module):
@@ -205,14 +224,7 @@ class ReadMEAttention(nn.Module):
 
 
 class ReadMEDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ReadMEConfig,
-        cache_config: CacheConfig | None,
-        slot_table: torch.Tensor,
-        layer_index: int,
-        prefix: str,
-    ):
+    def __init__(self, config: ReadMEConfig, cache_config: CacheConfig | None, prefix: str):
         super().__init__()
         self.self_attn = ReadMEAttention(
             hidden_size=config.hidden_size,
@@ -226,7 +238,7 @@ class ReadMEDecoderLayer(nn.Module):
             cache_config=cache_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = ReadMEMoE(config, slot_table, layer_index, prefix=f"{prefix}.mlp")
+        self.mlp = ReadMEMoE(config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -325,7 +337,6 @@ class ReadMEModel(nn.Module):
         super().__init__()
         config: ReadMEConfig = vllm_config.model_config.hf_config
         cache_config = vllm_config.cache_config
-        self.config = config
         self.router = ReadMERouter(config.router_config, config.num_hidden_layers, cache_config, prefix="router")
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
@@ -335,7 +346,7 @@ class ReadMEModel(nn.Module):
         slot_table = torch.arange(config.num_experts, dtype=torch.int32).repeat(config.num_hidden_layers, 1)
         self.register_buffer("slot_table", slot_table, persistent=False)
         self.layers = nn.ModuleList(
-            ReadMEDecoderLayer(config, cache_config, self.slot_table, i, prefix=f"{prefix}.layers.{i}")
+            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -363,8 +374,7 @@ class ReadMEModel(nn.Module):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
-            routes = Routes(router_logits, slots[i], weights)
-            hidden_states, residual = layer(positions, hidden_states, residual, routes)
+            hidden_states, residual = layer(positions, hidden_states, residual, Routes(slots[i], weights))
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -425,7 +435,18 @@ class ReadMEForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return ReadMEWeightLoader(self).load(weights)
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=checkpoint_names(self.config))
+        missing = [name for name, _ in self.named_parameters() if name not in loaded]
+        router_missing = [n.removeprefix("model.") for n in missing if n.startswith("model.router.")]
+        if router_missing:
+            raise ReadMEConfigError(
+                f"checkpoint is missing {len(router_missing)} router weight(s), e.g. {router_missing[:3]}. "
+                "A Read-ME checkpoint must contain the decoupled router (router.*); convert the authors' "
+                "layout with `vllm-readme import` or rebuild with `vllm-readme refactor`."
+            )
+        if missing:
+            raise ReadMEConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}.")
+        return loaded
 
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level hook, after FusedMoE prepacked its weights:
@@ -435,102 +456,24 @@ class ReadMEForCausalLM(nn.Module):
         logger.info("Read-ME routed experts: %s", why)
 
 
-class ReadMEWeightLoader:
-    """Checkpoint names (DESIGN.md §2) -> vLLM parameters, explicitly.
+def checkpoint_names(config: ReadMEConfig) -> WeightsMapper:
+    """The checkpoint's names (README, "Checkpoint format") -> this model's.
 
-    * ``*.{q,k,v}_proj`` -> ``*.qkv_proj`` shards; ``*.{gate,up}_proj`` of the
-      shared MLP (and a gated router MLP) -> ``*.gate_up_proj`` shards.
-    * ``router.*`` -> ``model.router.*`` (the router runs inside ReadMEModel).
-    * ``model.layers.N.mlp.experts.{gate,up,down}_proj`` are stacked
-      ``[E, ...]`` tensors, loaded expert by expert into FusedMoE.
+    ``*.{q,k,v}_proj`` become shards of ``*.qkv_proj``; the shared MLP's (and
+    a gated router MLP's) ``{gate,up}_proj`` shards of ``gate_up_proj``; the
+    router runs inside the compiled ReadMEModel, so ``router.*`` moves under
+    ``model.``. The stacked experts keep their names (ReadMEMoE.load_weights).
     """
-
-    _STACKED = (
-        (".q_proj", ".qkv_proj", "q"),
-        (".k_proj", ".qkv_proj", "k"),
-        (".v_proj", ".qkv_proj", "v"),
-        (".gate_proj", ".gate_up_proj", 0),
-        (".up_proj", ".gate_up_proj", 1),
-    )
-    _EXPERT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-    def __init__(self, model: ReadMEForCausalLM):
-        self.model = model
-        self.config = model.config
-        self.params = dict(model.named_parameters())
-
-    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if name.startswith("router."):
-                name = "model." + name  # the router runs inside the compiled ReadMEModel
-            if ".mlp.experts." in name:
-                loaded.add(self._load_experts(name, tensor))
-            else:
-                loaded.add(self._load_dense(name, tensor))
-        self._check_complete(loaded)
-        return loaded
-
-    def _load_dense(self, name: str, tensor: torch.Tensor) -> str:
-        for suffix, stacked, shard in self._STACKED:
-            if suffix in name:
-                target = name.replace(suffix, stacked)
-                if target in self.params:
-                    param = self.params[target]
-                    param.weight_loader(param, tensor, shard)
-                    return target
-        if name not in self.params:
-            raise ReadMEConfigError(
-                f"checkpoint weight {name!r} does not belong to a Read-ME model with this config.json."
-            )
-        param = self.params[name]
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-        return name
-
-    def _load_experts(self, name: str, tensor: torch.Tensor) -> str:
-        prefix, _, proj = name.rpartition(".")
-        shard = self._EXPERT_SHARDS.get(proj)
-        if shard is None:
-            raise ReadMEConfigError(f"checkpoint weight {name!r}: unknown expert projection {proj!r}.")
-        num_experts = self.config.num_experts
-        if tensor.dim() != 3 or tensor.shape[0] != num_experts:
-            raise ReadMEConfigError(
-                f"checkpoint weight {name!r} holds {tensor.shape[0] if tensor.dim() else 0} experts "
-                f"(shape {tuple(tensor.shape)}) but config.json says num_experts={num_experts}; "
-                "fix num_experts or re-export the checkpoint."
-            )
-        target = f"{prefix}.{'w2_weight' if shard == 'w2' else 'w13_weight'}"
-        param = self._expert_param(target)
-        for expert_id in range(num_experts):
-            param.weight_loader(param, tensor[expert_id], target, shard_id=shard, expert_id=expert_id)
-        return target
-
-    def _expert_param(self, target: str) -> torch.nn.Parameter:
-        if target in self.params:
-            return self.params[target]
-        # FusedMoE may nest its weights one module deeper (runner -> experts).
-        layer_prefix, _, leaf = target.rpartition(".")
-        for name, param in self.params.items():
-            if name.startswith(layer_prefix + ".") and name.endswith("." + leaf):
-                self.params[target] = param
-                return param
-        raise ReadMEConfigError(f"no expert parameter for {target!r}: checkpoint and config.json disagree.")
-
-    def _check_complete(self, loaded: set[str]) -> None:
-        loaded_params = {id(self.params[n]) for n in loaded if n in self.params}
-        missing = [n for n, p in self.model.named_parameters() if id(p) not in loaded_params]
-        if not missing:
-            return
-        router_missing = [n.removeprefix("model.") for n in missing if n.startswith("model.router.")]
-        if router_missing:
-            raise ReadMEConfigError(
-                f"checkpoint is missing {len(router_missing)} router weight(s), e.g. {router_missing[:3]}. "
-                "A Read-ME checkpoint must contain the decoupled router (router.*); convert the authors' "
-                "layout with `vllm-readme import` or rebuild with `vllm-readme refactor`."
-            )
-        raise ReadMEConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}.")
+    stacked = {
+        ".q_proj": (".qkv_proj", "q"),
+        ".k_proj": (".qkv_proj", "k"),
+        ".v_proj": (".qkv_proj", "v"),
+        ".shared.gate_proj": (".shared.gate_up_proj", 0),
+        ".shared.up_proj": (".shared.gate_up_proj", 1),
+    }
+    if config.router_config.gated_mlp:  # an ungated router MLP keeps its up_proj
+        stacked |= {".mlp.gate_proj": (".mlp.gate_up_proj", 0), ".mlp.up_proj": (".mlp.gate_up_proj", 1)}
+    return WeightsMapper(orig_to_new_stacked=stacked, orig_to_new_prefix={"router.": "model.router."})
 
 
 def _check_serving_limits(config: ReadMEConfig, vllm_config: VllmConfig) -> None:
