@@ -105,6 +105,22 @@ def test_validate_reports_tokenizer_larger_than_router_vocab(tiny_gqa, tmp_path)
         validate_checkpoint(bad)
 
 
+def test_importing_the_plugin_leaves_the_models_unloaded():
+    """Every vLLM process imports the package and calls register() (plugin
+    entry point): neither the reference model nor vLLM's model is imported
+    until used; AutoModelForCausalLM still finds the reference (test above)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vllm_readme; vllm_readme.register(); "
+        "print([m for m in ('vllm_readme.modeling_readme', 'vllm_readme.model_executor.readme') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_plugin_logs_go_through_vllms_handler():
     """What the plugin decides (kernel, model shape) is logged at INFO; vLLM
     only configures its own "vllm" logger tree, so ours must sit inside it."""

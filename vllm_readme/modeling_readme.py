@@ -107,7 +107,6 @@ class ReadMERouter(nn.Module):
 
     def __init__(self, config: RouterConfig):
         super().__init__()
-        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(RouterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

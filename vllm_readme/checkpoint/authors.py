@@ -60,9 +60,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from vllm_readme.checkpoint.convert import split_dense_mlp
-from vllm_readme.configuration_readme import ROUTER_ACTIVATIONS, ReadMEConfigError
+from vllm_readme.checkpoint.io import check_writable
+from vllm_readme.configuration_readme import ROUTER_ACTIVATIONS, ReadMEConfig, ReadMEConfigError
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -134,9 +137,6 @@ class RouterOverrides:
 def read_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF-style folder: safetensors or ``pytorch_model.bin``,
     one file or sharded with an index (transformers' own loader reads each)."""
-    from transformers.modeling_utils import load_state_dict
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
     folder = Path(folder)
     files: list[Path] = []
     for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
@@ -396,9 +396,6 @@ def import_authors_checkpoint(
     ``mask_file`` defaults to ``llama_dir/mask.pt``. Nothing is written
     until every input has been read and checked.
     """
-    from vllm_readme.checkpoint.io import check_writable
-    from vllm_readme.configuration_readme import ReadMEConfig
-
     llama_dir, out = Path(llama_dir), Path(out_dir)
     config_file = llama_dir / "config.json"
     if not config_file.is_file():

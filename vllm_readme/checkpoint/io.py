@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
 
@@ -72,8 +73,6 @@ def validate_checkpoint(path: str | Path) -> ReadMEConfig:
 
 def check_tokenizer_fits(config: ReadMEConfig, tokenizer_path: str | Path) -> None:
     """Every token id the tokenizer can emit must be routable and embeddable."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
     except (OSError, ValueError):

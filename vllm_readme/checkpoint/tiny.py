@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vllm_readme.configuration_readme import ReadMEConfig
+from vllm_readme.checkpoint.io import save_readme_checkpoint
+from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig
+from vllm_readme.modeling_readme import ReadMEForCausalLM
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
@@ -51,9 +55,6 @@ def local_corpus(max_chars: int = 400_000) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -163,9 +164,6 @@ def tiny_config(shape: TinyShape, tokenizer_size: int) -> ReadMEConfig:
 
 def build_tiny_checkpoint(out_dir: str | Path, shape: TinyShape | None = None, seed: int = 0) -> Path:
     """Write a random Read-ME checkpoint (fp32) plus tokenizer to ``out_dir``."""
-    from vllm_readme.checkpoint.io import save_readme_checkpoint
-    from vllm_readme.modeling_readme import ReadMEForCausalLM
-
     shape = shape or TinyShape()
     tokenizer = train_tokenizer()
     config = tiny_config(shape, len(tokenizer))
@@ -176,8 +174,6 @@ def build_tiny_checkpoint(out_dir: str | Path, shape: TinyShape | None = None, s
 
 def build_tiny_dense(out_dir: str | Path, seed: int = 0, intermediate_size: int = 128) -> Path:
     """A tiny random dense Llama (HF folder) to refactor in tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = train_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -215,12 +211,6 @@ def build_random_readme_like(
 
     Default split of SmolLM2's 1536 MLP channels: 640 shared + 8 experts of
     128 (1664 stored, 768 = half active per token, aligned for the kernels)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from vllm_readme.checkpoint.io import save_readme_checkpoint
-    from vllm_readme.configuration_readme import RouterConfig
-    from vllm_readme.modeling_readme import ReadMEForCausalLM
-
     dense = AutoConfig.from_pretrained(dense_dir)
     skip = {"model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
     fields = {k: v for k, v in dense.to_dict().items() if k not in skip}

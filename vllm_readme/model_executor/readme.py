@@ -15,6 +15,8 @@ Model -> ForCausalLM. Paper §3-4; docs/design.md, "The model" and "Data flow":
 * Expert ids reach the weights through ``ReadMEModel.slot_table`` [layer,
   expert] -> weight slot (identity today), gathered once per forward: the
   one indirection an expert-weight cache can later own.
+* Start-up checks (what would otherwise fail mid-request) run where vLLM
+  validates its config, before this model is built: config.py.
 * The latest step's expert ids are kept in ``expert_ids_buffer`` on the
   device (no host sync), where a worker or scheduler hook can read them.
 
@@ -54,13 +56,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from vllm.sequence import IntermediateTensors
 
-from vllm_readme.checkpoint.io import check_tokenizer_fits
-from vllm_readme.configuration_readme import (
-    BACKBONE_ACTIVATIONS,
-    ReadMEConfig,
-    ReadMEConfigError,
-    RouterConfig,
-)
+from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError, RouterConfig
 from vllm_readme.model_executor.kernels import (
     CPUGroupedGemm,
     choose_routed_kernel,
@@ -190,11 +186,7 @@ class ReadMEAttention(nn.Module):
         attn_prefix: str | None = None,
     ):
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        if num_heads % tp_size:
-            raise ReadMEConfigError(
-                f"{prefix}: {num_heads} attention heads cannot be split over tensor_parallel_size={tp_size}."
-            )
+        tp_size = get_tensor_model_parallel_world_size()  # divides num_heads (config.py)
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.q_size = self.num_heads * head_dim
@@ -386,12 +378,7 @@ class ReadMEForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config
-        if not isinstance(config, ReadMEConfig):
-            raise ReadMEConfigError(
-                f"ReadMEForCausalLM needs config.json with model_type 'readme', got {type(config).__name__}."
-            )
-        _check_serving_limits(config, vllm_config)
+        config: ReadMEConfig = vllm_config.model_config.hf_config  # checked by config.py
         self.config = config
         self.model = ReadMEModel(vllm_config=vllm_config, prefix="model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
@@ -474,30 +461,3 @@ def checkpoint_names(config: ReadMEConfig) -> WeightsMapper:
     if config.router_config.gated_mlp:  # an ungated router MLP keeps its up_proj
         stacked |= {".mlp.gate_proj": (".mlp.gate_up_proj", 0), ".mlp.up_proj": (".mlp.gate_up_proj", 1)}
     return WeightsMapper(orig_to_new_stacked=stacked, orig_to_new_prefix={"router.": "model.router."})
-
-
-def _check_serving_limits(config: ReadMEConfig, vllm_config: VllmConfig) -> None:
-    """Fail at start-up, with the fix, on what would fail mid-request."""
-    if config.hidden_act not in BACKBONE_ACTIVATIONS:
-        raise ReadMEConfigError(
-            f"config.json: hidden_act={config.hidden_act!r} is not supported by the experts; "
-            f"use one of {list(BACKBONE_ACTIVATIONS)}."
-        )
-    router = config.router_config
-    max_len = vllm_config.model_config.max_model_len
-    if max_len > router.max_position_embeddings:
-        raise ReadMEConfigError(
-            f"max_model_len={max_len} exceeds the router's max_position_embeddings="
-            f"{router.max_position_embeddings}: longer prompts could not be routed. "
-            f"Pass --max-model-len {router.max_position_embeddings} (or less)."
-        )
-    model_config = vllm_config.model_config
-    if not model_config.skip_tokenizer_init:
-        check_tokenizer_fits(config, model_config.tokenizer)
-    tp = get_tensor_model_parallel_world_size()
-    for what, size in (
-        ("expert_intermediate_size", config.expert_intermediate_size),
-        ("router.intermediate_size", router.intermediate_size),
-    ):
-        if size % tp:
-            raise ReadMEConfigError(f"config.json: {what}={size} cannot be split over tensor_parallel_size={tp}.")

@@ -1,0 +1,56 @@
+"""Start-up checks of a Read-ME model against how vLLM will serve it.
+
+vLLM runs a per-architecture ``verify_and_update_config`` hook while it
+validates its config, in the process that builds the engine, before any model
+or worker exists (docs/design.md, "Inside vLLM"). ``vllm_readme.register``
+registers this one, so what would otherwise fail mid-request fails at
+start-up with the fix. This module stays light: every vLLM process imports it
+through the plugin entry point.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_readme.checkpoint.io import check_tokenizer_fits
+from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+class ReadMEServingChecks(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        model_config = vllm_config.model_config
+        config = model_config.hf_config
+        if not isinstance(config, ReadMEConfig):
+            raise ReadMEConfigError(
+                f"ReadMEForCausalLM needs config.json with model_type 'readme', got {type(config).__name__}."
+            )
+        router = config.router_config
+        max_len = model_config.max_model_len
+        if max_len > router.max_position_embeddings:
+            raise ReadMEConfigError(
+                f"max_model_len={max_len} exceeds the router's max_position_embeddings="
+                f"{router.max_position_embeddings}: longer prompts could not be routed. "
+                f"Pass --max-model-len {router.max_position_embeddings} (or less)."
+            )
+        if not model_config.skip_tokenizer_init:
+            check_tokenizer_fits(config, model_config.tokenizer)
+        check_tensor_parallel_split(config, vllm_config.parallel_config.tensor_parallel_size)
+
+
+def check_tensor_parallel_split(config: ReadMEConfig, tp: int) -> None:
+    """Heads and intermediate channels split evenly over the ranks."""
+    router = config.router_config
+    for what, size in (
+        ("num_attention_heads", config.num_attention_heads),
+        ("expert_intermediate_size", config.expert_intermediate_size),
+        ("router.num_attention_heads", router.num_attention_heads),
+        ("router.intermediate_size", router.intermediate_size),
+    ):
+        if size % tp:
+            raise ReadMEConfigError(f"config.json: {what}={size} cannot be split over tensor_parallel_size={tp}.")
