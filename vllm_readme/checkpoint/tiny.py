@@ -7,7 +7,6 @@ library, so it is the same on every machine with the same Python.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,37 +15,34 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vllm_readme.checkpoint.io import save_readme_checkpoint
-from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig
+from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig, readme_config_from_dense
 from vllm_readme.modeling_readme import ReadMEForCausalLM
+from vllm_readme.refactor.data import stdlib_docstrings
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+_CORPUS_MODULES = (
+    "argparse",
+    "collections",
+    "functools",
+    "json",
+    "logging",
+    "pathlib",
+    "re",
+    "string",
+    "textwrap",
+    "threading",
+)
 
 
 def local_corpus(max_chars: int = 400_000) -> list[str]:
     """Plain English text shipped with Python itself (stdlib docstrings)."""
-    import argparse  # noqa: E401
-    import collections
-    import functools
-    import json
-    import logging
-    import pathlib
-    import re
-    import string
-    import textwrap
-    import threading
-
-    texts: list[str] = []
-    for module in (argparse, collections, functools, json, logging, pathlib, re, string, textwrap, threading):
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 40:
-                texts.append(doc)
+    texts = [doc for module in _CORPUS_MODULES for doc in stdlib_docstrings(module, min_chars=40)]
     out, total = [], 0
-    for text in dict.fromkeys(texts):  # dedupe, keep order
+    for text in dict.fromkeys(texts):  # each once, in order
         out.append(text)
         total += len(text)
         if total >= max_chars:
@@ -212,13 +208,11 @@ def build_random_readme_like(
     Default split of SmolLM2's 1536 MLP channels: 640 shared + 8 experts of
     128 (1664 stored, 768 = half active per token, aligned for the kernels)."""
     dense = AutoConfig.from_pretrained(dense_dir)
-    skip = {"model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
-    fields = {k: v for k, v in dense.to_dict().items() if k not in skip}
     router = RouterConfig(
         vocab_size=dense.vocab_size, num_experts=num_experts, max_position_embeddings=dense.max_position_embeddings
     )
-    config = ReadMEConfig(
-        **fields,
+    config = readme_config_from_dense(
+        dense.to_dict(),
         num_experts=num_experts,
         shared_intermediate_size=shared_intermediate_size,
         expert_intermediate_size=expert_intermediate_size,

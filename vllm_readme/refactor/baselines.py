@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from vllm_readme.precision import autocast
 from vllm_readme.refactor.activations import model_device
@@ -40,8 +41,8 @@ def tune_dense(
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
         batch = blocks[rows].to(device)
         with autocast(device, dtype):
-            logits = forward(batch).float()
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            logits = forward(batch)
+        return ForCausalLMLoss(logits, batch, logits.shape[-1])
 
     params = [p for p in model.parameters() if p.requires_grad]
     name = "tuning pruned dense baseline" if keep_masks is not None else "tuning dense baseline"

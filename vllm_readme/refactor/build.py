@@ -5,34 +5,20 @@ from __future__ import annotations
 import torch
 
 from vllm_readme.checkpoint.convert import split_dense_mlp
-from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig
+from vllm_readme.configuration_readme import ReadMEConfig, RouterConfig, readme_config_from_dense
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.refactor.experts import ExpertLayout
 
-_NOT_COPIED = {
-    "model_type",
-    "architectures",
-    "quantization_config",
-    "auto_map",
-    "_name_or_path",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "_commit_hash",
-}
-
 
 def readme_config(dense_config, layout: ExpertLayout, router: RouterConfig) -> ReadMEConfig:
-    fields = {k: v for k, v in dense_config.to_dict().items() if k not in _NOT_COPIED}
     expert_size = layout.active_size - layout.shared_size
-    return ReadMEConfig(
-        **fields,
+    return readme_config_from_dense(
+        dense_config.to_dict(),
         num_experts=layout.num_experts,
         shared_intermediate_size=layout.shared_size,
         expert_intermediate_size=expert_size,
         expert_intermediate_sizes=[expert_size] * layout.num_experts,
         router=router.to_dict(),
-        architectures=["ReadMEForCausalLM"],
     )
 
 
@@ -46,7 +32,7 @@ def build_readme_model(dense, layout: ExpertLayout, router_state: dict, router: 
             continue
         state[name] = tensor.float().cpu()  # the model is built on the CPU, whatever device dense is on
     for layer, block in enumerate(dense.model.layers):
-        parts = split_dense_mlp(
+        split = split_dense_mlp(
             block.mlp.gate_proj.weight.float().cpu(),
             block.mlp.up_proj.weight.float().cpu(),
             block.mlp.down_proj.weight.float().cpu(),
@@ -54,10 +40,7 @@ def build_readme_model(dense, layout: ExpertLayout, router_state: dict, router: 
             layout.masks[layer],
             expert_intermediate_size=config.expert_intermediate_size,
         )
-        for key, tensor in parts.items():
-            if key == "sizes" or (key.startswith("shared.") and config.shared_intermediate_size == 0):
-                continue
-            state[f"model.layers.{layer}.mlp.{key}"] = tensor
+        state.update(split.weights(f"model.layers.{layer}.mlp."))
     for name, tensor in router_state.items():
         state[f"router.{name}"] = tensor
     if config.tie_word_embeddings:

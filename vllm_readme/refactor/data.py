@@ -14,6 +14,7 @@ held-out by a hash of their text, so the two never share a document.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import inspect
 import json
@@ -25,6 +26,33 @@ import torch
 from vllm_readme.configuration_readme import ReadMEConfigError
 
 BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")
+# stdlib-docstrings: one document per module.
+STDLIB_DOC_MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "csv",
+    "datetime",
+    "email",
+    "functools",
+    "http.client",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "re",
+    "socket",
+    "sqlite3",
+    "string",
+    "subprocess",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "zipfile",
+)
 MIN_DOCUMENT_CHARS = 200
 
 
@@ -32,6 +60,14 @@ MIN_DOCUMENT_CHARS = 200
 class Domain:
     name: str
     documents: list[str]
+
+
+def stdlib_docstrings(module_name: str, min_chars: int) -> list[str]:
+    """The docstrings of a standard-library module's members longer than
+    ``min_chars``, each once, in member order."""
+    module = importlib.import_module(module_name)
+    docs = (inspect.getdoc(obj) for _, obj in inspect.getmembers(module))
+    return [doc for doc in dict.fromkeys(docs) if doc and len(doc) > min_chars]
 
 
 def builtin_documents(name: str) -> list[str]:
@@ -52,64 +88,8 @@ def builtin_documents(name: str) -> list[str]:
                 docs[name_.lower()] = text
         return [docs[k] for k in sorted(docs)]
     if name == "stdlib-docstrings":
-        import argparse  # noqa: E401,E501
-        import asyncio
-        import collections
-        import csv
-        import datetime
-        import email
-        import functools
-        import http.client
-        import itertools
-        import json as json_
-        import logging
-        import os
-        import pathlib
-        import re
-        import socket
-        import sqlite3
-        import string
-        import subprocess
-        import textwrap
-        import threading
-        import typing
-        import unittest
-        import urllib.request
-        import zipfile
-
-        modules = (
-            argparse,
-            asyncio,
-            collections,
-            csv,
-            datetime,
-            email,
-            functools,
-            http.client,
-            itertools,
-            json_,
-            logging,
-            os,
-            pathlib,
-            re,
-            socket,
-            sqlite3,
-            string,
-            subprocess,
-            textwrap,
-            threading,
-            typing,
-            unittest,
-            urllib.request,
-            zipfile,
-        )
-        docs = []
-        for module in modules:
-            parts = [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module)]
-            text = "\n\n".join(p for p in dict.fromkeys(parts) if len(p) > 80)
-            if text:
-                docs.append(text)
-        return docs
+        docs = ["\n\n".join(stdlib_docstrings(module, min_chars=80)) for module in STDLIB_DOC_MODULES]
+        return [doc for doc in docs if doc]
     raise ReadMEConfigError(f"unknown built-in text source {name!r}; choose from {list(BUILTIN_SOURCES)}.")
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.loss.loss_utils import ForCausalLMLoss
 
-from vllm_readme.refactor.activations import model_device
+from vllm_readme.refactor.router import predicted_experts
 
 
 @torch.no_grad()
@@ -24,11 +25,9 @@ def perplexity(
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch"):
         batch = blocks[start : start + batch_size].to(device)
-        logits = forward(batch).float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
+        logits = forward(batch)
+        # num_items_in_batch=1: the summed NLL (the mean over the whole set is taken below).
+        total += float(ForCausalLMLoss(logits, batch, logits.shape[-1], num_items_in_batch=1))
         count += batch[:, 1:].numel()
     return math.exp(total / count)
 
@@ -57,8 +56,7 @@ def routing_statistics(model, blocks: torch.Tensor, targets: torch.Tensor | None
     """Expert load, how often a token keeps the previous token's expert (the
     paper: 2921 of 4096 for Read-ME vs 850 for Mixtral) and, with targets,
     the router's accuracy against the best-covering expert."""
-    device = model_device(model)
-    routes = torch.cat([model.route(blocks[i : i + 16].to(device))[1].cpu() for i in range(0, len(blocks), 16)])
+    routes = predicted_experts(model.router, blocks)
     num_experts = model.config.num_experts
     load = torch.bincount(routes.flatten(), minlength=num_experts).float()
     same = (routes[:, 1:] == routes[:, :-1]).float().mean()

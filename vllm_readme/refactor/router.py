@@ -85,7 +85,14 @@ def train_router(
 
 
 @torch.no_grad()
-def router_accuracy(router: ReadMERouter, blocks: torch.Tensor, targets: torch.Tensor) -> float:
+def predicted_experts(router: ReadMERouter, blocks: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``[rows, seq]`` expert id of every token, on the CPU; the router runs
+    on its own device, ``batch_size`` rows at a time."""
     device = model_device(router)
-    predicted = torch.cat([router(blocks[i : i + 16].to(device)).argmax(-1).cpu() for i in range(0, len(blocks), 16)])
-    return float((predicted == targets).float().mean())
+    return torch.cat(
+        [router(blocks[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(blocks), batch_size)]
+    )
+
+
+def router_accuracy(router: ReadMERouter, blocks: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((predicted_experts(router, blocks) == targets).float().mean())

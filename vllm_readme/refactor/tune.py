@@ -10,6 +10,7 @@ import torch
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.precision import autocast
 from vllm_readme.refactor.activations import model_device
+from vllm_readme.refactor.router import predicted_experts
 from vllm_readme.refactor.training import TrainSettings, train
 
 
@@ -28,8 +29,7 @@ def tune_experts(
     device = model_device(model)
     for name, param in model.named_parameters():
         param.requires_grad = not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
-    with torch.no_grad():
-        routes = torch.cat([model.route(blocks[i : i + 16].to(device))[1].cpu() for i in range(0, len(blocks), 16)])
+    routes = predicted_experts(model.router, blocks)
 
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
         batch = blocks[rows].to(device)
