@@ -1,5 +1,5 @@
 """Decode speed: stock vLLM serving dense SmolLM2-135M vs the plugin serving a
-Read-ME model of SmolLM2's shapes, side by side in one run (issue 8).
+Read-ME model of SmolLM2's shapes, side by side in one run.
 
 Reports tokens/s and ms per decode step at several batch sizes, in the
 machine's native dtype (vllm_readme/precision.py: bf16 on a GPU with bf16 or a

@@ -1,4 +1,5 @@
-"""Bad checkpoints fail at start-up with one clear message (invariant 5)."""
+"""Bad checkpoints fail at start-up with one clear message (docs/design.md,
+invariant 5)."""
 
 import shutil
 

@@ -1,5 +1,5 @@
 """`vllm-readme import` on checkpoints laid out as the authors' code writes
-them (issue 13): vLLM on the imported model against an independent
+them: vLLM on the imported model against an independent
 implementation of the authors' forward (tests/authors_layout.py)."""
 
 import json
@@ -19,7 +19,7 @@ PROMPTS = [
     "Logging is performed by calling methods on instances of the Logger class",
 ]
 NEW_TOKENS = 12
-# fp32, vLLM's kernels against plain PyTorch (issue 13's target: 1e-4).
+# fp32, vLLM's kernels against plain PyTorch (docs/authors_checkpoint.md's target: 1e-4).
 LOGIT_ATOL = 1e-4
 
 

@@ -1,4 +1,4 @@
-"""vLLM's ReadMEForCausalLM against the reference (DESIGN.md §5, invariants
+"""vLLM's ReadMEForCausalLM against the reference (docs/design.md, invariants
 1 and 2): logprobs in fp32, greedy tokens, and the KV-cached router."""
 
 import json
@@ -118,7 +118,7 @@ def _routed_kernels(model) -> list[str]:
 
 @pytest.mark.parametrize("kernel", ["auto", "fused_moe"])
 def test_both_routed_expert_paths_match_the_reference(tiny_mha, kernel, monkeypatch):
-    """On CPU the default calls vLLM's grouped GEMM directly (issue 8); the
+    """On CPU the default calls vLLM's grouped GEMM directly (kernels.py); the
     FusedMoE layer stays the fallback (and the GPU path). Both must give the
     reference's logprobs, on the shape with unequal, zero-padded experts."""
     monkeypatch.setenv("VLLM_README_ROUTED_KERNEL", kernel)

@@ -2,8 +2,9 @@
 
 A Read-ME checkpoint is a Llama checkpoint whose MLPs were split into an
 always-on shared part plus ``num_experts`` routed parts, and which carries a
-tiny decoupled router (paper §3, DESIGN.md §1-2). The router reads token ids
-only and picks one expert per token for every layer.
+tiny decoupled router (paper §3; docs/design.md, "The model" and "Checkpoint
+format"). The router reads token ids only and picks one expert per token for
+every layer.
 
 ``config.json`` holds every Llama field plus:
 

@@ -1,4 +1,5 @@
-"""Import what the Read-ME authors' code writes into our format (DESIGN.md §2).
+"""Import what the Read-ME authors' code writes into our format
+(docs/authors_checkpoint.md; ours: docs/design.md, "Checkpoint format").
 
 The authors' release (VITA-Group/READ-ME) is a *dense* Llama checkpoint saved
 by their fork of transformers, plus a separate mask file:
