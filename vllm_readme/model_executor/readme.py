@@ -132,6 +132,8 @@ class ReadMEMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
+            # FusedMoE hands router_logits to its routing function untouched,
+            # and slots_as_given returns them: the slots are the routes.
             out = self.experts(hidden_states=hidden_states, router_logits=routes.slots)
         else:
             out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights)
