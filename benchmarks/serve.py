@@ -1,6 +1,6 @@
 """Serving benchmark: the plugin serving Read-ME against stock vLLM serving
 the dense model, through the OpenAI server, measured the way users serve
-(issue 14).
+(docs/serving_benchmark.md).
 
 One run starts every server itself (`vllm-readme serve`, i.e. vLLM's own
 `vllm serve`), drives each over HTTP with vLLM's serving-benchmark client

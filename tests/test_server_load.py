@@ -1,4 +1,4 @@
-"""The served Read-ME model under load and bad input, at CI scale (issue 14):
+"""The served Read-ME model under load and bad input, at CI scale:
 many concurrent streaming clients, clients that vanish mid-stream, malformed
 requests, SIGTERM. Stock vLLM handles these; the tests make sure the
 plugin's parts never break that. The full-scale run is benchmarks/serve.py."""

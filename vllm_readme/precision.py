@@ -1,4 +1,4 @@
-"""Precision and device chosen from the hardware, never assumed (issue 16).
+"""Precision and device chosen from the hardware, never assumed.
 
 bf16 pays only where the hardware computes it: a GPU with bf16 units, or a
 CPU with AVX512-BF16 or AMX. Elsewhere PyTorch emulates it (widen to fp32,
