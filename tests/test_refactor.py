@@ -247,3 +247,36 @@ def test_brown_calibration_domains_leave_the_out_of_domain_categories_out():
     calibration = {doc for d in domains for doc in d.documents}
     held_out = out_of_domain_documents()
     assert len(held_out) == 29 + 9 and not calibration & set(held_out)
+
+
+def _persistence(router, blocks) -> float:
+    with torch.no_grad():
+        routes = router(blocks).argmax(-1)
+    return float((routes[:, 1:] == routes[:, :-1]).float().mean())
+
+
+def test_switching_penalty_lengthens_runs_of_one_expert(tmp_path):
+    """Targets that switch at random (token id % 3): the plain router follows
+    them; with the penalty it keeps the previous expert more often."""
+    blocks, targets, config = _router_problem()
+    embedding = torch.randn(200, 48, generator=torch.Generator().manual_seed(0))
+    settings = TrainSettings(150, 4, 3e-3, seed=0, checkpoint_every=1000)
+    measured = {}
+    for weight in (0.0, 2.0):
+        router = init_router(config, embedding, seed=0)
+        train_router(router, blocks, targets, settings, tmp_path / str(weight), persistence=weight)
+        measured[weight] = _persistence(router.eval(), blocks)
+    print(f"\nP[same expert as previous token]: {measured}")
+    assert measured[2.0] > measured[0.0] + 0.1
+
+
+def test_router_markers_from_before_the_penalty_are_reused(tmp_path):
+    from vllm_readme.refactor.pipeline import Refactor
+
+    build = Refactor(RefactorOptions(out=tmp_path / "out", dtype="fp32"))
+    key = build.options.stage_key("router")
+    legacy = {k: v for k, v in key.items() if k != "router_persistence"}
+    (build.work / "router.json").write_text(json.dumps(legacy))
+    assert build._cached("router") is not None
+    penalised = Refactor(RefactorOptions(out=tmp_path / "out", dtype="fp32", router_persistence=1.0))
+    assert penalised._cached("router") is None

@@ -98,6 +98,12 @@ class RefactorOptions:
     router_steps: int = _option(300, "router training steps (default {default})")
     router_batch: int = _option(16, "router batch, in blocks (default {default})")
     router_lr: float = _option(1e-3, "router learning rate (default {default})")
+    router_persistence: float = _option(
+        0.0,
+        "weight of a switching penalty in router training: the probability that consecutive tokens take "
+        "different experts under the router's distributions. Longer runs of one expert help expert caching "
+        "and expert-aware batching; what it costs in perplexity is measured (default {default}: off)",
+    )
     tune_tokens: int = _option(131072, "expert-tuning token budget, 0 = skip (default {default})")
     tune_batch: int = _option(8, "tuning batch, in blocks (default {default})")
     tune_lr: float = _option(1e-4, "tuning learning rate (default {default})")
@@ -142,6 +148,7 @@ class RefactorOptions:
                 "router_batch",
                 "router_lr",
                 "router_tokens",
+                "router_persistence",
             ],
             "tune": ["tune_tokens", "tune_batch", "tune_lr"],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
@@ -163,6 +170,8 @@ def _saved_key(path: Path) -> dict:
     keyed lack it; those builds all ran in bf16 autocast."""
     key = json.loads(path.read_text())
     key.setdefault("dtype", "bf16")
+    if "router_steps" in key:  # router keys from before the switching penalty: it was off
+        key.setdefault("router_persistence", "0.0")
     return key
 
 
@@ -331,7 +340,9 @@ class Refactor:
         router = init_router(router_config, dense.model.embed_tokens.weight.detach().cpu(), opts.seed)
         router.to(self.precision.device)
         settings = TrainSettings(opts.router_steps, opts.router_batch, opts.router_lr, opts.seed, opts.checkpoint_every)
-        history = train_router(router, blocks, targets, settings, self._fresh_training_dir("router"), log)
+        history = train_router(
+            router, blocks, targets, settings, self._fresh_training_dir("router"), log, opts.router_persistence
+        )
         acc = router_accuracy(router, blocks[: 4 * opts.router_batch], targets[: 4 * opts.router_batch])
         log(
             f"router: {len(history)} steps this run, final loss {history[-1][1] if history else float('nan'):.4f}, "

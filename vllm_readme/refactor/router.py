@@ -69,14 +69,24 @@ def train_router(
     settings: TrainSettings,
     checkpoint_dir: Path,
     log=print,
+    persistence: float = 0.0,
 ) -> list[tuple[int, float]]:
+    """Cross-entropy to the targets (paper Eq. 4); with ``persistence`` > 0,
+    plus that weight times the mean probability that two consecutive tokens
+    are routed differently (1 - <p_t, p_t-1>), which favours runs of one
+    expert."""
     device = model_device(router)
 
     def loss_fn(rows: torch.Tensor) -> torch.Tensor:
         logits = router(blocks[rows].to(device))
-        return torch.nn.functional.cross_entropy(
+        loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets[rows].to(device).reshape(-1)
         )
+        if persistence > 0:
+            probs = logits.float().softmax(-1)
+            switch = 1 - (probs[:, 1:] * probs[:, :-1]).sum(-1)
+            loss = loss + persistence * switch.mean()
+        return loss
 
     router.train()
     history = train("router", list(router.parameters()), router, loss_fn, len(blocks), settings, checkpoint_dir, log)
