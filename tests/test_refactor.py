@@ -280,3 +280,20 @@ def test_router_markers_from_before_the_penalty_are_reused(tmp_path):
     assert build._cached("router") is not None
     penalised = Refactor(RefactorOptions(out=tmp_path / "out", dtype="fp32", router_persistence=1.0))
     assert penalised._cached("router") is None
+
+
+def test_distillation_tuning_moves_the_moe_towards_the_dense_model(tiny_dense, tiny_build, tmp_path):
+    """--tune-objective distill: the KL to the dense model's distribution falls."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_readme.refactor.tune import tune_experts
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    student = load_reference(tiny_build[0])  # refactored from this dense model: same vocabulary
+    blocks = torch.randint(0, teacher.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    settings = TrainSettings(40, 4, 3e-3, seed=0, checkpoint_every=1000)
+    history = tune_experts(student, blocks, settings, tmp_path, torch.float32, teacher=teacher)
+    first = sum(loss for _, loss in history[:5]) / 5
+    last = sum(loss for _, loss in history[-5:]) / 5
+    print(f"\nKL(dense || Read-ME): {first:.3f} -> {last:.3f}")
+    assert last < 0.7 * first

@@ -107,6 +107,13 @@ class RefactorOptions:
     tune_tokens: int = _option(131072, "expert-tuning token budget, 0 = skip (default {default})")
     tune_batch: int = _option(8, "tuning batch, in blocks (default {default})")
     tune_lr: float = _option(1e-4, "tuning learning rate (default {default})")
+    tune_objective: str = _option(
+        "lm",
+        "expert-tuning loss: lm = next-token loss on the calibration text (the paper's); distill = KL to the "
+        "dense model's next-token distribution, which keeps its behaviour (an instruct model's) on every domain "
+        "(default {default})",
+        choices=["lm", "distill"],
+    )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(
         False,
@@ -150,7 +157,7 @@ class RefactorOptions:
                 "router_tokens",
                 "router_persistence",
             ],
-            "tune": ["tune_tokens", "tune_batch", "tune_lr"],
+            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective"],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
         }
         if stage == "baselines":
@@ -172,6 +179,8 @@ def _saved_key(path: Path) -> dict:
     key.setdefault("dtype", "bf16")
     if "router_steps" in key:  # router keys from before the switching penalty: it was off
         key.setdefault("router_persistence", "0.0")
+    if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
+        key.setdefault("tune_objective", "lm")
     return key
 
 
@@ -253,7 +262,7 @@ class Refactor:
             f"Read-ME model: {layout.num_experts} experts x {layout.active_size - layout.shared_size} channels "
             f"+ {layout.shared_size} shared of {inter} ({layout.active_size / inter:.0%} active per token)"
         )
-        curve = self._tune(model, held_blocks)
+        curve = self._tune(model, held_blocks, dense)
         save_readme_checkpoint(model, tokenizer, self.out)
         log(f"wrote {self.out}")
         self.timings["this_run_build_s"] = time.time() - started
@@ -355,7 +364,7 @@ class Refactor:
         self.timings["router_s"] = time.time() - t
         return router_config, router_state
 
-    def _tune(self, model, held_blocks) -> list[dict]:
+    def _tune(self, model, held_blocks, dense=None) -> list[dict]:
         opts, path = self.options, self.work / "tuned.pt"
         if opts.tune_tokens <= 0:
             return []
@@ -387,7 +396,11 @@ class Refactor:
                 log(f"expert tuning: {done}/{steps} steps, held-out perplexity {curve[-1]['perplexity']:.2f}")
                 model.train()
 
-        tune_experts(model, blocks, settings, tune_dir, self.precision.dtype, log, on_step=evaluate_at)
+        teacher = dense if opts.tune_objective == "distill" else None
+        if teacher is not None:
+            teacher.eval()
+            log("expert tuning: distillation from the dense model (KL to its next-token distribution)")
+        tune_experts(model, blocks, settings, tune_dir, self.precision.dtype, log, on_step=evaluate_at, teacher=teacher)
         torch.save(model.state_dict(), path)
         (self.work / "tuning_curve.json").write_text(json.dumps(curve))
         self._mark("tune")
