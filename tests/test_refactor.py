@@ -297,3 +297,22 @@ def test_distillation_tuning_moves_the_moe_towards_the_dense_model(tiny_dense, t
     last = sum(loss for _, loss in history[-5:]) / 5
     print(f"\nKL(dense || Read-ME): {first:.3f} -> {last:.3f}")
     assert last < 0.7 * first
+
+
+def test_disjoint_experts_partition_the_channels_beside_the_shared_part():
+    from vllm_readme.refactor.experts import disjoint_sizes, fit_disjoint_masks, layout_from_masks, top_channels
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.rand(600, 3, 96, generator=gen) ** 4  # sparse-ish activations
+    keep = 48
+    masks = fit_disjoint_masks(acts, num_experts=4, keep=keep, iterations=3)
+    shared_size, own = disjoint_sizes(96, keep, 4)
+    assert (shared_size, own) == (32, 16)
+    layout = layout_from_masks(masks, acts.mean(0))
+    assert layout.active_size == keep and layout.shared_size == shared_size
+    for layer in range(3):
+        own_parts = masks[layer] & ~layout.shared[layer]
+        assert (own_parts.sum(1) == own).all()
+        assert int(own_parts.sum(0).max()) == 1, "an own channel belongs to one expert only"
+        means = torch.stack([a.abs() / a.abs().sum(-1, keepdim=True) for a in acts[:, layer]]).mean(0)
+        assert torch.equal(layout.shared[layer], top_channels(means, shared_size))

@@ -122,3 +122,68 @@ def layout_from_masks(masks: torch.Tensor, channel_scores: torch.Tensor) -> Expe
         return ExpertLayout(masks=masks, shared=torch.zeros_like(intersection))
     scores = channel_scores.masked_fill(~intersection, float("-inf"))
     return ExpertLayout(masks=masks, shared=top_channels(scores, shared_size))
+
+
+def disjoint_sizes(inter: int, keep: int, num_experts: int) -> tuple[int, int]:
+    """(shared, own per expert) channels when the experts partition the
+    non-shared channels: shared + own = keep and shared + E * own = inter."""
+    if num_experts < 2:
+        return keep, 0
+    own = (inter - keep) // (num_experts - 1)
+    return keep - own, own
+
+
+def fit_disjoint_masks(
+    acts: torch.Tensor, num_experts: int, keep: int, iterations: int = 10, seed: int = 0
+) -> torch.Tensor:
+    """Experts that partition the MLP: a shared part of the channels with the
+    highest mean activation, the rest split into ``num_experts`` disjoint
+    groups (every channel stored once, so the model has the dense model's
+    size). Coverage k-means as in :func:`fit_masks_by_clustering`, with a
+    balanced assignment of channels: per layer, (expert, channel) pairs by
+    descending mean activation of the expert's tokens, each channel to one
+    expert, each expert exactly ``own`` channels."""
+    n, num_layers, inter = acts.shape
+    shared_size, own = disjoint_sizes(inter, keep, num_experts)
+    if own < 1:
+        raise ReadMEConfigError(
+            f"disjoint experts: keep={keep} of {inter} channels leaves no channel of their own to "
+            f"{num_experts} experts; lower --keep or the number of experts."
+        )
+    means = layer_means(acts)
+    shared = top_channels(means, shared_size)  # [L, I]
+    gen = torch.Generator().manual_seed(seed)
+    assignment = torch.randint(num_experts, (n,), generator=gen)
+    masks = None
+    for _ in tqdm(range(iterations), desc="partitioning channels into experts", unit="iter"):
+        scores = torch.stack(
+            [layer_means(acts, (assignment == e).nonzero(as_tuple=True)[0]) for e in range(num_experts)], dim=1
+        )  # [L, E, I]
+        scores = torch.nan_to_num(scores, nan=0.0).masked_fill(shared[:, None, :], float("-inf"))
+        masks = torch.zeros(num_layers, num_experts, inter, dtype=torch.bool)
+        for layer in range(num_layers):
+            masks[layer] = _balanced_partition(scores[layer], own)
+        masks |= shared[:, None, :]
+        assignment = coverage(acts, masks).argmax(dim=1)
+    return masks
+
+
+def _balanced_partition(scores: torch.Tensor, own: int) -> torch.Tensor:
+    """``[E, I]`` scores (-inf = not available) -> bool ``[E, I]``: each
+    channel to at most one expert, each expert exactly ``own`` channels,
+    greedily by descending score."""
+    num_experts, inter = scores.shape
+    values = scores.flatten().tolist()
+    order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+    taken, count, chosen = [False] * inter, [0] * num_experts, []
+    for index in order:
+        if values[index] == float("-inf"):
+            break
+        expert, channel = divmod(index, inter)
+        if count[expert] < own and not taken[channel]:
+            chosen.append(index)
+            taken[channel] = True
+            count[expert] += 1
+    out = torch.zeros(num_experts * inter, dtype=torch.bool)
+    out[chosen] = True
+    return out.view(num_experts, inter)

@@ -26,6 +26,8 @@ from vllm_readme.refactor.dense import default_dense_model, load_dense, load_den
 from vllm_readme.refactor.evaluate import chat_check, perplexity, pruned_forward, routing_statistics, write_report
 from vllm_readme.refactor.experts import (
     ExpertLayout,
+    disjoint_sizes,
+    fit_disjoint_masks,
     fit_masks_by_clustering,
     kept_channels,
     layer_means,
@@ -81,6 +83,13 @@ class RefactorOptions:
         8, "routed experts (default {default}; with --experts-from domains, the number of sources)"
     )
     keep: float = _option(0.75, "fraction of MLP channels active per token (default {default})")
+    expert_cut: str = _option(
+        "overlapping",
+        "overlapping: each expert is a pruned copy of the MLP, channels repeated across experts (the paper's); "
+        "disjoint: the experts partition the non-shared channels, so the model keeps the dense size "
+        "(default {default})",
+        choices=["overlapping", "disjoint"],
+    )
     block_len: int = _option(256, "tokens per training/eval sequence (default {default})")
     stats_tokens: int = _option(16384, "tokens for activation statistics (default {default})")
     router_tokens: int = _option(65536, "tokens the router learns from (default {default})")
@@ -146,7 +155,8 @@ class RefactorOptions:
             raise ValueError(f"stage_key needs a resolved dtype (bf16 or fp32), got {self.dtype!r}")
         common = ["dense", "calib", "block_len", "held_out_fraction", "seed", "dtype"]
         per_stage = {
-            "experts": common + ["experts_from", "num_experts", "keep", "stats_tokens", "cluster_iterations"],
+            "experts": common
+            + ["experts_from", "num_experts", "keep", "stats_tokens", "cluster_iterations", "expert_cut"],
             "router": [
                 "router_hidden",
                 "router_layers",
@@ -177,6 +187,7 @@ def _saved_key(path: Path) -> dict:
     keyed lack it; those builds all ran in bf16 autocast."""
     key = json.loads(path.read_text())
     key.setdefault("dtype", "bf16")
+    key.setdefault("expert_cut", "overlapping")  # every stage key holds the experts'; all overlapped before
     if "router_steps" in key:  # router keys from before the switching penalty: it was off
         key.setdefault("router_persistence", "0.0")
     if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
@@ -305,6 +316,10 @@ class Refactor:
                 )
             masks = masks_from_domains([layer_means(a) for a in domain_acts], keep)
             log(f"experts: one per domain ({len(calib)}), top {keep} channels of each domain's mean activation")
+        elif opts.experts_from == "clusters" and opts.expert_cut == "disjoint":
+            masks = fit_disjoint_masks(acts, opts.num_experts, keep, opts.cluster_iterations, opts.seed)
+            shared, own = disjoint_sizes(acts.shape[-1], keep, opts.num_experts)
+            log(f"experts: {opts.num_experts} disjoint parts of {own} channels + {shared} shared (dense size)")
         elif opts.experts_from == "clusters":
             masks = fit_masks_by_clustering(acts, opts.num_experts, keep, opts.cluster_iterations, opts.seed)
             log(f"experts: {opts.num_experts} clusters of tokens by activation coverage, {keep} channels each")
