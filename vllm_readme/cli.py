@@ -163,8 +163,8 @@ def _add_refactor_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs = dict(option.metadata)
         default = option.default_factory() if option.default_factory is not dataclasses.MISSING else option.default
         kwargs["help"] = kwargs["help"].format(default=default)
-        if isinstance(default, bool):
-            kwargs.update(action="store_true", default=None)
+        if isinstance(default, bool):  # --x / --no-x; unset = the field's default
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
         elif default is not dataclasses.MISSING and default is not None and not isinstance(default, list):
             kwargs.setdefault("type", type(default))
         parser.add_argument("--" + option.name.replace("_", "-"), **kwargs)

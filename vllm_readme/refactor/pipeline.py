@@ -99,7 +99,9 @@ class RefactorOptions:
         16384,
         "tokens of out-of-domain English prose (Brown: romance, humor) for perplexity, 0 = skip (default {default})",
     )
-    chat_check: bool = _option(True, "evaluate greedy chat answers against the dense model's (repetition, agreement)")
+    chat_check: bool = _option(
+        True, "evaluate greedy answers to 16 chat questions against the dense model's (repetition, agreement)"
+    )
     cluster_iterations: int = _option(10)
     router_hidden: int = _option(512, "router width (default {default}, as the paper)")
     router_layers: int = _option(1, "router layers (default {default})")
