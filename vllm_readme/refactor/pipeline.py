@@ -7,6 +7,7 @@ was made with; a rerun reuses what matches and resumes interrupted training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -95,6 +96,12 @@ class RefactorOptions:
     router_tokens: int = _option(65536, "tokens the router learns from (default {default})")
     held_out_tokens: int = _option(6144, "held-out tokens for perplexity (default {default})")
     held_out_fraction: float = _option(0.15)
+    stats_cache: Path | None = _option(
+        None,
+        "folder where activation statistics are kept and reused by builds with the same dense model, "
+        "calibration and precision (a frontier grid shares them; default: none)",
+        type=Path,
+    )
     ood_tokens: int = _option(
         16384,
         "tokens of out-of-domain English prose (Brown: romance, humor) for perplexity, 0 = skip (default {default})",
@@ -307,8 +314,7 @@ class Refactor:
         self._invalidate("tune")
         (self.work / "router_targets.pt").unlink(missing_ok=True)
         t = time.time()
-        per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
-        domain_acts = [collect_activations(dense, blocks, dtype=self.precision.dtype) for blocks in per_domain]
+        domain_acts = self._activation_statistics(dense, tokenizer, calib)
         acts = torch.cat(domain_acts)
         means = layer_means(acts)
         if opts.experts_from == "domains":
@@ -332,6 +338,28 @@ class Refactor:
         self._mark("experts")
         self.timings["experts_s"] = time.time() - t
         return layout, means
+
+    def _activation_statistics(self, dense, tokenizer, calib) -> list[torch.Tensor]:
+        """Per calibration domain ``[tokens, layers, channels]``; read from
+        ``--stats-cache`` when a build with the same inputs wrote it there
+        (several builds of one dense model, e.g. a frontier grid, share it)."""
+        opts = self.options
+        key = {k: str(getattr(opts, k)) for k in ("dense", "calib", "block_len", "stats_tokens", "seed", "dtype")}
+        key["held_out_fraction"] = str(opts.held_out_fraction)
+        cached = None
+        if opts.stats_cache is not None:
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            cached = Path(opts.stats_cache) / f"activations-{digest}.pt"
+            if cached.is_file():
+                log(f"activation statistics: shared cache {cached}")
+                return torch.load(cached, map_location="cpu", weights_only=True)
+        per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
+        domain_acts = [collect_activations(dense, blocks, dtype=self.precision.dtype) for blocks in per_domain]
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(domain_acts, cached.with_suffix(".tmp"))
+            cached.with_suffix(".tmp").replace(cached)
+        return domain_acts
 
     def _router(self, dense, tokenizer, calib, layout: ExpertLayout) -> tuple[RouterConfig, dict]:
         opts, path = self.options, self.work / "router.pt"

@@ -1,0 +1,214 @@
+"""The refactoring frontier: quality, speed and memory of Read-ME builds of
+one dense model over a grid of options, to choose the default from.
+
+Axes (``--axis NAME=V1,V2,...``, any RefactorOptions field; defaults: the
+number of experts 4/8/16, the active fraction 0.5/0.625/0.75, and the expert
+cut overlapping/disjoint). ``--set NAME=V`` fixes an option for every point
+(e.g. ``--set router_persistence=0.5`` or ``--set tune_objective=distill``).
+Every point is a `vllm-readme refactor` build with the same reduced tuning
+budget (``--tune-tokens``), so points compare like for like; activation
+statistics are computed once and shared (``stats_cache``). Per point:
+
+* perplexity in-domain (held-out documents) and out-of-domain (Brown prose
+  no stage sees) for Read-ME, the dense model and a pruned dense model of the
+  same active size;
+* total parameters and bytes against the dense model;
+* decode tok/s against stock vLLM's dense model at batch 1, 8 and 32
+  (benchmarks/decode.py, engines taking turns, the machine's native dtype);
+* route persistence (P[route_t == route_t-1]) and expert load balance;
+* chat check: repeated 4-grams against the dense model's, token F1.
+
+The run is resumable: finished points (their ``point.json``) are kept, an
+interrupted build resumes its stages. Results: benchmarks/results/frontier.json
+and frontier.png.
+
+    python benchmarks/frontier.py                       # the default grid (hours on 2 cores)
+    python benchmarks/frontier.py --axis keep=0.5 --axis num_experts=8 --axis expert_cut=disjoint,overlapping
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_AXES = {"num_experts": [4, 8, 16], "keep": [0.5, 0.625, 0.75], "expert_cut": ["overlapping", "disjoint"]}
+
+
+def parse_value(field: dataclasses.Field, text: str):
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def point_name(values: dict) -> str:
+    return "_".join(f"{k}={v}" for k, v in values.items())
+
+
+def count_parameters(model_dir: Path) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    params = nbytes = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                n = 1
+                for d in tensor.get_shape():
+                    n *= d
+                params += n
+                nbytes += n * {"F32": 4, "BF16": 2, "F16": 2}.get(tensor.get_dtype(), 4)
+    return params, nbytes
+
+
+def measure_decode(readme: Path, dense: Path, out: Path, batches: list[int], rounds: int) -> dict:
+    if not out.is_file():
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--readme", str(readme), "--dense", str(dense)]
+        cmd += ["--batches", *map(str, batches), "--rounds", str(rounds), "--no-fused-moe-baseline", "--out", str(out)]
+        subprocess.run(cmd, check=True)
+    data = json.loads(out.read_text())
+    (dtype, per_batch), *_ = data["speedup_readme_over_dense"].items()
+    return {"dtype": dtype, **{f"batch {b}": v["best"] for b, v in per_batch.items()}}
+
+
+def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
+    from vllm_readme.refactor.pipeline import RefactorOptions, refactor
+
+    folder = args.root / point_name(values)
+    done = folder / "point.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    options = RefactorOptions(
+        out=folder / "model",
+        stats_cache=args.root / "stats",
+        tune_tokens=args.tune_tokens,
+        **fixed,
+        **values,
+    )
+    print(f"[frontier] building {point_name(values)}", flush=True)
+    report = refactor(options)
+    params, nbytes = count_parameters(folder / "model")
+    dense_params, dense_bytes = count_parameters(dense)
+    ppl, ood, chat, routing = report["perplexity"], report.get("out_of_domain"), report.get("chat"), report["routing"]
+    readme_ppl = ppl.get("Read-ME (tuned)", ppl.get("Read-ME"))
+    row = {
+        "options": values | fixed,
+        "perplexity_in_domain": {
+            "Read-ME": readme_ppl,
+            "dense": ppl["dense"],
+            "pruned dense": ppl["pruned dense (same active size)"],
+        },
+        "perplexity_out_of_domain": ood["perplexity"] if ood else None,
+        "ood_readme_over_dense": ood["Read-ME / dense"] if ood else None,
+        "ood_readme_over_pruned": ood["Read-ME / pruned dense"] if ood else None,
+        "parameters": params,
+        "bytes": nbytes,
+        "parameters_over_dense": params / dense_params,
+        "route_persistence": routing["same_expert_as_previous_token"],
+        "route_persistence_out_of_domain": ood["routing"]["same_expert_as_previous_token"] if ood else None,
+        "load_max_over_mean": routing["load_max_over_mean"],
+        "chat_repetition_over_dense": (chat["repetition_readme"] / max(chat["repetition_dense"], 1e-9))
+        if chat
+        else None,
+        "chat_token_f1_vs_dense": chat["token_f1_vs_dense"] if chat else None,
+        "timings_s": report.get("timings_s"),
+    }
+    row["decode_speedup_over_dense"] = measure_decode(
+        folder / "model", dense, folder / "decode.json", args.batches, args.rounds
+    )
+    done.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--axis", action="append", default=[], help="NAME=V1,V2,...: an axis of the grid")
+    parser.add_argument("--set", action="append", default=[], help="NAME=V: an option fixed for every point")
+    parser.add_argument("--tune-tokens", type=int, default=32768, help="the same reduced tuning budget per point")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--dense", type=Path, help="dense HF folder to refactor and compare with (default: SmolLM2-135M exported)"
+    )
+    parser.add_argument("--root", type=Path, default=ROOT / "models" / "frontier")
+    parser.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
+    args = parser.parse_args()
+
+    from vllm_readme.refactor.pipeline import RefactorOptions, export_dense
+
+    fields = {f.name: f for f in dataclasses.fields(RefactorOptions)}
+    axes = {}
+    for text in args.axis:
+        name, _, values = text.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--axis {name}: not a refactor option; options: {sorted(fields)}")
+        axes[name] = [parse_value(fields[name], v) for v in values.split(",")]
+    axes = axes or DEFAULT_AXES
+    fixed = {}
+    for text in args.set:
+        name, _, value = text.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--set {name}: not a refactor option; options: {sorted(fields)}")
+        fixed[name] = parse_value(fields[name], value)
+    dense = args.dense or ROOT / "models" / "smollm2-dense"
+    if args.dense is not None:
+        fixed["dense"] = args.dense
+    elif not (dense / "config.json").is_file():
+        export_dense(None, dense)
+    rows = []
+    points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    for i, values in enumerate(points, 1):
+        print(f"[frontier] point {i}/{len(points)}: {point_name(values)}", flush=True)
+        rows.append(run_point(values, fixed, args, dense))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"axes": axes, "fixed": fixed, "points": rows}, indent=1))
+        plot(rows, args.out.with_suffix(".png"))
+    print(f"[frontier] wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for row in rows:
+        label = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        speed = row["decode_speedup_over_dense"]
+        quality = (
+            row["ood_readme_over_dense"]
+            or row["perplexity_in_domain"]["Read-ME"] / row["perplexity_in_domain"]["dense"]
+        )
+        size = 40 * row["parameters_over_dense"]
+        for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
+            if batch in speed:
+                ax.scatter(speed[batch], quality, s=size, alpha=0.7)
+                ax.annotate(label, (speed[batch], quality), fontsize=6)
+    for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
+        ax.axhline(1.25, color="gray", ls=":", label="perplexity 1.25x dense")
+        ax.axvline(1.0, color="gray", ls="--")
+        ax.set(
+            xlabel=f"decode tok/s over dense, {batch}",
+            ylabel="out-of-domain perplexity over dense",
+            title=f"frontier ({batch}); marker area ~ parameters",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
