@@ -80,7 +80,7 @@ class RandomEviction(EvictionPolicy):
         return self.rng.choice(sorted(candidates))
 
 
-class Belady(EvictionPolicy):
+class Belady(LRU):
     """Farthest next use first. ``next_use(expert, step)`` is the caller's
     knowledge of the future (exact in an offline replay; in a server, the
     routes it has already computed); experts never used again go first,
@@ -89,14 +89,8 @@ class Belady(EvictionPolicy):
     name = "belady"
 
     def __init__(self, next_use: Callable[[int, int], float]):
+        super().__init__()
         self.next_use = next_use
-        self.last_use: dict[int, int] = {}
-
-    def touch(self, expert, step):
-        self.last_use[expert] = step
-
-    def forget(self, expert):
-        self.last_use.pop(expert, None)
 
     def _pick(self, candidates, step):
         return max(candidates, key=lambda e: (self.next_use(e, step), -self.last_use.get(e, -1), -e))
