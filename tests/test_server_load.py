@@ -63,10 +63,12 @@ async def _stream_one(client, i: int) -> tuple[str, int]:
             max_tokens=16,
             temperature=0.0,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
-        async for chunk in stream:
-            tokens += sum(1 for c in chunk.choices if c.text is not None)
+        async for chunk in stream:  # a chunk may carry several tokens: count from the usage at the end
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
         return "completed", tokens
     except APIStatusError as exc:  # a clear refusal counts as accounted for
         return f"refused {exc.status_code}", 0
