@@ -38,7 +38,6 @@ import math
 import os
 import random
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import _die_with_parent  # noqa: E402
+
+from vllm_readme.server_process import free_port, launch, serve_command, stop, wait_until_healthy  # noqa: E402
 
 # LMSYS-Chat-1M (Zheng et al., 2023, arXiv 2309.11998), Table 1: mean tokens
 # per user prompt and per model response. Log-normal with sigma 1 (our
@@ -73,53 +74,28 @@ class EngineSpec:
 
 
 class Server:
-    """`vllm-readme serve` in its own process group, kept up across workloads."""
+    """`vllm-readme serve` in its own process, kept up across workloads."""
 
     def __init__(self, spec: EngineSpec, dtype: str, max_model_len: int, max_num_seqs: int, log_dir: Path):
         self.spec = spec
         self.name = "model"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / (spec.label.replace(" ", "_").replace("/", "_") + ".log")
-        cmd = [
-            str(Path(sys.executable).parent / "vllm-readme"),
-            "serve",
-            str(spec.model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dtype",
-            dtype,
-            "--max-model-len",
-            str(max_model_len),
-            "--max-num-seqs",
-            str(max_num_seqs),
-            "--served-model-name",
-            self.name,
-            "--disable-uvicorn-access-log",
-            *spec.serve_args,
-        ]
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **spec.env)
+        args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
+        args += ["--served-model-name", self.name, "--disable-uvicorn-access-log", *spec.serve_args]
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **spec.env}
         self.log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the server)
-        print(f"[serve] starting {spec.label}: {shlex.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-        )
+        print(f"[serve] starting {spec.label}: {shlex.join(serve_command(spec.model, port, *args))}", flush=True)
+        print(f"[serve] its log: {self.log_path}", flush=True)
+        self.proc = launch(spec.model, *args, port=port, env=env, log=self.log, preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.label} exited ({self.proc.returncode}); see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        print(f"[serve] {self.spec.label} ready on {self.url}", flush=True)
-                        return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"{self.spec.label} not ready after {timeout_s:.0f} s; see {self.log_path}")
+        try:
+            wait_until_healthy(self.proc, self.url, timeout_s, self.log_path)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.spec.label}: {exc}") from None
+        print(f"[serve] {self.spec.label} ready on {self.url}", flush=True)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -134,21 +110,8 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc)
         self.log.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------

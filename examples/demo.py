@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,44 +69,16 @@ def generate_offline(model: Path, prompts: list[str], dtype: str) -> None:
 def serve_and_ask(model: Path, prompt: str, dtype: str) -> None:
     from openai import OpenAI
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        str(Path(sys.executable).parent / "vllm-readme"),
-        "serve",
-        str(model),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--max-model-len",
-        str(max_model_len(model)),
-        "--served-model-name",
-        "readme",
-        "--dtype",
-        dtype,
-    ]
-    print("[serve] " + " ".join(cmd))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}; run the command above to see why")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
+    from vllm_readme.server_process import served
+
+    args = ("--max-model-len", str(max_model_len(model)), "--served-model-name", "readme", "--dtype", dtype)
+    print(f"[serve] vllm-readme serve {model} {' '.join(args)}")
+    with served(model, *args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout_s=300) as (_, url):
+        client = OpenAI(base_url=url + "/v1", api_key="demo")
         chat = client.chat.completions.create(
             model="readme", messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0.0
         )
         print(f"[serve] chat: {prompt!r} -> {chat.choices[0].message.content!r}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def main() -> None:

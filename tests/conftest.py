@@ -75,62 +75,16 @@ def vllm_engine(model: Path, **overrides):
 SERVE_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served(model: Path, log_path: Path, *args: str, env: dict | None = None):
     """``vllm-readme serve MODEL`` as a real multi-process server; yields
-    (process, base URL without /v1). Terminated (then killed) afterwards."""
-    import subprocess
-    import sys
+    (process, base URL without /v1). Terminated afterwards."""
+    from vllm_readme.server_process import served as serve
 
-    port = free_port()
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "vllm-readme"),
-        "serve",
-        str(model),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        *args,
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_healthy(proc, port, log_path)
-            yield proc, f"http://127.0.0.1:{port}"
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-
-
-def wait_healthy(proc, port: int, log_path: Path) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.time() + SERVE_TIMEOUT_S
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"server not healthy after {SERVE_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+    with serve(
+        model, *args, env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log_path=log_path, timeout_s=SERVE_TIMEOUT_S
+    ) as (proc, url):
+        yield proc, url
 
 
 def load_reference(model: Path):
