@@ -182,7 +182,8 @@ def simulate(
         result.unique_experts_per_step.append(len(experts))
         result.tokens_per_step.append(tokens)
         result.tokens += tokens
-        held = [rid for rid in running if rid not in set(chosen)]
+        chosen_ids = set(chosen)
+        held = [rid for rid in running if rid not in chosen_ids]
         result.held_back_steps += len(held)
         result.max_held_back = max([result.max_held_back] + [tracker.get(rid) for rid in held])
         for rid in chosen:
