@@ -43,6 +43,10 @@ DEFAULT_AXES = {"num_experts": [4, 8, 16], "keep": [0.5, 0.625, 0.75], "expert_c
 
 def parse_value(field: dataclasses.Field, text: str):
     default = field.default if field.default is not dataclasses.MISSING else None
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    if isinstance(default, list):  # e.g. --set calib=python-docs+brown
+        return text.split("+")
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes")
     if isinstance(default, int):
@@ -53,7 +57,7 @@ def parse_value(field: dataclasses.Field, text: str):
 
 
 def point_name(values: dict) -> str:
-    return "_".join(f"{k}={v}" for k, v in values.items())
+    return "_".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in values.items())
 
 
 def count_parameters(model_dir: Path) -> tuple[int, int]:

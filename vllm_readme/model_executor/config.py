@@ -16,6 +16,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_readme.checkpoint.io import check_tokenizer_fits
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
+from vllm_readme.scheduler.options import SchedulerOptions
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,6 +42,9 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
         if not model_config.skip_tokenizer_init:
             check_tokenizer_fits(config, model_config.tokenizer)
         check_tensor_parallel_split(config, vllm_config.parallel_config.tensor_parallel_size)
+        # The plugin's serving options (additional_config["vllm_readme"]): a
+        # bad value fails here, before any process or weight is started.
+        SchedulerOptions.from_additional_config(vllm_config.additional_config)
 
 
 def check_tensor_parallel_split(config: ReadMEConfig, tp: int) -> None:

@@ -181,6 +181,48 @@ def split_domains(domains: list[Domain], held_out_fraction: float) -> tuple[list
     return calib, held
 
 
+CHAT_REQUESTS = (
+    "Continue this text:",
+    "Please go on from here:",
+    "Write what comes next.",
+    "Keep going:",
+)
+
+
+def chat_formatted(tokenizer, domains: list[Domain], share: float, seed: int) -> list[Domain]:
+    """``share`` of each domain's documents rewritten as one chat exchange:
+    the user gives the opening of the passage and asks to continue it, the
+    assistant's turn holds the rest, both in the tokenizer's chat template.
+    Distillation then matches the dense model inside chat markup too (role
+    tokens, turn ends), where an instruct model's behaviour lives. Which
+    documents are chosen is a pure function of the document and the seed."""
+    out = []
+    for domain in domains:
+        docs = []
+        for doc in domain.documents:
+            digest = hashlib.sha256(f"{seed}:{doc}".encode("utf-8", errors="replace")).digest()
+            if int.from_bytes(digest[:8], "big") / 2**64 >= share:
+                docs.append(doc)
+                continue
+            cut = _opening_end(doc)
+            request = CHAT_REQUESTS[digest[8] % len(CHAT_REQUESTS)]
+            messages = [
+                {"role": "user", "content": f"{request}\n\n{doc[:cut].strip()}"},
+                {"role": "assistant", "content": doc[cut:].strip()},
+            ]
+            docs.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        out.append(Domain(domain.name, docs))
+    return out
+
+
+def _opening_end(doc: str, max_chars: int = 300) -> int:
+    """Where a passage's opening ends: after its first sentence or line,
+    at most ``max_chars`` in."""
+    head = doc[:max_chars]
+    ends = [i + 1 for i, ch in enumerate(head) if ch in ".!?\n" and i > 20]
+    return ends[0] if ends else min(len(doc) // 4, max_chars)
+
+
 def token_blocks(tokenizer, documents: list[str], block_len: int, max_tokens: int) -> torch.Tensor:
     """Documents joined by EOS and cut into ``[N, block_len]`` blocks, at most
     ``max_tokens`` tokens; documents are taken round-robin in chunks so a

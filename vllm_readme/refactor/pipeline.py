@@ -132,6 +132,12 @@ class RefactorOptions:
         "(default {default})",
         choices=["lm", "distill"],
     )
+    tune_chat: float = _option(
+        0.5,
+        "with --tune-objective distill and a model that has a chat template: the share of the tuning text "
+        "wrapped as chat turns (a user asks to continue a passage, the assistant's turn holds the rest), so the "
+        "dense model's chat behaviour is what the experts learn to reproduce (default {default})",
+    )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(
         False,
@@ -176,7 +182,7 @@ class RefactorOptions:
                 "router_tokens",
                 "router_persistence",
             ],
-            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective"],
+            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective", "tune_chat"],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
         }
         if stage == "baselines":
@@ -201,6 +207,7 @@ def _saved_key(path: Path) -> dict:
         key.setdefault("router_persistence", "0.0")
     if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
         key.setdefault("tune_objective", "lm")
+        key.setdefault("tune_chat", "0.5")  # only read with distillation, which had no chat text before
     return key
 
 
@@ -455,7 +462,10 @@ class Refactor:
     def _tuning_run(self) -> tuple[torch.Tensor, TrainSettings]:
         """Expert tuning's blocks and schedule; the tuned baselines get the same."""
         opts = self.options
-        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, self.calib, opts.block_len, opts.tune_tokens))
+        domains = self.calib
+        if opts.tune_objective == "distill" and opts.tune_chat > 0 and getattr(self.tokenizer, "chat_template", None):
+            domains = data_mod.chat_formatted(self.tokenizer, domains, opts.tune_chat, opts.seed)
+        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, domains, opts.block_len, opts.tune_tokens))
         steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
         settings = TrainSettings(
             steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)

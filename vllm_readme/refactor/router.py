@@ -38,7 +38,7 @@ def expert_targets(
         for start in tqdm(range(0, len(blocks), batch_size), desc="router targets", unit="batch"):
             batch = blocks[start : start + batch_size].to(device)
             current["scores"] = torch.zeros(*batch.shape, masks.shape[1], device=device)
-            model(batch)
+            model(batch, logits_to_keep=1)  # activations only: skip the full-sequence LM head
             scores[start : start + batch_size] = current["scores"].cpu()
     return scores.argmax(dim=-1)
 

@@ -1,2 +1,20 @@
-"""Expert-aware scheduling (paper §4, Algorithm 1). Arrives with its issue;
-the model already keeps each step's routes where a scheduler can read them."""
+"""Expert-aware scheduling (paper §4.2, Algorithm 1).
+
+Plain-Python algorithms (``policy``, ``cost_model``, ``simulator``,
+``options``: no vLLM, no torch), the router copy that knows routes ahead
+(``routes_ahead``, torch) and the vLLM scheduler classes, imported on first
+use so that the plain parts stay importable without vLLM::
+
+    --scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler
+    --scheduler-cls vllm_readme.scheduler.ExpertAwareAsyncScheduler
+"""
+
+_VLLM_CLASSES = ("ExpertAwareScheduler", "ExpertAwareAsyncScheduler", "ExpertAwareMixin")
+
+
+def __getattr__(name: str):
+    if name in _VLLM_CLASSES:
+        from vllm_readme.scheduler import vllm_scheduler
+
+        return getattr(vllm_scheduler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

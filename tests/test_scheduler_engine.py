@@ -1,0 +1,167 @@
+"""The expert-aware scheduler in a real vLLM engine (tiny Read-ME model).
+
+One workload for every policy: prompts of different lengths, more arriving
+while the first decode, different output lengths, and a KV budget small
+enough that vLLM must preempt. Greedy outputs must equal vLLM's own
+scheduler's, every request must finish, and no request may wait longer than
+the bound.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import vllm_engine
+
+from vllm_readme.scheduler.routes_ahead import RouteTracker, load_router
+
+SCHEDULER = "vllm_readme.scheduler.ExpertAwareScheduler"
+# Prompt lengths 3..60 tokens; output lengths differ per request.
+WORDS = "the of and to in is was for on that with as by at from it an be this are or".split()
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(3, 60, (1,), generator=g))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (length,), generator=g)]
+        out.append((" ".join(words), 8 + 5 * (i % 5)))
+    return out
+
+
+def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, **options):
+    """Half the requests first, the rest after three steps; returns outputs
+    by request id and the scheduler (None for vLLM's own)."""
+    from vllm import SamplingParams
+
+    kwargs = {}
+    if policy is not None:
+        options = {"policy": policy, "log_every": 0, **options}
+        kwargs = dict(scheduler_cls=SCHEDULER, additional_config={"vllm_readme": options})
+    requests = workload(12)
+    with vllm_engine(model, kv_cache_memory_bytes=kv_bytes, max_num_seqs=8, block_size=32, **kwargs) as llm:
+        engine = llm.llm_engine
+        outputs = {}
+
+        def add(first: int, last: int) -> None:
+            for i in range(first, last):
+                prompt, max_tokens = requests[i]
+                engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+        def step() -> None:
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+
+        add(0, 6)
+        for _ in range(3):
+            step()
+        add(6, 12)
+        for _ in range(2000):
+            if not engine.has_unfinished_requests():
+                break
+            step()
+        scheduler = engine.engine_core.engine_core.scheduler
+        stats = None
+        if policy is not None:
+            s = scheduler.readme_stats
+            stats = dict(
+                steps=s.total_steps,
+                unique=s.total_unique,
+                held=s.total_held,
+                longest_wait=s.longest_wait,
+                preemptions=s.preemptions,
+                routes_left=len(scheduler.readme_routes),
+            )
+        del scheduler, engine
+    return outputs, stats
+
+
+@pytest.fixture(scope="module")
+def expensive_experts(tmp_path_factory):
+    """A cost model in which a distinct expert costs far more than a token,
+    so that the cost-model policy holds requests back."""
+    path = tmp_path_factory.mktemp("cost") / "cost.json"
+    path.write_text(json.dumps({"base_ms": 1.0, "per_token_ms": 0.1, "per_expert_ms": 50.0, "per_load_ms": 0.0}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gqa, tmp_path_factory):
+    """vLLM's own scheduler on the same workload and KV budget."""
+    return run(tiny_gqa, tmp_path_factory.mktemp("ref"), None, kv_bytes=KV_TIGHT)[0]
+
+
+# ~680 tokens in 32-token blocks: 8 running requests of up to ~100 tokens
+# outgrow it while they decode, so vLLM must preempt.
+KV_TIGHT = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "policy,options",
+    [
+        ("fcfs", {}),
+        ("greedy-expert", {"max_held_back": 2}),
+        ("cost-model", {"max_held_back": 2}),
+        ("decode-first", {}),
+        ("prefill-first", {}),
+    ],
+)
+def test_outputs_equal_vllm_scheduler(tiny_gqa, tmp_path, reference, expensive_experts, policy, options):
+    if policy == "cost-model":
+        options = {**options, "cost_model": str(expensive_experts)}
+    outputs, stats = run(tiny_gqa, tmp_path, policy, kv_bytes=KV_TIGHT, **options)
+    assert sorted(outputs) == sorted(reference), "every request finishes"
+    assert outputs == reference, f"{policy}: greedy outputs differ from vLLM's own scheduler"
+    assert stats["preemptions"] > 0, "the KV budget was meant to force preemption"
+    assert stats["routes_left"] == 0, "finished requests release their router state"
+    if "max_held_back" in options:
+        assert stats["held"] > 0, f"{policy} never held a request back: the test would not test the bound"
+        assert stats["longest_wait"] <= options["max_held_back"]
+
+
+def test_grouping_lowers_unique_experts(tiny_gqa, tmp_path, expensive_experts):
+    """Same workload, all in KV: the cost-model policy with costly experts
+    touches fewer distinct experts per step than FCFS."""
+    _, fcfs = run(tiny_gqa, tmp_path, "fcfs")
+    _, grouped = run(tiny_gqa, tmp_path, "cost-model", cost_model=str(expensive_experts), max_held_back=4)
+    assert grouped["unique"] / grouped["steps"] < 0.9 * fcfs["unique"] / fcfs["steps"], (fcfs, grouped)
+    assert grouped["longest_wait"] <= 4
+
+
+def test_router_copy_matches_model(tiny_gqa):
+    """The scheduler's router copy: prompt routes and incremental routes equal
+    the router over the whole sequence (within its window)."""
+    router = load_router(tiny_gqa)
+    tracker = RouteTracker(router, window=64, initial_slots=1)  # grows as requests arrive
+    g = torch.Generator().manual_seed(1)
+    seqs = {str(i): torch.randint(0, router.embed_tokens.num_embeddings, (50,), generator=g).tolist() for i in range(5)}
+    for rid, seq in seqs.items():
+        tracker.add(rid, seq[: 5 + 3 * int(rid)])
+    while any(len(tracker.routes[rid]) < 50 for rid in seqs):
+        tracker.extend({rid: seq[len(tracker.routes[rid]) : len(tracker.routes[rid]) + 2] for rid, seq in seqs.items()})
+    with torch.no_grad():
+        for rid, seq in seqs.items():
+            assert tracker.routes[rid] == router(torch.tensor([seq])).argmax(-1)[0].tolist()
+    tracker.release("0")
+    assert "0" not in tracker and len(tracker) == 4
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"policy": "shortest-job"}, "unknown policy 'shortest-job'"),
+        ({"max_held_back": -1}, "max_held_back must be >= 0"),
+        ({"cost_model": "/nonexistent/cost.json"}, "cannot read '/nonexistent/cost.json'"),
+        ({"polcy": "fcfs"}, "unknown option(s) ['polcy']"),
+        ({"max_held_back": "soon"}, "max_held_back: expected int"),
+    ],
+)
+def test_bad_options_fail_at_start(tiny_gqa, options, message):
+    with pytest.raises(Exception) as info:
+        with vllm_engine(tiny_gqa, scheduler_cls=SCHEDULER, additional_config={"vllm_readme": options}):
+            pass
+    assert message in str(info.value) or message in repr(info.value.__cause__), str(info.value)

@@ -1,0 +1,187 @@
+"""Routes ahead: a copy of the checkpoint's router next to the scheduler.
+
+Read-ME's router reads token ids only, so the scheduler can know a token's
+expert before any step runs it (paper §4.2, "pre-gating"). This module keeps
+one small incremental state per request:
+
+* when a request is added, its prompt runs through the router once (the full
+  causal sequence, exactly as the model computes it): the route of every
+  prompt token;
+* each newly sampled token takes one router step against that request's key
+  and value cache (one query per request, batched over requests);
+* the cache holds the last ``window`` positions only (a ring per request in
+  one preallocated pool), so memory is bounded: ``slots x layers x 2 x
+  window x kv_width`` floats. Beyond ``window`` tokens of context a decode
+  route may differ from the model's own (measured agreement:
+  docs/scheduling.md); prompt routes are exact.
+
+The model keeps computing its own routes: outputs never depend on this copy,
+only the order in which requests run does.
+
+Why a copy and not a worker-side hook: the route of a token needs that token,
+which exists only after sampling; a worker hook would hand back the routes of
+the step that just ran, one token late. The copy costs one tiny transformer
+step per running request per engine step (measured in
+benchmarks/routes_ahead.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vllm_readme.configuration_readme import RouterConfig
+from vllm_readme.modeling_readme import ReadMERouter
+
+
+def load_router(model_dir: str | Path) -> ReadMERouter:
+    """The router of a Read-ME checkpoint folder (config.json + safetensors)."""
+    from safetensors import safe_open
+
+    from vllm_readme.configuration_readme import ReadMEConfig
+
+    folder = Path(model_dir)
+    router = ReadMERouter(ReadMEConfig.from_pretrained(folder).router_config)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                if name.startswith("router."):
+                    state[name.removeprefix("router.")] = f.get_tensor(name).float()
+    missing, unexpected = router.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: router weights missing {missing[:3]} / unexpected {unexpected[:3]}")
+    return router.float().eval()
+
+
+class RouteTracker:
+    """Per-request routes of every token so far, extended as tokens arrive."""
+
+    def __init__(self, router: ReadMERouter, window: int = 64, initial_slots: int = 64):
+        self.router = router.eval()
+        cfg: RouterConfig = router.layers[0].self_attn.config if router.layers else None
+        self.config = cfg
+        self.window = window
+        self.num_layers = len(router.layers)
+        self.kv_heads = cfg.num_key_value_heads
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.routes: dict[str, list[int]] = {}
+        self._slot: dict[str, int] = {}
+        self._free: list[int] = []
+        self._keys = torch.zeros(0)
+        self._values = torch.zeros(0)
+        self._grow(initial_slots)
+
+    # -- bookkeeping -------------------------------------------------------
+    def _grow(self, slots: int) -> None:
+        shape = (slots, self.num_layers, self.kv_heads, self.window, self.head_dim)
+        keys, values = torch.zeros(shape), torch.zeros(shape)
+        old = self._keys.shape[0] if self._keys.dim() > 1 else 0
+        if old:
+            keys[:old], values[:old] = self._keys, self._values
+        self._keys, self._values = keys, values
+        self._free.extend(range(slots - 1, old - 1, -1))
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.routes
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def release(self, request_id: str) -> None:
+        self.routes.pop(request_id, None)
+        slot = self._slot.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    # -- routing -----------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, request_id: str, token_ids: list[int]) -> list[int]:
+        """Routes of a prompt (the full causal sequence); keeps its cache."""
+        if request_id in self.routes:
+            self.release(request_id)
+        if not self._free:
+            self._grow(2 * self._keys.shape[0])
+        slot = self._free.pop()
+        self._slot[request_id] = slot
+        if not token_ids:
+            self.routes[request_id] = []
+            return []
+        r = self.router
+        ids = torch.tensor([token_ids])
+        t = ids.shape[1]
+        positions = torch.arange(t)[None]
+        x = r.embed_tokens(ids)
+        cos, sin = r.rotary_emb(x, positions)
+        causal = torch.full((t, t), float("-inf")).triu(1)
+        keep = min(t, self.window)
+        ring = torch.arange(t - keep, t) % self.window
+        for layer_index, layer in enumerate(r.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(attn, h, cos, sin)  # [1, heads|kv_heads, t, d]
+            self._keys[slot, layer_index][:, ring] = k[0, :, t - keep :]
+            self._values[slot, layer_index][:, ring] = v[0, :, t - keep :]
+            k, v = self._expand(k), self._expand(v)
+            scores = (q @ k.transpose(-1, -2)) * self.config.scale + causal
+            out = scores.softmax(-1) @ v
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        routes = r.expert_head(r.norm(x)).argmax(-1)[0].tolist()
+        self.routes[request_id] = routes
+        return routes
+
+    @torch.inference_mode()
+    def extend(self, new_tokens: dict[str, list[int]]) -> None:
+        """Route newly arrived tokens; one batched router step per token
+        position, all requests with a token at that position together."""
+        pending = {rid: list(tokens) for rid, tokens in new_tokens.items() if tokens and rid in self.routes}
+        while pending:
+            batch = list(pending)
+            token = torch.tensor([pending[rid].pop(0) for rid in batch])
+            self._step(batch, token)
+            pending = {rid: rest for rid, rest in pending.items() if rest}
+
+    def _step(self, request_ids: list[str], token: torch.Tensor) -> None:
+        r = self.router
+        n = len(request_ids)
+        slots = torch.tensor([self._slot[rid] for rid in request_ids])
+        lengths = torch.tensor([len(self.routes[rid]) for rid in request_ids])  # position of the new token
+        x = r.embed_tokens(token)[:, None]  # [n, 1, H]
+        cos, sin = r.rotary_emb(x, lengths[:, None])
+        ring = lengths % self.window
+        # Valid ring entries after this token is written: min(length + 1, window).
+        valid = torch.arange(self.window)[None] < (lengths + 1).clamp(max=self.window)[:, None]
+        bias = torch.zeros(n, 1, 1, self.window).masked_fill(~valid[:, None, None], float("-inf"))
+        for layer_index, layer in enumerate(r.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(attn, h, cos, sin)  # q [n, heads, 1, d], k/v [n, kv_heads, 1, d]
+            self._keys[slots, layer_index, :, ring] = k[:, :, 0]
+            self._values[slots, layer_index, :, ring] = v[:, :, 0]
+            keys = self._expand(self._keys[slots, layer_index])  # [n, heads, window, d]
+            values = self._expand(self._values[slots, layer_index])
+            scores = (q @ keys.transpose(-1, -2)) * self.config.scale + bias
+            out = scores.softmax(-1) @ values
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        routes = r.expert_head(r.norm(x))[:, 0].argmax(-1).tolist()
+        for rid, route in zip(request_ids, routes, strict=True):
+            self.routes[rid].append(route)
+
+    def _qkv(self, attn, h, cos, sin):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        shape = (*h.shape[:-1], -1, self.head_dim)
+        q = attn.q_proj(h).view(shape).transpose(1, 2)
+        k = attn.k_proj(h).view(shape).transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        groups = self.heads // self.kv_heads
+        return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)

@@ -1,0 +1,298 @@
+"""The expert-aware scheduler inside vLLM's engine (paper §4.2).
+
+Select it with ``--scheduler-cls``::
+
+    vllm serve MODEL --scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler        # sync (CPU)
+    vllm serve MODEL --scheduler-cls vllm_readme.scheduler.ExpertAwareAsyncScheduler   # async (GPU default)
+
+The policy is a mixin over vLLM's own scheduler (the pattern of vLLM's
+``DiffusionAsyncScheduler``); each step it:
+
+1. routes the tokens that arrived since the last step with its own copy of
+   the router (``routes_ahead.RouteTracker``); a prompt is routed when it
+   is added;
+2. lists the running requests vLLM would consider, with the experts their
+   next tokens route to, and lets ``policy.choose`` pick the step;
+3. holds the others back one step the way vLLM's own schedulers do
+   (``request.next_decode_eligible_step = current_step + 2``; never by
+   removing a request from ``running``), then runs vLLM's ``schedule()``,
+   which keeps admission, chunked prefill, preemption, prefix caching and
+   the KV budget exactly as they are.
+
+Admission of waiting requests stays vLLM's (FCFS or its priority order): the
+policy orders the running set, where decode steps are formed. A model that is
+not Read-ME, or a request with no routes, is scheduled exactly as vLLM does.
+
+Sync vs async: with the sync scheduler a sampled token is routed before the
+``schedule()`` that runs it. Under async scheduling that token arrives one
+step later; the policy then uses the route of the newest token it has (the
+previous token's route). How often that guess is right is the model's route
+persistence, P[route_t == route_t-1], which the refactoring report and
+benchmarks/routes.py measure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from vllm_readme.scheduler.options import SchedulerOptions
+from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
+
+
+class ExpertAwareMixin:
+    """The policy; mixed into vLLM's ``Scheduler`` or ``AsyncScheduler``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.readme_options = SchedulerOptions.from_additional_config(self.vllm_config.additional_config)
+        self.readme_cost_model = self.readme_options.load_cost_model()
+        self.readme_routes = _route_tracker(self.vllm_config, self.readme_options.route_window)
+        self.readme_held = HoldBackTracker()
+        self.readme_stats = SchedulerStatsLog(self.readme_options.log_every)
+        self.readme_arrival: dict[str, int] = {}
+        self._readme_arrivals = 0
+        if self.readme_routes is None:
+            logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
+        else:
+            logger.info(
+                "vllm-readme scheduler: policy %s, a request waits at most %d step(s), cost model %s "
+                "(%.2f ms + %.3f ms/token + %.2f ms/expert), router copy over the last %d tokens.",
+                self.readme_options.policy,
+                self.readme_options.max_held_back,
+                self.readme_options.cost_model or "default",
+                self.readme_cost_model.base_ms,
+                self.readme_cost_model.per_token_ms,
+                self.readme_cost_model.per_expert_ms,
+                self.readme_options.route_window,
+            )
+
+    # -- requests in and out ---------------------------------------------
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        if self.readme_routes is not None and request.prompt_token_ids is not None:
+            if request.request_id not in self.readme_routes:
+                self.readme_routes.add(request.request_id, list(request.prompt_token_ids))
+                self.readme_arrival[request.request_id] = self._readme_arrivals
+                self._readme_arrivals += 1
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        if self.readme_routes is not None:
+            self.readme_routes.release(request.request_id)
+            self.readme_held.forget(request.request_id)
+            self.readme_arrival.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    # -- the step ----------------------------------------------------------
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        if self.readme_routes is None:
+            return super().schedule(throttle_prefills)
+        started = time.perf_counter()
+        self._readme_catch_up()
+        candidates = self._readme_candidates()
+        chosen = set(
+            choose(
+                self.readme_options.policy,
+                candidates,
+                max_tokens=self.max_num_scheduled_tokens,
+                max_requests=self.max_num_running_reqs,
+                max_held_back=self.readme_options.max_held_back,
+                cost_model=self.readme_cost_model,
+            )
+        )
+        by_id = {c.request_id: c for c in candidates}
+        for request in self.running:
+            if request.request_id in by_id and request.request_id not in chosen:
+                # schedule() advances current_step before it checks, so +2
+                # skips exactly this step (vLLM's DiffusionAsyncScheduler).
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+        decided = time.perf_counter()
+        output = super().schedule(throttle_prefills)
+        ran = output.num_scheduled_tokens
+        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran])
+        self.readme_stats.preemptions += len(output.preempted_req_ids or ())
+        self.readme_stats.step(
+            self._readme_step_experts(ran),
+            sum(ran.values()),
+            candidates,
+            {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran},
+            decision_s=decided - started,
+        )
+        return output
+
+    def _readme_catch_up(self) -> None:
+        """Route every token that reached a running request since last step."""
+        new = {}
+        for request in self.running:
+            routes = self.readme_routes.routes.get(request.request_id)
+            if routes is not None and len(routes) < request.num_tokens:
+                new[request.request_id] = request.all_token_ids[len(routes) : request.num_tokens]
+        if new:
+            self.readme_routes.extend(new)
+
+    def _readme_candidates(self) -> list[Candidate]:
+        threshold = self.scheduler_config.long_prefill_token_threshold or self.max_num_scheduled_tokens
+        step = self.current_step + 1  # the step about to be scheduled
+        out = []
+        for request in self.running:
+            if step < request.next_decode_eligible_step:
+                continue  # vLLM itself skips it this step
+            rid = request.request_id
+            remaining = request.num_tokens_with_spec - request.num_computed_tokens
+            is_prefill = request.num_computed_tokens < request.num_prompt_tokens
+            tokens = max(1, min(remaining, threshold, self.max_num_scheduled_tokens))
+            out.append(
+                Candidate(
+                    request_id=rid,
+                    tokens=tokens,
+                    experts=self._readme_experts(rid, request.num_computed_tokens, tokens),
+                    arrival=self.readme_arrival.get(rid, -1),
+                    is_prefill=is_prefill,
+                    held_back=self.readme_held.get(rid),
+                )
+            )
+        return out
+
+    def _readme_experts(self, request_id: str, start: int, tokens: int) -> frozenset[int] | None:
+        routes = self.readme_routes.routes.get(request_id)
+        if not routes:
+            return None
+        if start >= len(routes):  # async: the newest token is not routed yet; its predecessor's route
+            return frozenset(routes[-1:])
+        return frozenset(routes[start : start + tokens])
+
+    def _readme_step_experts(self, ran: dict[str, int]) -> set[int]:
+        experts: set[int] = set()
+        for rid, n in ran.items():
+            request = self.requests.get(rid)
+            if request is not None:
+                experts |= self._readme_experts(rid, request.num_computed_tokens - n, n) or set()
+        return experts
+
+
+class ExpertAwareScheduler(ExpertAwareMixin, Scheduler):
+    """vLLM's synchronous ``Scheduler`` (CPU, or ``--no-async-scheduling``)."""
+
+
+class ExpertAwareAsyncScheduler(ExpertAwareMixin, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` (GPU default). A plain ``Scheduler``
+    subclass under async scheduling misbehaves (vLLM PR #43724)."""
+
+
+def _route_tracker(vllm_config, window: int):
+    """The router copy, or None for models that are not Read-ME."""
+    hf_config = vllm_config.model_config.hf_config
+    if getattr(hf_config, "model_type", None) != "readme":
+        return None
+    from vllm_readme.scheduler.routes_ahead import RouteTracker, load_router
+
+    folder = Path(vllm_config.model_config.model)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(folder), local_files_only=True))
+    return RouteTracker(load_router(folder), window=window, initial_slots=vllm_config.scheduler_config.max_num_seqs)
+
+
+class SchedulerStatsLog:
+    """Per-step figures of the policy: a log line every ``log_every`` steps
+    and Prometheus metrics (``vllm_readme:scheduler_*``)."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.window = _Window()
+        # Since start: steps that ran tokens, their distinct experts and tokens,
+        # request-steps held back, the longest consecutive wait, preemptions.
+        self.total_steps = self.total_unique = self.total_tokens = self.total_held = 0
+        self.longest_wait = self.preemptions = 0
+        self.last_step_end: float | None = None
+        self.metrics = _prometheus()
+
+    def step(self, experts: set[int], tokens: int, candidates, held: dict[str, int], decision_s: float) -> None:
+        now = time.perf_counter()
+        step_s = now - self.last_step_end if self.last_step_end is not None else None
+        self.last_step_end = now
+        if tokens == 0:
+            return
+        all_experts = set().union(*(c.experts or () for c in candidates)) if candidates else set()
+        w = self.window
+        w.steps += 1
+        w.unique += len(experts)
+        w.unique_if_all += len(all_experts)
+        w.tokens += tokens
+        w.held += len(held)
+        w.max_held = max([w.max_held, *held.values()])
+        w.decision_s += decision_s
+        w.step_s += step_s or 0.0
+        self.total_steps += 1
+        self.total_unique += len(experts)
+        self.total_tokens += tokens
+        self.total_held += len(held)
+        self.longest_wait = max(self.longest_wait, w.max_held)
+        if self.metrics:
+            unique, per_step_tokens, held_total = self.metrics
+            unique.observe(len(experts))
+            per_step_tokens.observe(tokens)
+            held_total.inc(len(held))
+        if self.log_every and w.steps >= self.log_every:
+            logger.info(
+                "vllm-readme scheduler: last %d steps: %.2f unique experts/step (all runnable together: %.2f), "
+                "%.1f tokens/step, %d request-steps held back (longest wait %d), decision %.2f ms/step "
+                "(%.1f%% of the step)",
+                w.steps,
+                w.unique / w.steps,
+                w.unique_if_all / w.steps,
+                w.tokens / w.steps,
+                w.held,
+                w.max_held,
+                1000 * w.decision_s / w.steps,
+                100 * w.decision_s / w.step_s if w.step_s else 0.0,
+            )
+            self.window = _Window()
+
+
+class _Window:
+    def __init__(self):
+        self.steps = self.unique = self.unique_if_all = self.tokens = self.held = self.max_held = 0
+        self.decision_s = self.step_s = 0.0
+
+
+_METRICS: list = []
+
+
+def _prometheus():
+    """The scheduler's Prometheus metrics, once per process (the engine-core
+    process; ``vllm-readme serve`` sets PROMETHEUS_MULTIPROC_DIR so that
+    they reach the server's /metrics)."""
+    if not _METRICS:
+        try:
+            from prometheus_client import Counter, Histogram
+        except ImportError:
+            return None
+        _METRICS.extend(
+            [
+                Histogram(
+                    "vllm_readme:scheduler_unique_experts_per_step",
+                    "Distinct experts among the tokens the expert-aware scheduler ran in one step",
+                    buckets=[float(b) for b in range(1, 65)],
+                ),
+                Histogram(
+                    "vllm_readme:scheduler_tokens_per_step",
+                    "Tokens the expert-aware scheduler ran in one step",
+                    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+                ),
+                Counter(
+                    "vllm_readme:scheduler_held_back",
+                    "Runnable requests held back one step by the expert-aware scheduler",
+                ),
+            ]
+        )
+    return _METRICS
