@@ -49,7 +49,9 @@ def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, **options
         def add(first: int, last: int) -> None:
             for i in range(first, last):
                 prompt, max_tokens = requests[i]
-                engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                engine.add_request(
+                    str(i), prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+                )
 
         def step() -> None:
             for out in engine.step():
@@ -76,7 +78,7 @@ def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, **options
                 preemptions=s.preemptions,
                 routes_left=len(scheduler.readme_routes),
             )
-        del scheduler, engine
+        del scheduler  # the engine must be free to shut down when the block ends
     return outputs, stats
 
 

@@ -108,6 +108,5 @@ def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
         return None if value in (None, "") else str(value)
     except (TypeError, ValueError):
         raise ReadMEOptionsError(
-            f'additional_config["{CONFIG_KEY}"].{name}: expected {kind.replace(" | None", " or null")}, '
-            f"got {value!r}."
+            f'additional_config["{CONFIG_KEY}"].{name}: expected {kind.replace(" | None", " or null")}, got {value!r}.'
         ) from None
