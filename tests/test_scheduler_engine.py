@@ -167,3 +167,41 @@ def test_bad_options_fail_at_start(tiny_gqa, options, message):
         with vllm_engine(tiny_gqa, scheduler_cls=SCHEDULER, additional_config={"vllm_readme": options}):
             pass
     assert message in str(info.value) or message in repr(info.value.__cause__), str(info.value)
+
+
+def test_dense_model_scheduled_as_vllm_does(tmp_path):
+    """A model that is not Read-ME: no router copy, and the same outputs and
+    the same per-step schedule as vLLM's own scheduler."""
+    from vllm import SamplingParams
+
+    from vllm_readme.checkpoint.tiny import build_tiny_dense
+
+    dense = build_tiny_dense(tmp_path / "dense", seed=3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [prompt for prompt, _ in workload(10, seed=2)]
+    results = []
+    for kwargs in ({}, dict(scheduler_cls=SCHEDULER, additional_config={"vllm_readme": {"policy": "cost-model"}})):
+        with vllm_engine(dense, max_num_seqs=4, **kwargs) as llm:
+            scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+            steps: list[dict] = []
+            # Observe, not replace: vLLM's schedule() or ours runs underneath.
+            scheduler.schedule = _recording(scheduler.schedule, steps)
+            outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            results.append((outputs, steps, getattr(scheduler, "readme_routes", "absent")))
+            # An engine outliving its block shuts down later and takes the
+            # next engine's process groups with it: drop every reference.
+            del scheduler.schedule, scheduler, llm
+    (ref_out, ref_steps, _), (out, steps, routes) = results
+    assert routes is None
+    assert out == ref_out
+    assert steps == ref_steps
+
+
+def _recording(schedule, steps: list[dict]):
+    def recording(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        # LLM.generate's request ids are "<index>-<random>": keep the index.
+        steps.append({rid.split("-")[0]: n for rid, n in out.num_scheduled_tokens.items()})
+        return out
+
+    return recording

@@ -33,6 +33,7 @@ benchmarks/routes.py measure.
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class ExpertAwareMixin:
         self.readme_stats.step(
             self._readme_step_experts(ran),
             sum(ran.values()),
+            len(ran),
             candidates,
             {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran},
             decision_s=decided - started,
@@ -213,13 +215,21 @@ class SchedulerStatsLog:
         # request-steps held back, the longest consecutive wait, preemptions.
         self.total_steps = self.total_unique = self.total_tokens = self.total_held = 0
         self.longest_wait = self.preemptions = 0
-        self.last_step_end: float | None = None
+        # (tokens, scheduled requests, distinct experts, ms from this step's
+        # schedule() to the next one's): what benchmarks/calibrate_cost_model.py fits.
+        self.samples: collections.deque = collections.deque(maxlen=100_000)
+        self._pending: tuple | None = None
         self.metrics = _prometheus()
 
-    def step(self, experts: set[int], tokens: int, candidates, held: dict[str, int], decision_s: float) -> None:
+    def step(
+        self, experts: set[int], tokens: int, scheduled: int, candidates, held: dict[str, int], decision_s: float
+    ) -> None:
         now = time.perf_counter()
-        step_s = now - self.last_step_end if self.last_step_end is not None else None
-        self.last_step_end = now
+        if self._pending is not None:  # the previous step ran from its schedule() to this one
+            p_tokens, p_requests, p_experts, p_started = self._pending
+            self.samples.append((p_tokens, p_requests, p_experts, 1000 * (now - p_started)))
+            self.window.step_s += now - p_started
+        self._pending = (tokens, scheduled, len(experts), now) if tokens else None
         if tokens == 0:
             return
         all_experts = set().union(*(c.experts or () for c in candidates)) if candidates else set()
@@ -231,7 +241,6 @@ class SchedulerStatsLog:
         w.held += len(held)
         w.max_held = max([w.max_held, *held.values()])
         w.decision_s += decision_s
-        w.step_s += step_s or 0.0
         self.total_steps += 1
         self.total_unique += len(experts)
         self.total_tokens += tokens
