@@ -3,9 +3,9 @@
 Runs a Read-ME model in a real vLLM engine under the expert-aware scheduler
 and records every engine step: tokens, scheduled requests, distinct experts
 (from the scheduler's router copy) and the time from that step's
-``schedule()`` to the next one's. Concurrency 1..64 under FCFS and under the
-paper's greedy-by-expert rule (which holds requests back, so that steps with
-many tokens but few experts are sampled too), then a least-squares fit of
+``schedule()`` to the next one's. Concurrency 1..64 under FCFS and under a
+probe policy that holds requests back (so that steps with many tokens but
+few experts are sampled too), then a least-squares fit of
 
     step_ms = base_ms + per_token_ms * tokens + per_expert_ms * distinct_experts
 
@@ -35,7 +35,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCHEDULER = "vllm_readme.scheduler.ExpertAwareScheduler"
 
 
-def collect(model: Path, policy: str, concurrencies: list[int], new_tokens: int, dtype: str) -> list[tuple]:
+def collect(
+    model: Path, policy: str, concurrencies: list[int], new_tokens: int, dtype: str, probe: Path | None = None
+) -> list[tuple]:
     import gc
 
     from vllm import LLM, SamplingParams
@@ -52,7 +54,10 @@ def collect(model: Path, policy: str, concurrencies: list[int], new_tokens: int,
         max_num_seqs=max(concurrencies),
         seed=0,
         scheduler_cls=SCHEDULER,
-        additional_config={"vllm_readme": {"policy": policy, "max_held_back": 8, "log_every": 0}},
+        additional_config={
+            "vllm_readme": {"policy": policy, "max_held_back": 8, "log_every": 0}
+            | ({"cost_model": str(probe)} if probe else {})
+        },
     )
     engine = llm.llm_engine
     samples = []
@@ -88,10 +93,17 @@ def main() -> None:
     from vllm_readme.scheduler.cost_model import StepCostModel
 
     machine = read_machine()
-    dtype = args.dtype or serving_dtype(machine)
-    samples = []
-    for policy in ("fcfs", "greedy-expert"):
-        samples += collect(args.readme, policy, args.concurrency, args.new_tokens, dtype)
+    dtype = args.dtype or serving_dtype()
+    # FCFS steps carry as many experts as their tokens happen to route to; the
+    # probe (the cost-model policy under a cost model in which an expert costs
+    # 50 tokens) holds requests back, so steps with many tokens and few experts
+    # are measured too and the two terms can be told apart.
+    probe = args.out.with_name("cost_model_probe.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    StepCostModel(base_ms=1.0, per_token_ms=1.0, per_expert_ms=50.0, source="calibration probe").save(probe)
+    samples = collect(args.readme, "fcfs", args.concurrency, args.new_tokens, dtype)
+    samples += collect(args.readme, "cost-model", args.concurrency, args.new_tokens, dtype, probe)
+    probe.unlink()
     fit = StepCostModel.fit([(t, e, ms) for t, _, e, ms, *_ in samples], source=f"{args.readme.name} on this machine")
     residual = [ms - fit.step_ms(t, e) for t, _, e, ms, *_ in samples]
     mean = sum(ms for *_, ms, _, _ in samples) / len(samples)

@@ -36,7 +36,13 @@ from vllm_readme.refactor.experts import (
     masks_from_domains,
     top_channels,
 )
-from vllm_readme.refactor.router import expert_targets, init_router, router_accuracy, train_router
+from vllm_readme.refactor.router import (
+    expert_scores,
+    init_router,
+    router_accuracy,
+    smoothed_targets,
+    train_router,
+)
 from vllm_readme.refactor.training import TrainSettings, limit_heap_growth
 from vllm_readme.refactor.tune import tune_experts
 
@@ -122,6 +128,13 @@ class RefactorOptions:
         "different experts under the router's distributions. Longer runs of one expert help expert caching "
         "and expert-aware batching; what it costs in perplexity is measured (default {default}: off)",
     )
+    router_smoothing: float = _option(
+        0.0,
+        "route locality through the router's targets: each token's target is the best-covering expert of a causal "
+        "exponential average of coverage over the preceding tokens (0 = per token, the paper's; 0.9 averages over "
+        "~10 tokens). Longer runs of one expert help expert caching and expert-aware batching; what it costs in "
+        "perplexity is measured (default {default})",
+    )
     tune_tokens: int = _option(131072, "expert-tuning token budget, 0 = skip (default {default})")
     tune_batch: int = _option(8, "tuning batch, in blocks (default {default})")
     tune_lr: float = _option(1e-4, "tuning learning rate (default {default})")
@@ -181,6 +194,7 @@ class RefactorOptions:
                 "router_lr",
                 "router_tokens",
                 "router_persistence",
+                "router_smoothing",
             ],
             "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective", "tune_chat"],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
@@ -205,6 +219,7 @@ def _saved_key(path: Path) -> dict:
     key.setdefault("expert_cut", "overlapping")  # every stage key holds the experts'; all overlapped before
     if "router_steps" in key:  # router keys from before the switching penalty: it was off
         key.setdefault("router_persistence", "0.0")
+        key.setdefault("router_smoothing", "0.0")
     if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
         key.setdefault("tune_objective", "lm")
         key.setdefault("tune_chat", "0.5")  # only read with distillation, which had no chat text before
@@ -319,7 +334,7 @@ class Refactor:
             return ExpertLayout(saved["masks"], saved["shared"]), saved["means"]
         self._invalidate("router")
         self._invalidate("tune")
-        (self.work / "router_targets.pt").unlink(missing_ok=True)
+        (self.work / "router_scores.pt").unlink(missing_ok=True)
         t = time.time()
         domain_acts = self._activation_statistics(dense, tokenizer, calib)
         acts = torch.cat(domain_acts)
@@ -391,13 +406,16 @@ class Refactor:
         self._invalidate("tune")
         t = time.time()
         blocks = torch.cat(data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.router_tokens))
-        targets_path = self.work / "router_targets.pt"
-        # Targets depend on the masks and on the blocks: reuse them only if
+        scores_path = self.work / "router_scores.pt"
+        # Scores depend on the masks and on the blocks: reuse them only if
         # both are unchanged (the experts stage deletes them when it reruns).
-        targets = torch.load(targets_path, map_location="cpu", weights_only=True) if targets_path.is_file() else None
-        if targets is None or targets.shape != blocks.shape:
-            targets = expert_targets(dense, blocks, layout.masks, dtype=self.precision.dtype)
-            torch.save(targets, targets_path)
+        scores = torch.load(scores_path, map_location="cpu", weights_only=True) if scores_path.is_file() else None
+        if scores is None or scores.shape[:2] != blocks.shape:
+            scores = expert_scores(dense, blocks, layout.masks, dtype=self.precision.dtype)
+            torch.save(scores, scores_path)
+        targets = smoothed_targets(scores, opts.router_smoothing)
+        persistence = float((targets[:, 1:] == targets[:, :-1]).float().mean())
+        log(f"router targets: smoothing {opts.router_smoothing}, same expert as the previous token {persistence:.1%}")
         router = init_router(router_config, dense.model.embed_tokens.weight.detach().cpu(), opts.seed)
         router.to(self.precision.device)
         settings = TrainSettings(opts.router_steps, opts.router_batch, opts.router_lr, opts.seed, opts.checkpoint_every)
@@ -537,7 +555,9 @@ class Refactor:
         t = time.time()
         pruned_masks = top_channels(means, layout.active_size)
         device = self.precision.device
-        targets = expert_targets(dense, held_blocks, layout.masks, dtype=self.precision.dtype)
+        targets = smoothed_targets(
+            expert_scores(dense, held_blocks, layout.masks, dtype=self.precision.dtype), self.options.router_smoothing
+        )
         ppl = {
             "dense": perplexity(
                 lambda b: dense(b).logits, held_blocks, device=device, desc="held-out perplexity (dense)"

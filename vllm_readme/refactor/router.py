@@ -21,11 +21,13 @@ from vllm_readme.refactor.training import TrainSettings, train
 
 
 @torch.no_grad()
-def expert_targets(
+def expert_scores(
     model, blocks: torch.Tensor, masks: torch.Tensor, batch_size: int = 8, dtype: torch.dtype = torch.float32
-):
-    """``[rows, seq]`` best-covering expert per token (masks ``[L, E, I]``),
-    on the CPU; the model runs on its own device, autocast to ``dtype``."""
+) -> torch.Tensor:
+    """``[rows, seq, experts]``: how much of each token's activation mass
+    (summed over layers) each expert's mask covers (masks ``[L, E, I]``), on
+    the CPU; the model runs on its own device, autocast to ``dtype``. The
+    best-covering expert is the router's target (Eq. 4)."""
     device = model_device(model)
     scores = torch.zeros(*blocks.shape, masks.shape[1])
     masks = masks.to(device)
@@ -40,7 +42,31 @@ def expert_targets(
             current["scores"] = torch.zeros(*batch.shape, masks.shape[1], device=device)
             model(batch, logits_to_keep=1)  # activations only: skip the full-sequence LM head
             scores[start : start + batch_size] = current["scores"].cpu()
-    return scores.argmax(dim=-1)
+    return scores
+
+
+def smoothed_targets(scores: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``[rows, seq]`` router targets: the best-covering expert of each token
+    after a causal exponential moving average of the coverage scores over the
+    preceding tokens (``s'_t = (1 - a) s_t + a s'_(t-1)``, a = ``smoothing``).
+    0 is the paper's per-token target; larger values trade a little
+    per-token coverage for runs of one expert (route locality), which expert
+    caching and expert-aware batching live on. Causal, so the router (which
+    sees tokens up to t) can learn it."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"router target smoothing must be in [0, 1), got {smoothing}.")
+    if smoothing == 0.0:
+        return scores.argmax(dim=-1)
+    # Per-token scores are fractions summing to ~1 per layer; normalise so
+    # every token weighs the same in the average.
+    s = scores / scores.sum(-1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty_like(s)
+    running = s[:, 0]
+    out[:, 0] = running
+    for t in range(1, s.shape[1]):
+        running = (1 - smoothing) * s[:, t] + smoothing * running
+        out[:, t] = running
+    return out.argmax(dim=-1)
 
 
 def init_router(config: RouterConfig, backbone_embedding: torch.Tensor, seed: int) -> ReadMERouter:

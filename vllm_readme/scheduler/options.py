@@ -36,9 +36,9 @@ class ReadMEOptionsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SchedulerOptions:
     policy: str = "cost-model"
-    # Consecutive steps a runnable request may be held back. 4: measured in
-    # docs/scheduling.md (simulator: unique experts per step barely improve
-    # past 4, while p95 inter-token latency grows with the bound).
+    # Consecutive steps a runnable request may be held back: a decode's
+    # inter-token gap can grow to (1 + max_held_back) steps. 4 is the
+    # simulator's setting (benchmarks/routes.py); docs/scheduling.md.
     max_held_back: int = 4
     cost_model: str | None = None  # JSON file written by benchmarks/calibrate_cost_model.py
     route_window: int = 64  # tokens of context the scheduler's router copy attends to
