@@ -89,7 +89,7 @@ def measure_decode(readme: Path, dense: Path, out: Path, batches: list[int], rou
 def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
     from vllm_readme.refactor.pipeline import RefactorOptions, refactor
 
-    folder = args.root / point_name(values)
+    folder = args.root / point_name(values | {k: v for k, v in fixed.items() if k != "dense"})
     done = folder / "point.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -170,13 +170,17 @@ def main() -> None:
         fixed["dense"] = args.dense
     elif not (dense / "config.json").is_file():
         export_dense(None, dense)
-    rows = []
+    # Points accumulate across runs (each with its own axes and fixed
+    # options): a point is replaced only by a point with the same options.
+    rows = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     for i, values in enumerate(points, 1):
         print(f"[frontier] point {i}/{len(points)}: {point_name(values)}", flush=True)
-        rows.append(run_point(values, fixed, args, dense))
+        row = run_point(values, fixed, args, dense)
+        key = json.dumps(row["options"], sort_keys=True, default=str)
+        rows = [r for r in rows if json.dumps(r["options"], sort_keys=True, default=str) != key] + [row]
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"axes": axes, "fixed": fixed, "points": rows}, indent=1))
+        args.out.write_text(json.dumps({"points": rows}, indent=1, default=str))
         plot(rows, args.out.with_suffix(".png"))
     print(f"[frontier] wrote {args.out} and {args.out.with_suffix('.png')}")
 

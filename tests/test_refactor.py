@@ -270,6 +270,27 @@ def test_switching_penalty_lengthens_runs_of_one_expert(tmp_path):
     assert measured[2.0] > measured[0.0] + 0.1
 
 
+def test_target_smoothing_lengthens_runs_and_keeps_the_per_token_target_at_zero():
+    """Smoothed targets: at 0 the per-token argmax (the paper's target);
+    larger values keep the previous expert more often; outside [0, 1) is
+    refused."""
+    from vllm_readme.refactor.router import smoothed_targets
+
+    scores = torch.rand(4, 200, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(smoothed_targets(scores, 0.0), scores.argmax(-1))
+    runs = {}
+    for a in (0.0, 0.5, 0.9):
+        t = smoothed_targets(scores, a)
+        runs[a] = float((t[:, 1:] == t[:, :-1]).float().mean())
+        # Causal: changing the future never changes an earlier target.
+        later = scores.clone()
+        later[:, 100:] = torch.rand(4, 100, 8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(smoothed_targets(later, a)[:, :100], t[:, :100])
+    assert runs[0.0] < runs[0.5] < runs[0.9], runs
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        smoothed_targets(scores, 1.0)
+
+
 def test_router_markers_from_before_the_penalty_are_reused(tmp_path):
     from vllm_readme.refactor.pipeline import Refactor
 
