@@ -128,9 +128,12 @@ def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
         "chat_token_f1_vs_dense": chat["token_f1_vs_dense"] if chat else None,
         "timings_s": report.get("timings_s"),
     }
-    row["decode_speedup_over_dense"] = measure_decode(
-        folder / "model", dense, folder / "decode.json", args.batches, args.rounds
-    )
+    if args.skip_decode:  # e.g. points that differ only in training options: same shapes, same speed
+        row["decode_speedup_over_dense"] = {"skipped": "--skip-decode"}
+    else:
+        row["decode_speedup_over_dense"] = measure_decode(
+            folder / "model", dense, folder / "decode.json", args.batches, args.rounds
+        )
     done.write_text(json.dumps(row, indent=1))
     return row
 
@@ -142,6 +145,11 @@ def main() -> None:
     parser.add_argument("--tune-tokens", type=int, default=32768, help="the same reduced tuning budget per point")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--skip-decode",
+        action="store_true",
+        help="no decode benchmark (for points whose shapes, hence speed, equal a measured point's)",
+    )
     parser.add_argument(
         "--dense", type=Path, help="dense HF folder to refactor and compare with (default: SmolLM2-135M exported)"
     )
@@ -201,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
         )
         size = 40 * row["parameters_over_dense"]
         for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
-            if batch in speed:
+            if isinstance(speed.get(batch), float):
                 ax.scatter(speed[batch], quality, s=size, alpha=0.7)
                 ax.annotate(label, (speed[batch], quality), fontsize=6)
     for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
