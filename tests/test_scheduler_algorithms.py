@@ -151,3 +151,22 @@ def test_with_a_pool_smaller_than_the_experts_no_step_exceeds_it_and_all_finish(
     assert max(result.unique_experts_per_step) <= 2
     assert result.tokens == sum(len(r.prompt_routes) + len(r.output_routes) for r in trace)
     assert result.hits + result.misses > 0
+
+
+def test_options_from_additional_config_and_environment(tmp_path):
+    """The plugin's key wins over the environment; the environment fills
+    what the key leaves out; the expert cache's fields are accepted."""
+    from vllm_readme.scheduler.options import ReadMEOptionsError, SchedulerOptions
+
+    env = {"VLLM_README_POLICY": "greedy-expert", "VLLM_README_MAX_HELD_BACK": "7"}
+    opts = SchedulerOptions.from_additional_config({"vllm_readme": {"max_held_back": 2, "eviction": "lru"}}, env=env)
+    assert (opts.policy, opts.max_held_back) == ("greedy-expert", 2)
+    assert SchedulerOptions.from_additional_config(None, env={}) == SchedulerOptions()
+    cost = tmp_path / "cost.json"
+    cost.write_text('{"base_ms": 1, "per_token_ms": 2, "per_expert_ms": 3}')
+    loaded = SchedulerOptions.from_additional_config({"vllm_readme": {"cost_model": str(cost)}}, env={})
+    assert loaded.load_cost_model().per_expert_ms == 3
+    with pytest.raises(ReadMEOptionsError, match="must be a JSON object"):
+        SchedulerOptions.from_additional_config({"vllm_readme": "cost-model"}, env={})
+    with pytest.raises(ReadMEOptionsError, match="route_window must be >= 1"):
+        SchedulerOptions.from_additional_config({"vllm_readme": {"route_window": 0}}, env={})

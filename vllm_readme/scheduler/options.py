@@ -46,11 +46,13 @@ class SchedulerOptions:
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None, env=os.environ) -> SchedulerOptions:
-        raw = dict((additional or {}).get(CONFIG_KEY) or {})
-        if not isinstance((additional or {}).get(CONFIG_KEY, {}), Mapping):
+        given = (additional or {}).get(CONFIG_KEY) or {}
+        if not isinstance(given, Mapping):
             raise ReadMEOptionsError(
-                f'additional_config["{CONFIG_KEY}"] must be a JSON object, e.g. {{"policy": "cost-model"}}.'
+                f'additional_config["{CONFIG_KEY}"] must be a JSON object, e.g. {{"policy": "cost-model"}}; '
+                f"got {given!r}."
             )
+        raw = dict(given)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields) - EXPERT_CACHE_FIELDS)
         if unknown:
