@@ -25,12 +25,15 @@ def main() -> None:
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="as `vllm-readme refactor --device`"
     )
+    parser.add_argument(
+        "--name", default="refactor_smollm2", help="results file name under benchmarks/results/ (default %(default)s)"
+    )
     args = parser.parse_args()
     results = refactor(RefactorOptions(out=args.out, dtype=args.dtype, device=args.device))
     target = ROOT / "benchmarks" / "results"
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(args.out / "refactor.json", target / "refactor_smollm2.json")
-    shutil.copy(args.out / "refactor.png", target / "refactor_smollm2.png")
+    shutil.copy(args.out / "refactor.json", target / f"{args.name}.json")
+    shutil.copy(args.out / "refactor.png", target / f"{args.name}.png")
     print(json.dumps({"perplexity": results["perplexity"], "timings_s": results["timings_s"]}, indent=2))
 
 

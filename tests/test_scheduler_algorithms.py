@@ -156,7 +156,7 @@ def test_with_a_pool_smaller_than_the_experts_no_step_exceeds_it_and_all_finish(
 def test_options_from_additional_config_and_environment(tmp_path):
     """The plugin's key wins over the environment; the environment fills
     what the key leaves out; the expert cache's fields are accepted."""
-    from vllm_readme.scheduler.options import ReadMEOptionsError, SchedulerOptions
+    from vllm_readme.options import ReadMEOptionsError, SchedulerOptions
 
     env = {"VLLM_README_POLICY": "greedy-expert", "VLLM_README_MAX_HELD_BACK": "7"}
     opts = SchedulerOptions.from_additional_config({"vllm_readme": {"max_held_back": 2, "eviction": "lru"}}, env=env)

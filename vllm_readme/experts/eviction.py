@@ -6,7 +6,8 @@ before the backbone runs; LRU, LFU and random are the baselines. Experts the
 current step needs are passed as ``pinned`` and are never chosen: evicting
 one mid-step would compute with the wrong weights.
 
-Plain Python over expert ids: no vLLM, no torch.
+Plain Python over hashable keys (expert ids in a replay, ``(layer,
+expert)`` pages in the engine's pool, pool.py): no vLLM, no torch.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Belady(LRU):
         self.next_use = next_use
 
     def _pick(self, candidates, step):
-        return max(candidates, key=lambda e: (self.next_use(e, step), -self.last_use.get(e, -1), -e))
+        return max(candidates, key=lambda e: (self.next_use(e, step), -self.last_use.get(e, -1)))
 
 
 def make_policy(name: str, next_use: Callable[[int, int], float] | None = None, seed: int = 0) -> EvictionPolicy:

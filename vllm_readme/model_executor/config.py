@@ -16,7 +16,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_readme.checkpoint.io import check_tokenizer_fits
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
-from vllm_readme.scheduler.options import SchedulerOptions
+from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -45,6 +45,16 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
         # The plugin's serving options (additional_config["vllm_readme"]): a
         # bad value fails here, before any process or weight is started.
         SchedulerOptions.from_additional_config(vllm_config.additional_config)
+        cache = ExpertCacheOptions.from_additional_config(vllm_config.additional_config)
+        if cache.pool_size() is not None:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                raise ReadMEConfigError(
+                    f"expert_pool: the expert cache runs on the CPU grouped GEMM; on {current_platform.device_name} "
+                    "the routed experts run in FusedMoE's kernel, which reads its own weights (docs/expert_cache.md, "
+                    'GPU). Leave expert_pool out of additional_config["vllm_readme"].'
+                )
 
 
 def check_tensor_parallel_split(config: ReadMEConfig, tp: int) -> None:

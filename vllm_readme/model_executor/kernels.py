@@ -76,19 +76,27 @@ class CPUGroupedGemm:
     activation: str
 
     def __call__(
-        self, fused_moe: nn.Module, hidden_states: torch.Tensor, slots: torch.Tensor, route_weights: torch.Tensor
+        self,
+        fused_moe: nn.Module,
+        hidden_states: torch.Tensor,
+        slots: torch.Tensor,
+        route_weights: torch.Tensor,
+        pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``out[t] = expert_{slots[t]}(hidden_states[t])``; ``slots`` int32
-        [T, 1], ``route_weights`` float32 [T, 1] ones."""
+        [T, 1], ``route_weights`` float32 [T, 1] ones. ``pool``: the expert
+        cache's ``(w13, w2)`` slots shared by every layer, read instead of
+        the layer's own weights."""
         experts = fused_moe.routed_experts
+        w13, w2 = pool if pool is not None else (experts.w13_weight, experts.w2_weight)
         out = torch.empty_like(hidden_states)
         # Traced by torch.compile as is (the op has a meta kernel): no Python
         # wrapper runs per layer at decode time.
         torch.ops._C.cpu_fused_moe(
             out,
             hidden_states,
-            experts.w13_weight,
-            experts.w2_weight,
+            w13,
+            w2,
             None,
             None,
             route_weights,
@@ -129,3 +137,25 @@ def choose_routed_kernel(fused_moe: nn.Module) -> tuple[CPUGroupedGemm | None, s
         return None, "experts with biases"
     activation = impl.moe_config.activation.value
     return CPUGroupedGemm(isa=impl.isa, activation=activation), f"CPU grouped GEMM (isa={impl.isa}) called directly"
+
+
+def pack_expert_page(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w13_like: torch.Tensor, w2_like: torch.Tensor, isa: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's checkpoint rows in the CPU grouped GEMM's layout, as
+    FusedMoE lays out a whole layer: ``w13 [2Ip, H]`` = gate rows, zero
+    padding to the kernel's channel multiple ``Ip``, up rows, padding;
+    ``w2 [H, Ip]``; then the kernel's prepacking. ``w13_like``/``w2_like``
+    are FusedMoE's prepacked ``[E, ...]`` weights (shapes and dtype). The
+    expert cache checks one page against FusedMoE's own at start-up
+    (experts/cache.py), so a layout change in vLLM fails loudly."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import cpu_prepack_moe_weight
+
+    padded = w13_like.shape[1] // 2
+    channels = gate.shape[0]
+    w13 = w13_like.new_zeros((1, *w13_like.shape[1:]))
+    w13[0, :channels] = gate
+    w13[0, padded : padded + channels] = up
+    w2 = w2_like.new_zeros((1, *w2_like.shape[1:]))
+    w2[0, :, :channels] = down
+    return cpu_prepack_moe_weight(w13, isa)[0], cpu_prepack_moe_weight(w2, isa)[0]

@@ -82,3 +82,39 @@ class ExpertStepMetrics:
                 self.tokens[expert].inc(n)
         if used:
             self.unique.observe(used)
+
+
+class ExpertCacheCounters:
+    """The expert cache's per-step figures as Prometheus counters (same
+    multi-process export as above): ``vllm_readme:expert_cache_hits``,
+    ``..._misses``, ``..._prefetched``, ``..._prefetch_used``,
+    ``..._loaded_bytes`` and ``..._stall_seconds`` (each ``_total``)."""
+
+    NAMES = {  # CacheStats field -> (metric, help)
+        "hits": ("hits", "Expert pages a layer found resident"),
+        "misses": ("misses", "Expert pages loaded on demand (the layer waited)"),
+        "prefetched": ("prefetched", "Expert page loads started ahead of use"),
+        "prefetch_used": ("prefetch_used", "Prefetched expert pages that a layer then read"),
+        "bytes_loaded": ("loaded_bytes", "Bytes of expert weights loaded into the pool"),
+        "stall_s": ("stall_seconds", "Seconds layers waited on expert loads"),
+    }
+
+    def __init__(self):
+        from prometheus_client import Counter
+
+        if "cache" not in _metrics:
+            _metrics["cache"] = {
+                field: Counter(f"vllm_readme:expert_cache_{metric}", text)
+                for field, (metric, text) in self.NAMES.items()
+            }
+        self.counters = _metrics["cache"]
+
+    def record(self, stats) -> None:
+        for field, counter in self.counters.items():
+            value = getattr(stats, field)
+            if value:
+                counter.inc(value)
+
+
+def expert_cache_counters() -> ExpertCacheCounters:
+    return ExpertCacheCounters()

@@ -13,8 +13,12 @@ Model -> ForCausalLM. Paper §3-4; docs/design.md, "The model" and "Data flow":
   Both paths take the same slots; the shared MLP and the all-reduce follow
   either.
 * Expert ids reach the weights through ``ReadMEModel.slot_table`` [layer,
-  expert] -> weight slot (identity today), gathered once per forward: the
-  one indirection an expert-weight cache can later own.
+  expert] -> weight slot. With every expert resident (the default) it is the
+  identity, gathered once per forward. With an expert pool
+  (``expert_pool`` in the plugin's options) the expert cache owns it: per
+  layer, the custom op ``vllm::readme_expert_slots`` makes the layer's pages
+  resident and returns their slots in one pool shared by all layers
+  (experts/cache.py, docs/expert_cache.md).
 * Start-up checks (what would otherwise fail mid-request) run where vLLM
   validates its config, before this model is built: config.py.
 * The latest step's expert ids are kept in ``expert_ids_buffer`` on the
@@ -28,6 +32,7 @@ routes. Pipeline parallelism is not supported.
 
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -64,6 +69,7 @@ from vllm_readme.model_executor.kernels import (
     slots_as_given,
 )
 from vllm_readme.model_executor.metrics import ExpertStepMetrics
+from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
 # (a logger outside that tree has no handler, and INFO lines would be lost).
@@ -98,6 +104,7 @@ class Routes(NamedTuple):
 
     slots: torch.Tensor  # [T, 1] int32: this layer's weight slot of each token's expert
     weights: torch.Tensor  # [T, 1] float32 ones (Read-ME does not scale its expert)
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None  # the expert cache's (w13, w2); None: the layer's own
 
 
 class ReadMEMoE(nn.Module):
@@ -136,7 +143,7 @@ class ReadMEMoE(nn.Module):
             # and slots_as_given returns them: the slots are the routes.
             out = self.experts(hidden_states=hidden_states, router_logits=routes.slots)
         else:
-            out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights)
+            out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights, routes.pool)
         if self.shared is not None:
             out = out + self.shared(hidden_states)
         if self.tp_size > 1:
@@ -346,6 +353,9 @@ class ReadMEModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("expert_ids_buffer", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+        # Set after loading when an expert pool is configured (ReadMEForCausalLM.process_weights_after_loading).
+        self.expert_cache_id: int | None = None
+        self.expert_pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -362,13 +372,21 @@ class ReadMEModel(nn.Module):
         router_logits = self.router(input_ids, positions)
         expert_ids = router_logits.argmax(dim=-1)
         self.expert_ids_buffer[: input_ids.shape[0]].copy_(expert_ids)
-        # Every layer's slots in one gather: [layers, T, 1].
-        slots = self.slot_table[:, expert_ids].unsqueeze(-1)
-        weights = torch.ones(slots.shape[1:], dtype=torch.float32, device=slots.device)
+        weights = torch.ones((expert_ids.shape[0], 1), dtype=torch.float32, device=expert_ids.device)
+        if self.expert_cache_id is None:
+            # Every layer's slots in one gather: [layers, T, 1].
+            slots = self.slot_table[:, expert_ids].unsqueeze(-1)
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
-            hidden_states, residual = layer(positions, hidden_states, residual, Routes(slots[i], weights))
+            if self.expert_cache_id is None:
+                routes = Routes(slots[i], weights)
+            else:
+                # Takes the layer's input only to run after the previous
+                # layer's experts (a slot is never rewritten mid-read).
+                layer_slots = torch.ops.vllm.readme_expert_slots(expert_ids, hidden_states, self.expert_cache_id, i)
+                routes = Routes(layer_slots, weights, self.expert_pool)
+            hidden_states, residual = layer(positions, hidden_states, residual, routes)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -382,6 +400,7 @@ class ReadMEForCausalLM(nn.Module):
         super().__init__()
         config: ReadMEConfig = vllm_config.model_config.hf_config  # checked by config.py
         self.config = config
+        self.vllm_config = vllm_config
         self.model = ReadMEModel(vllm_config=vllm_config, prefix="model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
         if config.tie_word_embeddings:
@@ -443,6 +462,56 @@ class ReadMEForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.mlp.routed_kernel, why = choose_routed_kernel(layer.mlp.experts)
         logger.info("Read-ME routed experts: %s", why)
+        options = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config)
+        if options.pool_size() is not None:
+            self._start_expert_cache(options, why)
+
+    def _start_expert_cache(self, options: ExpertCacheOptions, kernel: str) -> None:
+        """Move the routed experts into a pool of slots (experts/cache.py);
+        the layers' own expert weights are freed."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from vllm_readme.experts.cache import ExpertCache, minimum_pages
+
+        mlps = [layer.mlp for layer in self.model.layers]
+        if any(mlp.routed_kernel is None for mlp in mlps):
+            raise ReadMEConfigError(
+                f"expert_pool needs the CPU grouped GEMM for the routed experts, but this engine runs {kernel}. "
+                f'Leave expert_pool out of additional_config["vllm_readme"] here (docs/expert_cache.md, GPU).'
+            )
+        w13 = [mlp.experts.routed_experts.w13_weight for mlp in mlps]
+        w2 = [mlp.experts.routed_experts.w2_weight for mlp in mlps]
+        layers, experts = len(mlps), self.config.num_experts
+        page_bytes = w13[0][0].nbytes + w2[0][0].nbytes
+        pages = options.pool_size().pages(layers, experts, page_bytes)
+        least = minimum_pages(experts)
+        if pages < least:
+            raise ReadMEConfigError(
+                f'additional_config["vllm_readme"].expert_pool={options.expert_pool!r} gives {pages} expert pages '
+                f"({pages * page_bytes / 2**20:.1f} MiB), but a step may route to all {experts} experts of a layer: the "
+                f"pool needs at least {least} pages = {least * page_bytes / 2**20:.1f} MiB = "
+                f'"{100 * least / (layers * experts):.4g}%" of this model\'s {layers * experts} pages.'
+            )
+        cache = ExpertCache(
+            w13_layers=w13,
+            w2_layers=w2,
+            slot_table=self.model.slot_table,
+            pages=pages,
+            options=options,
+            checkpoint=Path(self.vllm_config.model_config.model),
+            isa=mlps[0].routed_kernel.isa,
+            tp_rank=get_tensor_model_parallel_rank(),
+            tp_size=get_tensor_model_parallel_world_size(),
+            log_every=SchedulerOptions.from_additional_config(self.vllm_config.additional_config).log_every,
+        )
+        for mlp in mlps:  # the pool holds them now
+            for name in ("w13_weight", "w2_weight"):
+                old = getattr(mlp.experts.routed_experts, name)
+                setattr(mlp.experts.routed_experts, name, nn.Parameter(old.new_empty(0), requires_grad=False))
+        self.model.expert_cache = cache
+        self.model.expert_pool = (cache.w13, cache.w2)
+        self.model.expert_cache_id = cache.id
+        logger.info("Read-ME %s", cache.describe())
 
 
 def checkpoint_names(config: ReadMEConfig) -> WeightsMapper:

