@@ -255,7 +255,24 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     expert_steps = delta("vllm_readme:unique_experts_per_step_count")
     if expert_steps:
         out["mean_unique_experts_per_step"] = delta("vllm_readme:unique_experts_per_step_sum") / expert_steps
+    cache = {k: delta(f"vllm_readme:expert_cache_{k}_total") for k in EXPERT_CACHE_COUNTERS}
+    if any(cache.values()):  # an expert pool smaller than the model (docs/expert_cache.md)
+        cache["hit_ratio"] = cache["hits"] / max(1, cache["hits"] + cache["misses"])
+        cache["prefetch_accuracy"] = cache["prefetch_used"] / max(1, cache["prefetched"])
+        cache["stall_ms_per_step"] = 1000 * cache["stall_seconds"] / steps if steps else None
+        out["expert_cache"] = cache
     return out
+
+
+EXPERT_CACHE_COUNTERS = ("hits", "misses", "prefetched", "prefetch_used", "loaded_bytes", "stall_seconds")
+
+
+def resident_mib(pid: int) -> float:
+    """Resident memory of a server and its children (the engine core)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
 # ---------------------------------------------------------------------------
@@ -308,9 +325,16 @@ def main() -> None:
     parser.add_argument(
         "--rate-fractions",
         type=float,
-        nargs="+",
+        nargs="*",
         default=[0.25, 0.5, 0.75, 1.0, 1.5],
         help="Poisson rates as fractions of the dense server's saturated chat request rate (c=64)",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["random", "chat"],
+        choices=["random", "chat"],
+        help="fixed-concurrency workloads",
     )
     parser.add_argument("--prompts-per-concurrency", type=float, default=2.0, help="requests = max(8, this x c)")
     parser.add_argument("--prompts-per-rate", type=int, default=64)
@@ -356,15 +380,17 @@ def main() -> None:
     try:
         for server in servers:
             server.wait_ready()
+            results["engines"][server.spec.label]["resident_mib_after_start"] = resident_mib(server.proc.pid)
         workloads = [
             Workload(dataset, c, None, max(8, int(args.prompts_per_concurrency * c)))
-            for dataset in ("random", "chat")
+            for dataset in args.datasets
             for c in args.concurrency
         ]
         for i, workload in enumerate(workloads):
             run_in_turns(servers, workload, i, results, chat_path, random_lens, args)
-        saturated = results["runs"][f"chat c{largest}"][specs[0].label]["request_throughput"]
-        for j, fraction in enumerate(args.rate_fractions):
+        rates = args.rate_fractions if "chat" in args.datasets else []  # rates are fractions of chat saturation
+        for j, fraction in enumerate(rates):
+            saturated = results["runs"][f"chat c{largest}"][specs[0].label]["request_throughput"]
             workload = Workload("chat", None, saturated * fraction, args.prompts_per_rate)
             run_in_turns(servers, workload, len(workloads) + j, results, chat_path, random_lens, args)
             results["runs"][workload.key]["rate_fraction_of_dense_saturation"] = fraction
@@ -390,6 +416,7 @@ def run_in_turns(servers, workload, index, results, chat_path, random_lens, args
             f"[serve] {workload.key:18s} {server.spec.label:48s} {summary['output_throughput']:7.1f} tok/s, "
             f"p95 TPOT {summary['p95_tpot_ms']:7.1f} ms, {summary['completed']}/{workload.num_prompts} done"
             + (f", {experts:.2f} unique experts/step" if experts else "")
+            + (f", expert hits {summary['expert_cache']['hit_ratio']:.1%}" if "expert_cache" in summary else "")
             + f" ({time.time() - start:.0f} s)",
             flush=True,
         )

@@ -81,6 +81,9 @@ def _cache_stats(model):
     stats["pages"] = cache.pool.capacity
     stats["store"] = cache.store.kind
     stats["direct"] = getattr(cache.store, "direct", None)
+    from vllm_readme.experts.cache import PLAN
+
+    stats["step"], stats["plan_step"], stats["plan"] = cache.step, PLAN.step, sorted(PLAN.experts)
     return stats
 
 
@@ -117,6 +120,18 @@ def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, optio
     assert stats["store"] == options.get("backing_store", "disk")
     if options.get("prefetch") is False:
         assert stats["prefetched"] == 0 and stats["misses"] > 0
+
+
+def test_with_expert_aware_scheduler(tiny_gqa, resident_outputs):
+    """The scheduler publishes its plan (its candidates' routes) to the cache
+    in the same process; outputs stay the model's."""
+    outputs, stats = generate(
+        tiny_gqa,
+        scheduler_cls="vllm_readme.scheduler.ExpertAwareScheduler",
+        additional_config={"vllm_readme": {"expert_pool": "50%", "log_every": 0}},
+    )
+    assert outputs == resident_outputs
+    assert stats["plan_step"] == stats["step"] + 1 and stats["plan"]  # last plan: for the step after the last
 
 
 def test_unequal_experts_and_compiled(tiny_mha):

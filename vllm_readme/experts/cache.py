@@ -73,9 +73,11 @@ class CacheStats:
 
 @dataclass
 class StepPlan:
-    """Experts the next step is expected to need, published by the
-    expert-aware scheduler (same process as the model on a single-rank
-    engine); ``step`` says which forward it was written for."""
+    """Experts the expert-aware scheduler expects the step after the one it
+    just scheduled to need (its candidates' routes), for Belady and the
+    next-step prefetch. Reaches the cache only where the scheduler and the
+    model share a process (a single-rank engine); ``step`` is the cache's
+    step it was written for."""
 
     experts: frozenset[int] = frozenset()
     step: int = -1
@@ -85,13 +87,10 @@ PLAN = StepPlan()
 
 
 def publish_plan(experts: set[int] | frozenset[int]) -> None:
-    """The scheduler's view of the next step's experts (routes ahead)."""
+    """Called by the scheduler after each schedule(): that step runs next
+    (the caches' step + 1), so the plan is for the one after it."""
     PLAN.experts = frozenset(experts)
-    PLAN.step = _next_step()
-
-
-def _next_step() -> int:
-    return max((cache.step + 1 for cache in _CACHES.values()), default=0)
+    PLAN.step = max((cache.step for cache in _CACHES.values()), default=-1) + 2
 
 
 @dataclass

@@ -34,6 +34,7 @@ benchmarks/routes.py measure.
 from __future__ import annotations
 
 import collections
+import sys
 import time
 from pathlib import Path
 
@@ -128,7 +129,17 @@ class ExpertAwareMixin:
             {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran},
             decision_s=decided - started,
         )
+        self._readme_publish_plan(candidates)
         return output
+
+    @staticmethod
+    def _readme_publish_plan(candidates) -> None:
+        """Tell an expert cache in this process (a single-rank engine) which
+        experts the following step is likely to need: every candidate's
+        latest routes, held back or not (experts/cache.py, Belady)."""
+        cache = sys.modules.get("vllm_readme.experts.cache")
+        if cache is not None and cache._CACHES:
+            cache.publish_plan(set().union(*(c.experts or () for c in candidates)))
 
     def _readme_catch_up(self) -> None:
         """Route every token that reached a running request since last step."""
