@@ -1,0 +1,91 @@
+"""What one expert page costs to bring into the pool, and the bound it sets.
+
+For a Read-ME checkpoint: bytes of one page (one expert of one layer) and of
+one expert across all layers, then the time to read pages from the
+checkpoint with the page cache bypassed (O_DIRECT, the disk backing store of
+docs/expert_cache.md), to convert and pack them into the CPU grouped GEMM's
+layout, and, for comparison, to copy a page within RAM. From these: the
+load time of one expert across all layers, which is what a step pays per
+missed expert with no prefetch (the bound the serving figures are judged
+against). Results: benchmarks/results/expert_store.json.
+
+    python benchmarks/expert_store.py --model models/smollm2-readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-readme")
+    parser.add_argument("--pages", type=int, default=120, help="random pages read per measurement")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="the pool's dtype")
+    parser.add_argument("--isa", default="vec", help="the grouped GEMM's packing (the engine logs its isa)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_store.json")
+    args = parser.parse_args()
+
+    from vllm_readme.checkpoint.io import load_readme_config
+    from vllm_readme.experts.store import DiskExpertStore
+    from vllm_readme.model_executor.kernels import pack_expert_page
+    from vllm_readme.precision import machine_description, resolve_precision
+
+    precision = resolve_precision(args.dtype)
+    dtype = torch.bfloat16 if precision.vllm_dtype == "bfloat16" else torch.float32
+    config = load_readme_config(args.model)
+    layers, experts = config.num_hidden_layers, config.num_experts
+    store = DiskExpertStore(args.model, layers, experts)
+    gate, _, _ = store.read(0, 0)
+    channels, hidden = gate.shape
+    padded = -(-channels // 32) * 32
+    w13_like = torch.zeros((1, 2 * padded, hidden), dtype=dtype)
+    w2_like = torch.zeros((1, hidden, padded), dtype=dtype)
+    pool_page_bytes = w13_like[0].nbytes + w2_like[0].nbytes
+    rng = random.Random(0)
+    pages = [(rng.randrange(layers), rng.randrange(experts)) for _ in range(args.pages)]
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for page in pages:
+            fn(page)
+        return (time.perf_counter() - start) / len(pages)
+
+    read_s = timed(lambda p: store.read(*p))
+    read_pack_s = timed(lambda p: pack_expert_page(*store.read(*p), w13_like, w2_like, args.isa))
+    src = torch.randn((64, *w13_like.shape[1:])).to(dtype)
+    dst = torch.empty_like(src[0])
+    copy_s = timed(lambda p: dst.copy_(src[p[1] % 64]))
+    disk_page_bytes = store.page_nbytes()
+    result = {
+        "machine": machine_description(precision=precision),
+        "model": str(args.model),
+        "checkpoint_dtype": str(store.tensors[0, "gate_proj"].dtype),
+        "pool_dtype": str(dtype),
+        "o_direct": store.direct,
+        "expert_channels": channels,
+        "page_bytes_on_disk": disk_page_bytes,
+        "page_bytes_in_pool": pool_page_bytes,
+        "expert_all_layers_bytes_in_pool": pool_page_bytes * layers,
+        "all_experts_bytes_in_pool": pool_page_bytes * layers * experts,
+        "read_ms_per_page": 1000 * read_s,
+        "read_gb_per_s": disk_page_bytes / read_s / 1e9,
+        "read_and_pack_ms_per_page": 1000 * read_pack_s,
+        "ram_copy_ms_per_page": 1000 * copy_s,
+        "ram_copy_gb_per_s": pool_page_bytes / copy_s / 1e9,
+        "load_ms_per_expert_all_layers": 1000 * read_pack_s * layers,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
