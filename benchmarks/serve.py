@@ -293,6 +293,33 @@ def prepare_models(dense: Path | None, readme: Path | None) -> tuple[Path, Path]
     return dense, readme
 
 
+def _pool_engine(label: str, options: dict, extra: str = "") -> str:
+    return f"{label}={{readme}} {extra}--additional-config '{json.dumps({'vllm_readme': options})}'"
+
+
+# Named runs: ``--preset NAME`` sets the engines (``{readme}``: the Read-ME
+# model), workloads and results file that a README figure comes from.
+PRESETS = {
+    "expert-cache": {
+        "datasets": ["random"],
+        "concurrency": [1, 32],
+        "rate_fractions": [],
+        "out": RESULTS / "serve_expert_cache.json",
+        "engine": [
+            _pool_engine("pool 75%, Belady + prefetch", {"expert_pool": "75%"}),
+            _pool_engine("pool 50%, Belady + prefetch", {"expert_pool": "50%"}),
+            _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
+            _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
+            _pool_engine(
+                "pool 25%, expert-aware scheduler + Belady + prefetch",
+                {"expert_pool": "25%"},
+                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler ",
+            ),
+        ],
+    },
+}
+
+
 def parse_engine(text: str) -> EngineSpec:
     label, _, rest = text.partition("=")
     words = shlex.split(rest)
@@ -342,7 +369,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: c 1 and 4, one rate, short outputs")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named run (engines, workloads, results file): expert-cache = the expert pool at 75/50/25%%, "
+        "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler",
+    )
     args = parser.parse_args()
+    for name, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, name, value)
 
     from vllm_readme.precision import machine_description, read_machine, resolve_precision
 
@@ -357,7 +392,7 @@ def main() -> None:
         EngineSpec("dense (stock vLLM)", dense),
         EngineSpec("Read-ME (plugin, FCFS, all experts resident)", readme),
     ]
-    specs += [parse_engine(e) for e in args.engine]
+    specs += [parse_engine(e.replace("{readme}", str(readme))) for e in args.engine]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vllm-readme-serve-bench-"))
     chat_path = work / "chat.jsonl"
