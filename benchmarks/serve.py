@@ -313,7 +313,8 @@ PRESETS = {
             _pool_engine(
                 "pool 25%, expert-aware scheduler + Belady + prefetch",
                 {"expert_pool": "25%"},
-                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler ",
+                # uni: the worker shares the scheduler's process, so its plan reaches the cache
+                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler --distributed-executor-backend uni ",
             ),
         ],
     },

@@ -4,6 +4,7 @@ every pool size and policy, the start-up refusal, bad options)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -81,9 +82,8 @@ def _cache_stats(model):
     stats["pages"] = cache.pool.capacity
     stats["store"] = cache.store.kind
     stats["direct"] = getattr(cache.store, "direct", None)
-    from vllm_readme.experts.cache import PLAN
-
-    stats["step"], stats["plan_step"], stats["plan"] = cache.step, PLAN.step, sorted(PLAN.experts)
+    stats["plan"] = None if cache.next_plan is None else sorted(cache.next_plan)
+    stats["plan_seq"] = cache.plan.last_seq
     return stats
 
 
@@ -131,7 +131,7 @@ def test_with_expert_aware_scheduler(tiny_gqa, resident_outputs):
         additional_config={"vllm_readme": {"expert_pool": "50%", "log_every": 0}},
     )
     assert outputs == resident_outputs
-    assert stats["plan_step"] == stats["step"] + 1 and stats["plan"]  # last plan: for the step after the last
+    assert stats["plan"] and stats["plan_seq"] > 10  # a plan was read at the steps' start
 
 
 def test_unequal_experts_and_compiled(tiny_mha):
@@ -170,3 +170,34 @@ def test_pool_size_forms():
 
     assert ExpertCacheOptions().pool_size() is None and ExpertCacheOptions(expert_pool="100%").pool_size() is None
     assert pages("25%") == 60 and pages("2") == 60 and pages("60MiB") == 60 and pages("1GiB") == 240
+
+
+def _read_plan_in_child(queue):
+    from vllm_readme.experts.plan import PlanReader
+
+    reader = PlanReader(num_experts=8)
+    queue.put((reader.read(), reader.last_seq))
+    reader.close()
+
+
+def test_plan_crosses_processes():
+    """The scheduler's plan reaches a cache in a child process (vllm serve:
+    engine core -> worker) and the writer removes its block on close."""
+    import multiprocessing
+
+    from vllm_readme.experts.plan import PlanReader, PlanWriter, plan_path
+
+    assert PlanReader(8).read() is None  # nothing published: no plan, no error
+    writer = PlanWriter()
+    try:
+        writer.publish({6, 1})
+        writer.publish({1, 3})
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_read_plan_in_child, args=(queue,))
+        child.start()
+        child.join(30)
+        assert queue.get(timeout=5) == (frozenset({1, 3}), 2)
+    finally:
+        writer.close()
+    assert not plan_path(os.getpid()).exists()

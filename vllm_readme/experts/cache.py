@@ -19,7 +19,7 @@ layer's experts ran: a slot is never rewritten while a kernel may read it.
 Eviction (eviction.py, one interface): Belady over the future the server
 knows, i.e. this step's experts for the layers still to run, then the next
 step's predicted experts (the expert-aware scheduler's plan when it
-publishes one, else this step's); LRU, LFU and random as baselines.
+publishes one, plan.py, else this step's); LRU, LFU and random as baselines.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_readme.configuration_readme import ReadMEConfigError
 from vllm_readme.experts.eviction import NEVER, make_policy
+from vllm_readme.experts.plan import PlanReader
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
 from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore
 from vllm_readme.model_executor.kernels import pack_expert_page
@@ -69,28 +70,6 @@ class CacheStats:
             "hit_ratio": self.hit_ratio,
             "prefetch_accuracy": self.prefetch_used / max(1, self.prefetched),
         }
-
-
-@dataclass
-class StepPlan:
-    """Experts the expert-aware scheduler expects the step after the one it
-    just scheduled to need (its candidates' routes), for Belady and the
-    next-step prefetch. Reaches the cache only where the scheduler and the
-    model share a process (a single-rank engine); ``step`` is the cache's
-    step it was written for."""
-
-    experts: frozenset[int] = frozenset()
-    step: int = -1
-
-
-PLAN = StepPlan()
-
-
-def publish_plan(experts: set[int] | frozenset[int]) -> None:
-    """Called by the scheduler after each schedule(): that step runs next
-    (the caches' step + 1), so the plan is for the one after it."""
-    PLAN.experts = frozenset(experts)
-    PLAN.step = max((cache.step for cache in _CACHES.values()), default=-1) + 2
 
 
 @dataclass
@@ -151,6 +130,8 @@ class ExpertCache:
         self.prefetched_unused: set[tuple[int, int]] = set()
         self.step = -1
         self.step_experts: frozenset[int] = frozenset()
+        self.plan = PlanReader(self.num_experts)
+        self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
         self.now = CacheStats()
         self.total = CacheStats()
         self.id = id(self)
@@ -213,6 +194,7 @@ class ExpertCache:
             self._end_step()
         self.step += 1
         self.step_experts = frozenset(expert_ids.unique().tolist())
+        self.next_plan = self.plan.read()
 
     def _end_step(self) -> None:
         self.now.steps = 1
@@ -235,8 +217,10 @@ class ExpertCache:
         self.now = CacheStats()
 
     def next_step_experts(self) -> frozenset[int]:
-        if PLAN.step == self.step + 1:
-            return PLAN.experts | self.step_experts
+        """The scheduler's plan for the next step (written when it scheduled
+        this one) with this step's experts; this step's alone without one."""
+        if self.next_plan is not None:
+            return self.next_plan | self.step_experts
         return self.step_experts
 
     def _next_use(self, page: tuple[int, int], clock: int) -> float:
@@ -321,6 +305,7 @@ class ExpertCache:
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.store.close()
+        self.plan.close()
         _CACHES.pop(self.id, None)
 
 

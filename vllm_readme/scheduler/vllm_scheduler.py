@@ -34,7 +34,6 @@ benchmarks/routes.py measure.
 from __future__ import annotations
 
 import collections
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from vllm_readme.options import SchedulerOptions
+from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
@@ -62,6 +61,7 @@ class ExpertAwareMixin:
         self.readme_stats = SchedulerStatsLog(self.readme_options.log_every)
         self.readme_arrival: dict[str, int] = {}
         self._readme_arrivals = 0
+        self._readme_plan = None  # experts/plan.py, when an expert pool is configured
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
         else:
@@ -76,6 +76,17 @@ class ExpertAwareMixin:
                 self.readme_cost_model.per_expert_ms,
                 self.readme_options.route_window,
             )
+            if ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None:
+                from vllm_readme.experts.plan import PlanWriter
+
+                self._readme_plan = PlanWriter()
+                logger.info("vllm-readme scheduler: publishing each step's expert plan to the expert cache.")
+
+    def shutdown(self) -> None:
+        if getattr(self, "_readme_plan", None) is not None:
+            self._readme_plan.close()
+            self._readme_plan = None
+        super().shutdown()
 
     # -- requests in and out ---------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -132,14 +143,12 @@ class ExpertAwareMixin:
         self._readme_publish_plan(candidates)
         return output
 
-    @staticmethod
-    def _readme_publish_plan(candidates) -> None:
-        """Tell an expert cache in this process (a single-rank engine) which
-        experts the following step is likely to need: every candidate's
-        latest routes, held back or not (experts/cache.py, Belady)."""
-        cache = sys.modules.get("vllm_readme.experts.cache")
-        if cache is not None and cache._CACHES:
-            cache.publish_plan(set().union(*(c.experts or () for c in candidates)))
+    def _readme_publish_plan(self, candidates) -> None:
+        """Tell the expert cache which experts the following step is likely
+        to need: every candidate's latest routes, held back or not
+        (experts/plan.py; Belady's future and the next-step prefetch)."""
+        if self._readme_plan is not None:
+            self._readme_plan.publish(set().union(*(c.experts or () for c in candidates)))
 
     def _readme_catch_up(self) -> None:
         """Route every token that reached a running request since last step."""
