@@ -76,14 +76,22 @@ class EngineSpec:
 class Server:
     """`vllm-readme serve` in its own process, kept up across workloads."""
 
-    def __init__(self, spec: EngineSpec, dtype: str, max_model_len: int, max_num_seqs: int, log_dir: Path):
+    def __init__(
+        self,
+        spec: EngineSpec,
+        dtype: str,
+        max_model_len: int,
+        max_num_seqs: int,
+        log_dir: Path,
+        common_args: tuple[str, ...] = (),
+    ):
         self.spec = spec
         self.name = "model"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / (spec.label.replace(" ", "_").replace("/", "_") + ".log")
         args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
-        args += ["--served-model-name", self.name, "--disable-uvicorn-access-log", *spec.serve_args]
+        args += ["--served-model-name", self.name, "--disable-uvicorn-access-log", *common_args, *spec.serve_args]
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **spec.env}
         self.log = open(self.log_path, "w")  # noqa: SIM115 (lives as long as the server)
         print(f"[serve] starting {spec.label}: {shlex.join(serve_command(spec.model, port, *args))}", flush=True)
@@ -305,6 +313,9 @@ PRESETS = {
         "concurrency": [1, 32],
         "rate_fractions": [],
         "out": RESULTS / "serve_expert_cache.json",
+        # Seven servers compiling at once on 2 cores outlast the start-up
+        # timeout; every engine runs eager alike.
+        "common_args": "--enforce-eager",
         "engine": [
             _pool_engine("pool 75%, Belady + prefetch", {"expert_pool": "75%"}),
             _pool_engine("pool 50%, Belady + prefetch", {"expert_pool": "50%"}),
@@ -313,8 +324,7 @@ PRESETS = {
             _pool_engine(
                 "pool 25%, expert-aware scheduler + Belady + prefetch",
                 {"expert_pool": "25%"},
-                # uni: the worker shares the scheduler's process, so its plan reaches the cache
-                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler --distributed-executor-backend uni ",
+                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler ",
             ),
         ],
     },
@@ -370,6 +380,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: c 1 and 4, one rate, short outputs")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
+    parser.add_argument("--common-args", default="", help="serve options given to every server (e.g. --enforce-eager)")
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -407,12 +418,14 @@ def main() -> None:
         "dtype": precision.vllm_dtype,
         "versions": versions(),
         "engines": {s.label: {"model": str(s.model), "serve_args": s.serve_args} for s in specs},
+        "common_serve_args": args.common_args,
         "workloads": {"random": {"prompt_tokens": random_lens[0], "output_tokens": random_lens[1]}, "chat": chat_stats},
         "paper": PAPER,
         "runs": {},
     }
     print(f"[serve] {results['machine']}; serving in {precision.vllm_dtype}", flush=True)
-    servers = [Server(s, precision.vllm_dtype, args.max_model_len, max(largest, 64), work) for s in specs]
+    common = tuple(shlex.split(args.common_args))
+    servers = [Server(s, precision.vllm_dtype, args.max_model_len, max(largest, 64), work, common) for s in specs]
     try:
         for server in servers:
             server.wait_ready()
