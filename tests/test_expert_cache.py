@@ -111,13 +111,20 @@ def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs,
 
 @pytest.mark.parametrize(
     "options",
-    [{"prefetch": False}, {"backing_store": "memory"}, {"backing_store": "memory", "prefetch": False}],
-    ids=["disk-no-prefetch", "memory", "memory-no-prefetch"],
+    [
+        {"prefetch": False},
+        {"backing_store": "checkpoint"},
+        {"backing_store": "memory"},
+        {"backing_store": "memory", "prefetch": False},
+    ],
+    ids=["disk-no-prefetch", "checkpoint", "memory", "memory-no-prefetch"],
 )
 def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, options):
     outputs, stats = generate(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": "50%", **options}})
     assert outputs == resident_outputs
     assert stats["store"] == options.get("backing_store", "disk")
+    if stats["store"] != "memory":
+        assert stats["direct"] is True  # O_DIRECT on this file system
     if options.get("prefetch") is False:
         assert stats["prefetched"] == 0 and stats["misses"] > 0
 

@@ -31,7 +31,7 @@ from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL, POLICIES
 CONFIG_KEY = "vllm_readme"
 WHERE = f'additional_config["{CONFIG_KEY}"]'
 EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
-BACKING_STORES = ("auto", "disk", "memory")
+BACKING_STORES = ("auto", "disk", "checkpoint", "memory")
 
 
 class ReadMEOptionsError(ValueError):
@@ -136,9 +136,10 @@ class ExpertCacheOptions(PluginOptions):
     expert_pool: str | None = None
     eviction: str = "belady"
     prefetch: bool = True
-    # disk: read from the checkpoint's safetensors, page cache bypassed
-    # (O_DIRECT); memory: a host copy (on GPU: pinned). auto: disk on CPU,
-    # memory on GPU.
+    # disk: a file of packed pages written at start-up, read with O_DIRECT;
+    # checkpoint: the checkpoint's safetensors, read (O_DIRECT), converted
+    # and packed per load; memory: a host copy (on GPU: pinned). auto: disk
+    # on CPU, memory on GPU.
     backing_store: str = "auto"
 
     def validated(self) -> ExpertCacheOptions:

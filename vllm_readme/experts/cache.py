@@ -37,7 +37,7 @@ from vllm_readme.configuration_readme import ReadMEConfigError
 from vllm_readme.experts.eviction import NEVER, make_policy
 from vllm_readme.experts.plan import PlanReader
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
-from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore
+from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFileStore
 from vllm_readme.model_executor.kernels import pack_expert_page
 from vllm_readme.options import WHERE, ExpertCacheOptions
 
@@ -107,9 +107,11 @@ class ExpertCache:
         store = options.backing_store
         if store == "auto":
             store = "memory" if device.type == "cuda" else "disk"
-        if store == "disk":
+        if store == "checkpoint":
             self.store = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
             self._check_layout(w13_layers, w2_layers)
+        elif store == "disk":
+            self.store = PageFileStore(w13_layers, w2_layers)
         else:
             pin = device.type == "cuda"
             self.store = MemoryExpertStore(
@@ -125,7 +127,14 @@ class ExpertCache:
                     self.w13[slot].copy_(w13_layers[layer][expert])
                     self.w2[slot].copy_(w2_layers[layer][expert])
                     self.slot_table[layer, expert] = slot
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="readme-prefetch") if options.prefetch else None
+        # One torch thread for the loader: the model's thread keeps the cores' math.
+        self.executor = (
+            ThreadPoolExecutor(
+                1, thread_name_prefix="readme-prefetch", initializer=torch.set_num_threads, initargs=(1,)
+            )
+            if options.prefetch
+            else None
+        )
         self.inflight: dict[tuple[int, int], _Inflight] = {}
         self.prefetched_unused: set[tuple[int, int]] = set()
         self.step = -1
@@ -155,8 +164,12 @@ class ExpertCache:
         total = self.num_layers * self.num_experts
         pages = self.pool.capacity
         store = self.store.kind
-        if store == "disk":
-            store += " (checkpoint safetensors, " + ("O_DIRECT)" if self.store.direct else "page cache dropped)")
+        if isinstance(self.store, PageFileStore):
+            store += f" ({self.store.path}, " + ("O_DIRECT)" if self.store.direct else "page cache dropped)")
+        elif isinstance(self.store, DiskExpertStore):
+            store += " (safetensors, convert and pack per load, " + (
+                "O_DIRECT)" if self.store.direct else "page cache dropped)"
+            )
         return (
             f"expert cache: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
             f"of {total * self.page_bytes / 2**20:.1f} MiB), page {self.page_bytes / 2**10:.0f} KiB, eviction "
@@ -248,7 +261,7 @@ class ExpertCache:
     # ------------------------------------------------------------ loading
     def _read_packed(self, page) -> tuple[torch.Tensor, torch.Tensor]:
         layer, expert = page
-        if isinstance(self.store, MemoryExpertStore):
+        if not isinstance(self.store, DiskExpertStore):
             return self.store.packed(layer, expert)
         gate, up, down = self.store.read(layer, expert)
         return pack_expert_page(gate, up, down, self.w13[:1], self.w2[:1], self.isa)

@@ -1,6 +1,10 @@
 """Where experts that are not in the pool live (docs/expert_cache.md).
 
-* ``DiskExpertStore``: the checkpoint's own safetensors files, read one page
+* ``PageFileStore`` (``backing_store: disk``, the default on CPU): every page
+  in the kernel's layout in one file written at start-up from the weights
+  vLLM loaded; a load is one ``O_DIRECT`` read and a copy.
+* ``DiskExpertStore`` (``backing_store: checkpoint``): the checkpoint's own
+  safetensors files, read one page
   (the gate, up and down rows of one expert of one layer) at a time with the
   page cache bypassed (``O_DIRECT``), so the process's resident experts
   really are the pool. A file system that refuses O_DIRECT (tmpfs) is read
@@ -16,6 +20,7 @@ into the kernel's layout is kernels.py's (``pack_expert_page``).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -112,7 +117,7 @@ class DiskExpertStore:
     {gate,up,down}_proj``, stacked ``[E, ...]`` (README, "Checkpoint
     format"), sliced to this tensor-parallel rank's channels."""
 
-    kind = "disk"
+    kind = "checkpoint"
 
     def __init__(self, folder: Path, num_layers: int, num_experts: int, tp_rank: int = 0, tp_size: int = 1):
         index = safetensors_index(folder)
@@ -174,3 +179,64 @@ class MemoryExpertStore:
 
     def close(self) -> None:
         pass
+
+
+class PageFileStore:
+    """Every page already in the kernel's layout and dtype, one aligned
+    record per page in a file written at start-up from the weights vLLM
+    loaded (so it always matches them): a load is one ``O_DIRECT`` read and
+    a copy, with no conversion or packing (docs/expert_cache.md). The file
+    is created in ``VLLM_README_PAGE_DIR`` (default ``~/.cache/vllm_readme``,
+    on disk, where O_DIRECT works) and unlinked once open, so it disappears
+    with the engine however it ends."""
+
+    kind = "disk"
+
+    def __init__(self, w13_layers: list[torch.Tensor], w2_layers: list[torch.Tensor], folder: Path | None = None):
+        import tempfile
+
+        folder = Path(folder or os.environ.get("VLLM_README_PAGE_DIR") or Path.home() / ".cache" / "vllm_readme")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.num_experts = w13_layers[0].shape[0]
+        self.w13_shape, self.w2_shape = tuple(w13_layers[0].shape[1:]), tuple(w2_layers[0].shape[1:])
+        self.dtype = w13_layers[0].dtype
+        self.w13_nbytes = w13_layers[0][0].nbytes
+        self.record = -(-(self.w13_nbytes + w2_layers[0][0].nbytes) // _ALIGN) * _ALIGN
+        fd, name = tempfile.mkstemp(prefix="expert-pages-", suffix=".bin", dir=folder)
+        self.path = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            pad = bytes(self.record - self.w13_nbytes - w2_layers[0][0].nbytes)
+            for w13, w2 in zip(w13_layers, w2_layers, strict=True):
+                for expert in range(self.num_experts):
+                    f.write(_raw_bytes(w13[expert]))
+                    f.write(_raw_bytes(w2[expert]))
+                    f.write(pad)
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):  # the reads bypass the page cache: do not keep a copy there
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self.reader = DirectReader()
+        self.reader._fd(self.path)  # noqa: SLF001 - opened now, so the name can go:
+        self.path.unlink()  # the file lives as long as the engine, even one that crashes
+        self.bytes_read = 0
+
+    @property
+    def direct(self) -> bool:
+        return self.reader.direct
+
+    def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views into this thread's read buffer: copy them before the next read."""
+        raw = self.reader.read(self.path, (layer * self.num_experts + expert) * self.record, self.record)
+        self.bytes_read += self.record
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+        w13 = flat[: self.w13_nbytes].view(self.dtype).view(self.w13_shape)
+        end = self.w13_nbytes + math.prod(self.w2_shape) * w13.element_size()
+        w2 = flat[self.w13_nbytes : end].view(self.dtype).view(self.w2_shape)
+        return w13, w2
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
