@@ -387,9 +387,16 @@ def main() -> None:
         help="a named run (engines, workloads, results file): expert-cache = the expert pool at 75/50/25%%, "
         "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler",
     )
+    parser.add_argument("--report-from", type=Path, help="redo the Markdown table and the plot of a results JSON")
     args = parser.parse_args()
     for name, value in PRESETS.get(args.preset, {}).items():
         setattr(args, name, value)
+    if args.report_from:
+        results = json.loads(args.report_from.read_text())
+        specs = [EngineSpec(label, Path(e["model"]), e["serve_args"]) for label, e in results["engines"].items()]
+        plot(results, specs, args.report_from.with_suffix(".png"))
+        args.report_from.with_suffix(".md").write_text(report(results, specs))
+        return
 
     from vllm_readme.precision import machine_description, read_machine, resolve_precision
 
@@ -535,6 +542,27 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
                 f"| {label} | {key} | {v['output_throughput']:.2f}x | {v['p95_tpot']:.2f}x | "
                 f"{v['mean_normalised_latency']:.2f}x | {v['p95_normalised_latency']:.2f}x |"
             )
+    cache_rows = [
+        (key, label, r)
+        for key, row in results["runs"].items()
+        for label, r in row.items()
+        if r.get("expert_cache") and r.get("engine_steps")
+    ]
+    if cache_rows:
+        lines += [
+            "",
+            "Expert cache (deltas of the server's /metrics over the workload):",
+            "",
+            "| workload | engine | output tok/s | page hits | loaded MiB/step | stalled ms/step | prefetched used |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, label, r in cache_rows:
+            c = r["expert_cache"]
+            lines.append(
+                f"| {key} | {label} | {r['output_throughput']:.1f} | {c['hit_ratio']:.1%} | "
+                f"{c['loaded_bytes'] / 2**20 / r['engine_steps']:.2f} | {c['stall_ms_per_step']:.1f} | "
+                f"{c['prefetch_accuracy']:.0%} |"
+            )
     lines += ["", "The paper's figures (Read-ME §4, its own testbed), for comparison:", ""]
     lines += [f"- {k}: {v}" for k, v in results["paper"].items()]
     return "\n".join(lines) + "\n"
@@ -550,7 +578,8 @@ def plot(results: dict, specs: list[EngineSpec], path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     runs = results["runs"]
     concurrency_keys = [k for k in runs if " c" in k]
-    cdf_key = max((k for k in concurrency_keys if k.startswith("chat")), key=lambda k: int(k.split(" c")[1]))
+    cdf_keys = [k for k in concurrency_keys if k.startswith("chat")] or concurrency_keys
+    cdf_key = max(cdf_keys, key=lambda k: int(k.split(" c")[1]))
     for i, spec in enumerate(specs):
         color = colors[i % len(colors)]
         samples = runs[cdf_key].get(spec.label, {}).get("normalised_latency_samples", [])
