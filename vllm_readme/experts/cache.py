@@ -217,7 +217,7 @@ class ExpertCache:
             t = self.total
             logger.info(
                 "expert cache: %d steps, hit ratio %.1f%% (last step %d/%d), %.1f MiB loaded, prefetch %d (%.0f%% "
-                "used), stalled %.1f ms/step",
+                "used), stalled %.1f ms/step, next-step plan: %s",
                 t.steps,
                 100 * t.hit_ratio,
                 self.now.hits,
@@ -226,6 +226,7 @@ class ExpertCache:
                 t.prefetched,
                 100 * t.prefetch_used / max(1, t.prefetched),
                 1000 * t.stall_s / t.steps,
+                f"the scheduler's (#{self.plan.last_seq})" if self.next_plan is not None else "this step's experts",
             )
         self.now = CacheStats()
 
