@@ -546,7 +546,7 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
         (key, label, r)
         for key, row in results["runs"].items()
         for label, r in row.items()
-        if r.get("expert_cache") and r.get("engine_steps")
+        if isinstance(r, dict) and r.get("expert_cache") and r.get("engine_steps")
     ]
     if cache_rows:
         lines += [
