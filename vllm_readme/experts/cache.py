@@ -25,6 +25,7 @@ publishes one, plan.py, else this step's); LRU, LFU and random as baselines.
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,9 @@ from vllm_readme.options import WHERE, ExpertCacheOptions
 
 logger = init_logger(f"vllm.{__name__}")
 
-_CACHES: dict[int, ExpertCache] = {}
+# The custom op finds its cache by id; weak, so an engine torn down in-process
+# frees its pool.
+_CACHES: weakref.WeakValueDictionary[int, ExpertCache] = weakref.WeakValueDictionary()
 
 
 @dataclass

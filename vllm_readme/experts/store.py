@@ -111,6 +111,9 @@ class DirectReader:
                 os.close(fd)
             self._fds.clear()
 
+    def __del__(self):
+        self.close()
+
 
 class DiskExpertStore:
     """Pages read from the checkpoint: ``model.layers.{i}.mlp.experts.
