@@ -199,7 +199,10 @@ class PageFileStore:
         import tempfile
 
         folder = Path(folder or os.environ.get("VLLM_README_PAGE_DIR") or Path.home() / ".cache" / "vllm_readme")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # e.g. a read-only home: any disk folder will do
+            folder = Path(tempfile.gettempdir())
         self.num_experts = w13_layers[0].shape[0]
         self.w13_shape, self.w2_shape = tuple(w13_layers[0].shape[1:]), tuple(w2_layers[0].shape[1:])
         self.dtype = w13_layers[0].dtype
