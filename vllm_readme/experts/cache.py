@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,12 +73,6 @@ class CacheStats:
             "hit_ratio": self.hit_ratio,
             "prefetch_accuracy": self.prefetch_used / max(1, self.prefetched),
         }
-
-
-@dataclass
-class _Inflight:
-    future: Future
-    started: float = field(default_factory=time.perf_counter)
 
 
 class ExpertCache:
@@ -138,12 +132,13 @@ class ExpertCache:
             if options.prefetch
             else None
         )
-        self.inflight: dict[tuple[int, int], _Inflight] = {}
+        self.inflight: dict[tuple[int, int], Future] = {}
         self.prefetched_unused: set[tuple[int, int]] = set()
         self.step = -1
         self.step_experts: frozenset[int] = frozenset()
         self.plan = PlanReader(self.num_experts)
         self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
+        self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()
         self.total = CacheStats()
         self.id = id(self)
@@ -211,6 +206,9 @@ class ExpertCache:
         self.step += 1
         self.step_experts = frozenset(expert_ids.unique().tolist())
         self.next_plan = self.plan.read()
+        # The scheduler's plan for the next step (written when it scheduled
+        # this one) with this step's experts; this step's alone without one.
+        self.next_experts = self.step_experts | (self.next_plan or frozenset())
 
     def _end_step(self) -> None:
         self.now.steps = 1
@@ -233,20 +231,13 @@ class ExpertCache:
             )
         self.now = CacheStats()
 
-    def next_step_experts(self) -> frozenset[int]:
-        """The scheduler's plan for the next step (written when it scheduled
-        this one) with this step's experts; this step's alone without one."""
-        if self.next_plan is not None:
-            return self.next_plan | self.step_experts
-        return self.step_experts
-
     def _next_use(self, page: tuple[int, int], clock: int) -> float:
         """Belady's knowledge: when ``page`` is next read, as a clock."""
         layer, expert = page
         step, now = divmod(clock, self.num_layers)
         if layer > now and expert in self.step_experts:
             return step * self.num_layers + layer
-        if expert in self.next_step_experts():
+        if expert in self.next_experts:
             return (step + 1) * self.num_layers + layer
         return NEVER
 
@@ -291,7 +282,7 @@ class ExpertCache:
         if layer + 1 < self.num_layers:
             target, experts = layer + 1, self.step_experts
         else:
-            target, experts = 0, self.next_step_experts()
+            target, experts = 0, self.next_experts
         pages = [(target, e) for e in sorted(experts)]
         self.pool.pin(self.pool.pinned | {p for p in pages if p in self.pool.slot_of})
         for page in pages:
@@ -301,7 +292,7 @@ class ExpertCache:
                 slot = self._allocate(page, clock, loading=True)
             except PoolTooSmall:
                 break  # every other page is needed now: the demand path will load it
-            self.inflight[page] = _Inflight(self.executor.submit(self._load_async, page, slot))
+            self.inflight[page] = self.executor.submit(self._load_async, page, slot)
             self.now.prefetched += 1
 
     def _harvest(self, wait_for) -> None:
@@ -309,9 +300,9 @@ class ExpertCache:
         wanted = set(wait_for)
         for page in list(self.inflight):
             job = self.inflight[page]
-            if page not in wanted and not job.future.done():
+            if page not in wanted and not job.done():
                 continue
-            event = job.future.result()  # a failed read raises here, in the model's thread
+            event = job.result()  # a failed read raises here, in the model's thread
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
             del self.inflight[page]

@@ -20,7 +20,6 @@ into the kernel's layout is kernels.py's (``pack_expert_page``).
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -206,12 +205,12 @@ class PageFileStore:
         self.num_experts = w13_layers[0].shape[0]
         self.w13_shape, self.w2_shape = tuple(w13_layers[0].shape[1:]), tuple(w2_layers[0].shape[1:])
         self.dtype = w13_layers[0].dtype
-        self.w13_nbytes = w13_layers[0][0].nbytes
-        self.record = -(-(self.w13_nbytes + w2_layers[0][0].nbytes) // _ALIGN) * _ALIGN
+        self.w13_nbytes, self.w2_nbytes = w13_layers[0][0].nbytes, w2_layers[0][0].nbytes
+        self.record = -(-(self.w13_nbytes + self.w2_nbytes) // _ALIGN) * _ALIGN
         fd, name = tempfile.mkstemp(prefix="expert-pages-", suffix=".bin", dir=folder)
         self.path = Path(name)
         with os.fdopen(fd, "wb") as f:
-            pad = bytes(self.record - self.w13_nbytes - w2_layers[0][0].nbytes)
+            pad = bytes(self.record - self.w13_nbytes - self.w2_nbytes)
             for w13, w2 in zip(w13_layers, w2_layers, strict=True):
                 for expert in range(self.num_experts):
                     f.write(_raw_bytes(w13[expert]))
@@ -236,8 +235,7 @@ class PageFileStore:
         self.bytes_read += self.record
         flat = torch.frombuffer(raw, dtype=torch.uint8)
         w13 = flat[: self.w13_nbytes].view(self.dtype).view(self.w13_shape)
-        end = self.w13_nbytes + math.prod(self.w2_shape) * w13.element_size()
-        w2 = flat[self.w13_nbytes : end].view(self.dtype).view(self.w2_shape)
+        w2 = flat[self.w13_nbytes : self.w13_nbytes + self.w2_nbytes].view(self.dtype).view(self.w2_shape)
         return w13, w2
 
     def close(self) -> None:
