@@ -136,6 +136,7 @@ class ExpertCache:
         self.prefetched_unused: set[tuple[int, int]] = set()
         self.step = -1
         self.step_experts: frozenset[int] = frozenset()
+        self.step_order: list[int] = []  # the same, ascending (the order pages are pinned and loaded)
         self.plan = PlanReader(self.num_experts)
         self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
@@ -143,9 +144,9 @@ class ExpertCache:
         self.total = CacheStats()
         self.id = id(self)
         _CACHES[self.id] = self
-        from vllm_readme.model_executor.metrics import expert_cache_counters
+        from vllm_readme.model_executor.metrics import ExpertCacheCounters
 
-        self.counters = expert_cache_counters()
+        self.counters = ExpertCacheCounters()
 
     # ------------------------------------------------------------ start-up
     def _check_layout(self, w13_layers, w2_layers) -> None:
@@ -178,7 +179,7 @@ class ExpertCache:
     def layer_slots(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
         if layer == 0:
             self._begin_step(expert_ids)
-        needed = [(layer, e) for e in sorted(self.step_experts)]
+        needed = [(layer, e) for e in self.step_order]
         clock = self.step * self.num_layers + layer
         self.pool.pin(needed)
         started = time.perf_counter()
@@ -204,7 +205,8 @@ class ExpertCache:
         if self.step >= 0:
             self._end_step()
         self.step += 1
-        self.step_experts = frozenset(expert_ids.unique().tolist())
+        self.step_order = expert_ids.unique().tolist()  # sorted
+        self.step_experts = frozenset(self.step_order)
         self.next_plan = self.plan.read()
         # The scheduler's plan for the next step (written when it scheduled
         # this one) with this step's experts; this step's alone without one.
@@ -280,10 +282,10 @@ class ExpertCache:
 
     def _prefetch(self, layer: int, clock: int) -> None:
         if layer + 1 < self.num_layers:
-            target, experts = layer + 1, self.step_experts
+            target, experts = layer + 1, self.step_order
         else:
-            target, experts = 0, self.next_experts
-        pages = [(target, e) for e in sorted(experts)]
+            target, experts = 0, sorted(self.next_experts)
+        pages = [(target, e) for e in experts]
         self.pool.pin(self.pool.pinned | {p for p in pages if p in self.pool.slot_of})
         for page in pages:
             if page in self.pool.slot_of:

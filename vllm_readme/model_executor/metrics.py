@@ -114,7 +114,3 @@ class ExpertCacheCounters:
             value = getattr(stats, field)
             if value:
                 counter.inc(value)
-
-
-def expert_cache_counters() -> ExpertCacheCounters:
-    return ExpertCacheCounters()
