@@ -24,6 +24,7 @@ publishes one, plan.py, else this step's); LRU, LFU and random as baselines.
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,22 +32,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vllm.logger import init_logger
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_readme.configuration_readme import ReadMEConfigError
 from vllm_readme.experts.eviction import NEVER, make_policy
 from vllm_readme.experts.plan import PlanReader
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
 from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFileStore
-from vllm_readme.model_executor.kernels import pack_expert_page
 from vllm_readme.options import WHERE, ExpertCacheOptions
 
-logger = init_logger(f"vllm.{__name__}")
+# Under vLLM's "vllm" logger, so its handlers and level apply. This module
+# imports no vLLM: the cache's mechanics (pool, stores, streams) run and are
+# tested with torch alone, on a GPU too (tests/test_gpu.py); the custom op
+# that calls it from the model lives in model_executor/expert_op.py.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # The custom op finds its cache by id; weak, so an engine torn down in-process
 # frees its pool.
 _CACHES: weakref.WeakValueDictionary[int, ExpertCache] = weakref.WeakValueDictionary()
+
+
+def cache_by_id(cache_id: int) -> ExpertCache:
+    return _CACHES[cache_id]
 
 
 @dataclass
@@ -104,6 +110,11 @@ class ExpertCache:
         store = options.backing_store
         if store == "auto":
             store = "memory" if device.type == "cuda" else "disk"
+        if store == "checkpoint" and device.type == "cuda":
+            raise ReadMEConfigError(
+                'expert cache: backing_store "checkpoint" converts and packs pages for the CPU grouped GEMM; on a GPU '
+                'use "memory" (pinned host memory, the default there) or "disk".'
+            )
         if store == "checkpoint":
             self.store = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
             self._check_layout(w13_layers, w2_layers)
@@ -193,7 +204,10 @@ class ExpertCache:
             else:
                 self.now.misses += 1
                 slot = self._allocate(page, clock)
-                self._write(slot, *self._read_packed(page))
+                w13, w2 = self._read_packed(page)
+                # On the compute stream, after every kernel that read the old
+                # page; asynchronous from a pinned (persistent) host copy.
+                self._write(slot, w13, w2, non_blocking=w13.is_pinned())
                 self._finish(page, slot)
             self.pool.touch(page, clock)
         self.now.stall_s += time.perf_counter() - started
@@ -260,6 +274,8 @@ class ExpertCache:
         layer, expert = page
         if not isinstance(self.store, DiskExpertStore):
             return self.store.packed(layer, expert)
+        from vllm_readme.model_executor.kernels import pack_expert_page
+
         gate, up, down = self.store.read(layer, expert)
         return pack_expert_page(gate, up, down, self.w13[:1], self.w2[:1], self.isa)
 
@@ -267,14 +283,20 @@ class ExpertCache:
         self.w13[slot].copy_(w13, non_blocking=non_blocking)
         self.w2[slot].copy_(w2, non_blocking=non_blocking)
 
-    def _load_async(self, page, slot: int):
+    def _load_async(self, page, slot: int, ready: torch.cuda.Event | None):
         """On the prefetch thread: read, pack, write the (unpinned, not yet
-        mapped) slot; on a GPU on the copy stream, returning its event."""
+        mapped) slot; on a GPU on the copy stream, returning its event.
+
+        On a GPU the host runs ahead of the device: kernels of earlier layers
+        that read the page this slot held may not have run yet. ``ready`` was
+        recorded on the compute stream when the load was decided (after every
+        kernel that can read the old page), and the copy waits for it."""
         w13, w2 = self._read_packed(page)
         if self.copy_stream is None:
             self._write(slot, w13, w2)
             return None
         with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(ready)
             self._write(slot, w13, w2, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
@@ -287,6 +309,10 @@ class ExpertCache:
             target, experts = 0, sorted(self.next_experts)
         pages = [(target, e) for e in experts]
         self.pool.pin(self.pool.pinned | {p for p in pages if p in self.pool.slot_of})
+        ready = None
+        if self.copy_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.w13.device))
         for page in pages:
             if page in self.pool.slot_of:
                 continue
@@ -294,7 +320,7 @@ class ExpertCache:
                 slot = self._allocate(page, clock, loading=True)
             except PoolTooSmall:
                 break  # every other page is needed now: the demand path will load it
-            self.inflight[page] = self.executor.submit(self._load_async, page, slot)
+            self.inflight[page] = self.executor.submit(self._load_async, page, slot, ready)
             self.now.prefetched += 1
 
     def _harvest(self, wait_for) -> None:
@@ -323,14 +349,3 @@ def minimum_pages(num_experts: int) -> int:
     """One layer's experts: a step may route its tokens to all of them, and a
     layer's pages are pinned while it runs."""
     return num_experts
-
-
-def _expert_slots(expert_ids: torch.Tensor, hidden_states: torch.Tensor, cache_id: int, layer: int) -> torch.Tensor:
-    return _CACHES[cache_id].layer_slots(layer, expert_ids)
-
-
-def _expert_slots_fake(expert_ids: torch.Tensor, hidden_states: torch.Tensor, cache_id: int, layer: int):
-    return torch.empty((expert_ids.shape[0], 1), dtype=torch.int32, device=expert_ids.device)
-
-
-direct_register_custom_op("readme_expert_slots", _expert_slots, fake_impl=_expert_slots_fake)

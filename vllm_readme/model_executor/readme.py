@@ -471,6 +471,7 @@ class ReadMEForCausalLM(nn.Module):
         the layers' own expert weights are freed."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
+        import vllm_readme.model_executor.expert_op  # noqa: F401 - registers torch.ops.vllm.readme_expert_slots
         from vllm_readme.experts.cache import ExpertCache, minimum_pages
 
         mlps = [layer.mlp for layer in self.model.layers]
