@@ -32,17 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def record_routes(model_dir: Path, max_tokens: int, block_len: int = 512) -> list[list[int]]:
+def record_routes(model_dir: Path, max_tokens: int, block_len: int = 512, text: str = "held-out") -> list[list[int]]:
+    """The router's route of every token of ``text``: "held-out" (documents
+    of the calibration sources that no stage saw) or "out-of-domain"
+    (the Brown categories no stage sees)."""
     import torch
     from transformers import AutoTokenizer
 
     from vllm_readme.modeling_readme import ReadMEForCausalLM
-    from vllm_readme.refactor.data import load_domains, split_domains, token_blocks
+    from vllm_readme.refactor.data import load_domains, out_of_domain_documents, split_domains, token_blocks
     from vllm_readme.refactor.pipeline import RefactorOptions
 
-    options = RefactorOptions(out=model_dir)
-    _, held = split_domains(load_domains(list(options.calib)), options.held_out_fraction)
-    documents = [doc for domain in held for doc in domain.documents]
+    if text == "out-of-domain":
+        documents = out_of_domain_documents()
+    else:
+        options = RefactorOptions(out=model_dir)
+        _, held = split_domains(load_domains(list(options.calib)), options.held_out_fraction)
+        documents = [doc for domain in held for doc in domain.documents]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     blocks = token_blocks(tokenizer, documents, block_len, max_tokens)
     model = ReadMEForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -79,16 +85,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=ROOT / "models" / "smollm2-readme")
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument(
+        "--text",
+        default="held-out",
+        choices=["held-out", "out-of-domain"],
+        help="held-out documents of the calibration sources, or English prose no stage sees (Brown)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "routes.json")
+    parser.add_argument(
+        "--save-trace", type=Path, help="also write the recorded routes (one list per 512-token block) as JSON"
+    )
     args = parser.parse_args()
 
     from vllm_readme.experts.eviction import EVICTION_POLICIES, single_stream_hit_ratio
     from vllm_readme.scheduler.simulator import TraceRequest, simulate
 
     num_experts = json.loads((args.readme / "config.json").read_text())["num_experts"]
-    blocks = record_routes(args.readme, args.tokens)
+    blocks = record_routes(args.readme, args.tokens, text=args.text)
+    if args.save_trace:
+        args.save_trace.write_text(json.dumps({"model": str(args.readme), "text": args.text, "blocks": blocks}))
     stream = [r for block in blocks for r in block]
-    results = {"model": str(args.readme), "routes": route_statistics(blocks, num_experts), "single_stream": {}}
+    results = {
+        "model": str(args.readme),
+        "text": args.text,
+        "routes": route_statistics(blocks, num_experts),
+        "single_stream": {},
+    }
     print(f"[routes] {len(stream)} tokens; persistence {results['routes']['persistence']:.1%}")
     for capacity in range(2, min(6, num_experts)):
         row = {p: single_stream_hit_ratio(stream, capacity, p) for p in EVICTION_POLICIES}
@@ -104,7 +126,7 @@ def main() -> None:
             )
     results["replay"] = {}
     half = max(1, num_experts // 2)
-    for concurrency in (8, 32, 64):
+    for concurrency in (1, 8, 32, 64):
         trace = requests[: 2 * concurrency]
         rows = {}
         for policy, extra in (

@@ -141,6 +141,30 @@ def test_with_expert_aware_scheduler(tiny_gqa, resident_outputs):
     assert stats["plan"] and stats["plan_seq"] > 10  # a plan was read at the steps' start
 
 
+def test_scheduler_reads_the_caches_residency(tiny_gqa):
+    """The other direction: the cache publishes which experts are resident in
+    every layer and what loading one costs; the scheduler's cost model reads
+    them (the in-process engine's scheduler is inspected directly)."""
+    from vllm import SamplingParams
+
+    with vllm_engine(
+        tiny_gqa,
+        max_num_seqs=4,
+        scheduler_cls="vllm_readme.scheduler.ExpertAwareScheduler",
+        additional_config={"vllm_readme": {"expert_pool": "50%", "prefetch": False, "log_every": 0}},
+    ) as llm:
+        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        resident, load_ms = scheduler.readme_last_residency
+        cache_resident = llm.apply_model(lambda model: model.model.expert_cache.resident_experts())[0]
+    # 4 pages = half of 2 layers x 4 experts: at most 2 experts in both layers.
+    assert len(resident) <= 2 and resident <= set(range(4)) and len(cache_resident) <= 2
+    assert load_ms > 0  # the cache measured its loads (demand loads: prefetch is off)
+    cost, resident_now = scheduler._readme_residency()  # the latest the cache published
+    assert cost.per_load_ms == scheduler.readme_last_residency[1] > 0 and resident_now <= set(range(4))
+    assert cost.per_token_ms == scheduler.readme_cost_model.per_token_ms
+
+
 def test_unequal_experts_and_compiled(tiny_mha):
     """Unequal expert widths (padding in the kernel's layout), and the pool
     under torch.compile (the custom op stays one opaque call per layer)."""
@@ -184,19 +208,22 @@ def _read_plan_in_child(queue):
 
     reader = PlanReader(num_experts=8)
     queue.put((reader.read(), reader.last_seq))
+    reader.publish_residency({0, 5}, 12.5)
     reader.close()
 
 
 def test_plan_crosses_processes():
     """The scheduler's plan reaches a cache in a child process (vllm serve:
-    engine core -> worker) and the writer removes its block on close."""
+    engine core -> worker), the cache's residency comes back, and the writer
+    removes the file on close."""
     import multiprocessing
 
     from vllm_readme.experts.plan import PlanReader, PlanWriter, plan_path
 
     assert PlanReader(8).read() is None  # nothing published: no plan, no error
-    writer = PlanWriter()
+    writer = PlanWriter(num_experts=8)
     try:
+        assert writer.residency() is None  # the cache has not run a step yet
         writer.publish({6, 1})
         writer.publish({1, 3})
         context = multiprocessing.get_context("fork")
@@ -205,6 +232,7 @@ def test_plan_crosses_processes():
         child.start()
         child.join(30)
         assert queue.get(timeout=5) == (frozenset({1, 3}), 2)
+        assert writer.residency() == (frozenset({0, 5}), 12.5)  # and back: the cache's residency
     finally:
         writer.close()
     assert not plan_path(os.getpid()).exists()

@@ -153,6 +153,7 @@ class ExpertCache:
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()
         self.total = CacheStats()
+        self.page_load_ms = 0.0
         self.id = id(self)
         _CACHES[self.id] = self
         from vllm_readme.model_executor.metrics import ExpertCacheCounters
@@ -204,10 +205,12 @@ class ExpertCache:
             else:
                 self.now.misses += 1
                 slot = self._allocate(page, clock)
+                load_started = time.perf_counter()
                 w13, w2 = self._read_packed(page)
                 # On the compute stream, after every kernel that read the old
                 # page; asynchronous from a pinned (persistent) host copy.
                 self._write(slot, w13, w2, non_blocking=w13.is_pinned())
+                self._timed_load(time.perf_counter() - load_started)
                 self._finish(page, slot)
             self.pool.touch(page, clock)
         self.now.stall_s += time.perf_counter() - started
@@ -226,7 +229,22 @@ class ExpertCache:
         # this one) with this step's experts; this step's alone without one.
         self.next_experts = self.step_experts | (self.next_plan or frozenset())
 
+    def _timed_load(self, seconds: float) -> None:
+        """A running mean of one page's load time (read, pack, write), for
+        the scheduler's cost model; on a GPU the host's share only."""
+        self.page_load_ms += 0.05 * (1000 * seconds - self.page_load_ms) if self.page_load_ms else 1000 * seconds
+
+    def resident_experts(self) -> frozenset[int]:
+        """Experts whose page is resident (or arriving) in every layer."""
+        pages = [0] * self.num_experts
+        for _, expert in self.pool.slot_of:
+            pages[expert] += 1
+        return frozenset(e for e, n in enumerate(pages) if n == self.num_layers)
+
     def _end_step(self) -> None:
+        # To the expert-aware scheduler, if there is one: its cost model
+        # charges a step for opening experts that are not resident.
+        self.plan.publish_residency(self.resident_experts(), self.page_load_ms * self.num_layers)
         self.now.steps = 1
         self.total.add(self.now)
         self.counters.record(self.now)
@@ -291,9 +309,11 @@ class ExpertCache:
         that read the page this slot held may not have run yet. ``ready`` was
         recorded on the compute stream when the load was decided (after every
         kernel that can read the old page), and the copy waits for it."""
+        started = time.perf_counter()
         w13, w2 = self._read_packed(page)
         if self.copy_stream is None:
             self._write(slot, w13, w2)
+            self._timed_load(time.perf_counter() - started)
             return None
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)

@@ -1,4 +1,5 @@
-"""Scheduler -> expert cache: the experts the next step is expected to need.
+"""Scheduler <-> expert cache: the experts the next step is expected to need,
+and which experts are resident.
 
 The expert-aware scheduler knows every candidate request's latest route
 when it schedules a step; the expert cache needs that future for Belady and
@@ -11,10 +12,19 @@ process id, the cache opens it by its own or its parent's process id.
 (Not ``multiprocessing.shared_memory``: its resource tracker, shared by
 forked children, unlinks or double-counts blocks a child opens.)
 
-Layout: a uint64 sequence number, then one byte per expert. The writer
-bumps the sequence number to odd before writing and to even after; a
-reader retries while it is odd or changed (a seqlock), so it never sees a
-half-written plan. Plain Python: no vLLM, no torch.
+Two blocks, each written by one side and read by the other:
+
+* the plan (scheduler -> cache): a uint64 sequence number, one byte per
+  expert;
+* residency (cache -> scheduler, once per step): a uint64 sequence number,
+  a float64 (the measured milliseconds to load one expert across all
+  layers, 0 until measured), one byte per expert (1: every layer's page of
+  it is resident). The scheduler's cost model charges a step for the
+  experts it would open that are not resident.
+
+Each block is a seqlock: the writer bumps its sequence number to odd before
+writing and to even after; a reader retries while it is odd or changed, so
+it never sees a half-written block. Plain Python: no vLLM, no torch.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import tempfile
 from pathlib import Path
 
 MAX_EXPERTS = 1024
-_HEADER = 8
-_SIZE = _HEADER + MAX_EXPERTS
+_PLAN = 0  # u64 seq, flags
+_RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
+_SIZE = _RESIDENCY + 16 + MAX_EXPERTS
 
 
 def plan_path(pid: int) -> Path:
@@ -35,10 +46,48 @@ def plan_path(pid: int) -> Path:
     return folder / f"vllm_readme_plan_{pid}"
 
 
-class PlanWriter:
-    """Owned by the scheduler; the file is removed when it closes."""
+class _Block:
+    """One seqlock block of a shared buffer: a sequence number, an optional
+    float, one byte per expert."""
 
-    def __init__(self, pid: int | None = None):
+    def __init__(self, offset: int, with_value: bool):
+        self.offset = offset
+        self.flags_at = offset + (16 if with_value else 8)
+        self.seq = 0
+
+    def write(self, buf, experts, value: float | None = None) -> None:
+        self.seq += 1
+        struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)  # odd: writing
+        if value is not None:
+            struct.pack_into("<d", buf, self.offset + 8, value)
+        flags = bytearray(MAX_EXPERTS)
+        for expert in experts:
+            if 0 <= expert < MAX_EXPERTS:
+                flags[expert] = 1
+        buf[self.flags_at : self.flags_at + MAX_EXPERTS] = bytes(flags)
+        struct.pack_into("<Q", buf, self.offset, 2 * self.seq)
+
+    def read(self, buf, num_experts: int) -> tuple[int, frozenset[int], float] | None:
+        """(sequence number, experts, value), or None when nothing was written."""
+        for _ in range(100):
+            (before,) = struct.unpack_from("<Q", buf, self.offset)
+            if before == 0:
+                return None
+            if before % 2:
+                continue
+            (value,) = struct.unpack_from("<d", buf, self.offset + 8)
+            flags = bytes(buf[self.flags_at : self.flags_at + num_experts])
+            (after,) = struct.unpack_from("<Q", buf, self.offset)
+            if after == before:
+                return before // 2, frozenset(i for i, flag in enumerate(flags) if flag), value
+        return None
+
+
+class PlanWriter:
+    """Owned by the scheduler, which writes the plan and reads residency;
+    the file is removed when it closes."""
+
+    def __init__(self, pid: int | None = None, num_experts: int = MAX_EXPERTS):
         self.path = plan_path(os.getpid() if pid is None else pid)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # a stale file of our pid: reset
         try:
@@ -46,17 +95,18 @@ class PlanWriter:
             self.buf = mmap.mmap(fd, _SIZE)
         finally:
             os.close(fd)
-        self.seq = 0
+        self.num_experts = num_experts
+        self.plan = _Block(_PLAN, with_value=False)
+        self.residency_block = _Block(_RESIDENCY, with_value=True)
 
     def publish(self, experts) -> None:
-        self.seq += 1
-        struct.pack_into("<Q", self.buf, 0, 2 * self.seq - 1)  # odd: writing
-        flags = bytearray(MAX_EXPERTS)
-        for expert in experts:
-            if 0 <= expert < MAX_EXPERTS:
-                flags[expert] = 1
-        self.buf[_HEADER:_SIZE] = bytes(flags)
-        struct.pack_into("<Q", self.buf, 0, 2 * self.seq)
+        self.plan.write(self.buf, experts)
+
+    def residency(self) -> tuple[frozenset[int], float] | None:
+        """The cache's latest (resident experts, ms to load one expert), or
+        None before its first step."""
+        read = self.residency_block.read(self.buf, self.num_experts)
+        return None if read is None else (read[1], read[2])
 
     def close(self) -> None:
         self.buf.close()
@@ -64,21 +114,24 @@ class PlanWriter:
 
 
 class PlanReader:
-    """Opened by the expert cache; ``read()`` is None until a plan exists."""
+    """Opened by the expert cache, which reads the plan and writes
+    residency; ``read()`` is None until a plan exists."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.buf = None
         self.last_seq = 0
+        self.plan = _Block(_PLAN, with_value=False)
+        self.residency = _Block(_RESIDENCY, with_value=True)
 
     def _open(self) -> bool:
         for pid in (os.getpid(), os.getppid()):
             try:
-                fd = os.open(plan_path(pid), os.O_RDONLY)
+                fd = os.open(plan_path(pid), os.O_RDWR)
             except FileNotFoundError:
                 continue
             try:
-                self.buf = mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ)
+                self.buf = mmap.mmap(fd, _SIZE)
             finally:
                 os.close(fd)
             return True
@@ -87,19 +140,16 @@ class PlanReader:
     def read(self) -> frozenset[int] | None:
         if self.buf is None and not self._open():
             return None
-        buf = self.buf
-        for _ in range(100):
-            (before,) = struct.unpack_from("<Q", buf, 0)
-            if before == 0:
-                return None
-            if before % 2:
-                continue
-            flags = bytes(buf[_HEADER : _HEADER + self.num_experts])
-            (after,) = struct.unpack_from("<Q", buf, 0)
-            if after == before:
-                self.last_seq = before // 2
-                return frozenset(i for i, flag in enumerate(flags) if flag)
-        return None
+        read = self.plan.read(self.buf, self.num_experts)
+        if read is None:
+            return None
+        self.last_seq = read[0]
+        return read[1]
+
+    def publish_residency(self, experts, load_ms: float) -> None:
+        """No-op without a scheduler's file (no expert-aware scheduler)."""
+        if self.buf is not None or self._open():
+            self.residency.write(self.buf, experts, load_ms)
 
     def close(self) -> None:
         if self.buf is not None:

@@ -34,6 +34,7 @@ benchmarks/routes.py measure.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
+from vllm_readme.scheduler.cost_model import StepCostModel
 from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
@@ -62,6 +64,7 @@ class ExpertAwareMixin:
         self.readme_arrival: dict[str, int] = {}
         self._readme_arrivals = 0
         self._readme_plan = None  # experts/plan.py, when an expert pool is configured
+        self.readme_last_residency: tuple[frozenset[int], float] | None = None  # the cache's, last read
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
         else:
@@ -79,8 +82,11 @@ class ExpertAwareMixin:
             if ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None:
                 from vllm_readme.experts.plan import PlanWriter
 
-                self._readme_plan = PlanWriter()
-                logger.info("vllm-readme scheduler: publishing each step's expert plan to the expert cache.")
+                self._readme_plan = PlanWriter(num_experts=self.vllm_config.model_config.hf_config.num_experts)
+                logger.info(
+                    "vllm-readme scheduler: publishing each step's expert plan to the expert cache; its cost model "
+                    "charges the experts the cache reports as not resident at the load time the cache measures."
+                )
 
     def shutdown(self) -> None:
         if getattr(self, "_readme_plan", None) is not None:
@@ -111,6 +117,7 @@ class ExpertAwareMixin:
         started = time.perf_counter()
         self._readme_catch_up()
         candidates = self._readme_candidates()
+        cost_model, resident = self._readme_residency()
         chosen = set(
             choose(
                 self.readme_options.policy,
@@ -118,7 +125,8 @@ class ExpertAwareMixin:
                 max_tokens=self.max_num_scheduled_tokens,
                 max_requests=self.max_num_running_reqs,
                 max_held_back=self.readme_options.max_held_back,
-                cost_model=self.readme_cost_model,
+                cost_model=cost_model,
+                resident=resident,
             )
         )
         by_id = {c.request_id: c for c in candidates}
@@ -142,6 +150,17 @@ class ExpertAwareMixin:
         )
         self._readme_publish_plan(candidates)
         return output
+
+    def _readme_residency(self) -> tuple[StepCostModel, set[int] | None]:
+        """With an expert cache: which experts are resident in every layer and
+        what loading one costs (measured by the cache, experts/plan.py), so
+        that the cost model charges a step for the experts it would load."""
+        residency = self._readme_plan.residency() if self._readme_plan is not None else None
+        if residency is None:
+            return self.readme_cost_model, None
+        resident, load_ms = residency
+        self.readme_last_residency = residency
+        return dataclasses.replace(self.readme_cost_model, per_load_ms=load_ms), set(resident)
 
     def _readme_publish_plan(self, candidates) -> None:
         """Tell the expert cache which experts the following step is likely
