@@ -63,9 +63,10 @@ def weights():
 def test_cache_on_gpu_gives_the_resident_result_while_the_device_lags(weights, eviction, prefetch, pages):
     """Every layer's output through the pool equals the resident experts'
     output bit for bit, while the host runs far ahead of the device: a spin
-    kernel before each layer keeps earlier layers' kernels queued, so a copy
-    that overwrote a slot they still read, or a layer that ran before its
-    page arrived, would change the result."""
+    kernel before each layer's experts keeps them queued while the host
+    decides (and starts) the next layers' loads, so a copy that overwrote a
+    slot they still read, or a layer that ran before its page arrived, would
+    change the result."""
     w13_layers, w2_layers = weights
     reference_w13 = [w.clone() for w in w13_layers]
     reference_w2 = [w.clone() for w in w2_layers]
@@ -90,8 +91,10 @@ def test_cache_on_gpu_gives_the_resident_result_while_the_device_lags(weights, e
             for layer in range(LAYERS):
                 expected = expected + _moe(expected, reference_w13[layer], reference_w2[layer], expert_ids)
             for layer in range(LAYERS):
-                torch.cuda._sleep(2_000_000)  # ~1 ms of device time: the host runs ahead
                 slots = cache.layer_slots(layer, expert_ids).squeeze(-1).long()
+                # ~1 ms of device time before this layer's experts read the
+                # pool: the host decides the next layers' loads meanwhile.
+                torch.cuda._sleep(2_000_000)
                 got = got + _moe(got, cache.w13, cache.w2, slots)
             torch.cuda.synchronize()
             assert torch.equal(got, expected), f"step {step}: the pool's result differs from the resident experts'"
