@@ -82,6 +82,18 @@ def test_cache_on_gpu_gives_the_resident_result_while_the_device_lags(weights, e
         isa="cuda",
         log_every=0,
     )
+    # The hazard this test is about: a page that a queued kernel of this step
+    # still reads is evicted and its slot rewritten. Count that it happens.
+    used_this_step: set = set()
+    hazards = []
+    allocate = cache.pool.allocate
+
+    def watched_allocate(page, clock, loading=False):
+        slot, evicted = allocate(page, clock, loading=loading)
+        hazards.append(evicted in used_this_step)
+        return slot, evicted
+
+    cache.pool.allocate = watched_allocate
     try:
         assert cache.store.w13.is_pinned() and cache.copy_stream is not None
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -90,18 +102,26 @@ def test_cache_on_gpu_gives_the_resident_result_while_the_device_lags(weights, e
             expected, got = h.clone(), h.clone()
             for layer in range(LAYERS):
                 expected = expected + _moe(expected, reference_w13[layer], reference_w2[layer], expert_ids)
+            torch.cuda.synchronize()
+            used_this_step.clear()
             for layer in range(LAYERS):
                 slots = cache.layer_slots(layer, expert_ids).squeeze(-1).long()
-                # ~1 ms of device time before this layer's experts read the
+                used_this_step.update((layer, e) for e in cache.step_order)
+                # ~10 ms of device time before this layer's experts read the
                 # pool: the host decides the next layers' loads meanwhile.
-                torch.cuda._sleep(2_000_000)
+                torch.cuda._sleep(20_000_000)
                 got = got + _moe(got, cache.w13, cache.w2, slots)
             torch.cuda.synchronize()
             assert torch.equal(got, expected), f"step {step}: the pool's result differs from the resident experts'"
         cache._end_step()
         stats = cache.total
         assert stats.misses + stats.prefetched > 0, "the pool never loaded a page: the test would prove nothing"
-        print(f"\n{eviction} prefetch={prefetch} pages={pages}: {json.dumps(stats.summary())}")
+        print(
+            f"\n{eviction} prefetch={prefetch} pages={pages}: {sum(hazards)} evictions of pages this step read; "
+            f"{json.dumps(stats.summary())}"
+        )
+        if pages == EXPERTS:  # at the minimum, loads must reuse slots the step's earlier layers read
+            assert sum(hazards) > 0
     finally:
         cache.close()
 

@@ -109,6 +109,16 @@ class ExpertCache:
         self.w2 = torch.empty((pages, *w2_layers[0].shape[1:]), dtype=dtype, device=device)
         self.slot_table = slot_table
         self.slot_table.fill_(-1)
+        # Where the cache writes residency: the model's table on a CPU; on a
+        # GPU a host copy, because writing one element of a device tensor
+        # from Python synchronises the host with the device (measured on an
+        # H200: the write waits for every queued kernel), which would stop
+        # the host from deciding the next layers' loads ahead of the device.
+        # Each layer's row then reaches the device as a small asynchronous
+        # copy (layer_slots).
+        self.host_table = (
+            slot_table if device.type == "cpu" else slot_table.new_full(slot_table.shape, -1, device="cpu")
+        )
         self.pool = PagePool(pages, make_policy(options.eviction, next_use=self._next_use))
         self.store = store or self._make_store(
             options.backing_store, w13_layers, w2_layers, checkpoint, tp_rank, tp_size
@@ -121,7 +131,7 @@ class ExpertCache:
                     slot, _ = self.pool.allocate((layer, expert), clock=-1)
                     self.w13[slot].copy_(w13_layers[layer][expert])
                     self.w2[slot].copy_(w2_layers[layer][expert])
-                    self.slot_table[layer, expert] = slot
+                    self.host_table[layer, expert] = slot
         # One torch thread for the loader: the model's thread keeps the cores' math.
         self.executor = (
             ThreadPoolExecutor(
@@ -204,7 +214,7 @@ class ExpertCache:
             # for the whole step (_begin_step): nothing to check per layer.
             if layer == self.num_layers - 1 and self.executor is not None:
                 self._prefetch(layer, clock)
-            return self.slot_table[layer][self.expert_index].unsqueeze(-1)
+            return self._slots(layer)
         needed = [(layer, e) for e in self.step_order]
         self.pool.pin(needed)
         started = time.perf_counter()
@@ -229,7 +239,17 @@ class ExpertCache:
         self.now.stall_s += time.perf_counter() - started
         if self.executor is not None:
             self._prefetch(layer, clock)
-        return self.slot_table[layer][self.expert_index].unsqueeze(-1)
+        return self._slots(layer)
+
+    def _slots(self, layer: int) -> torch.Tensor:
+        """Each token's slot in this layer, [T, 1]."""
+        row = self.host_table[layer]
+        if self.copy_stream is not None:
+            # A snapshot of the row as decided now, copied without a sync; the
+            # pinned block is not reused before the copy ran (torch's caching
+            # host allocator records the copy).
+            row = row.clone().pin_memory().to(self.expert_index.device, non_blocking=True)
+        return torch.index_select(row, 0, self.expert_index).unsqueeze(-1)
 
     def _begin_step(self, expert_ids: torch.Tensor) -> None:
         if self.step >= 0:
@@ -307,13 +327,13 @@ class ExpertCache:
     def _allocate(self, page, clock: int, loading: bool = False) -> int:
         slot, evicted = self.pool.allocate(page, clock, loading=loading)
         if evicted is not None:
-            self.slot_table[evicted] = -1
+            self.host_table[evicted] = -1
             self.prefetched_unused.discard(evicted)
         return slot
 
     def _finish(self, page, slot: int) -> None:
         self.pool.loaded(page)
-        self.slot_table[page] = slot
+        self.host_table[page] = slot
         self.now.bytes_loaded += self.page_bytes
 
     # ------------------------------------------------------------ loading
