@@ -509,10 +509,29 @@ class ReadMEForCausalLM(nn.Module):
             for name in ("w13_weight", "w2_weight"):
                 old = getattr(mlp.experts.routed_experts, name)
                 setattr(mlp.experts.routed_experts, name, nn.Parameter(old.new_empty(0), requires_grad=False))
+        del w13, w2
+        release_freed_memory()
         self.model.expert_cache = cache
         self.model.expert_pool = (cache.w13, cache.w2)
         self.model.expert_cache_id = cache.id
         logger.info("Read-ME %s", cache.describe())
+
+
+def release_freed_memory() -> None:
+    """Hand the freed expert weights back to the OS. glibc keeps freed heap
+    memory for reuse (its mmap threshold grows past the size of one layer's
+    experts as a model loads), so without this the process's resident memory
+    did not fall when the pool replaced the experts: measured with
+    benchmarks/expert_cache_memory.py, a 25 % pool's process was 157 MiB
+    larger than all-resident instead of ~490 MiB smaller."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def checkpoint_names(config: ReadMEConfig) -> WeightsMapper:

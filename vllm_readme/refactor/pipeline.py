@@ -88,7 +88,7 @@ class RefactorOptions:
         choices=["clusters", "domains"],
     )
     num_experts: int = _option(
-        8, "routed experts (default {default}; with --experts-from domains, the number of sources)"
+        4, "routed experts (default {default}; with --experts-from domains, the number of sources)"
     )
     keep: float = _option(0.75, "fraction of MLP channels active per token (default {default})")
     expert_cut: str = _option(
