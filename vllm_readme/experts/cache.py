@@ -152,7 +152,8 @@ class ExpertCache:
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()
         self.total = CacheStats()
-        self.page_load_ms = 0.0
+        self.page_load_ms = 0.0  # one page's read and write, a running mean (reported)
+        self.stall_per_load_ms = 0.0  # what the layers waited per page loaded, a running mean (to the scheduler)
         self.id = id(self)
         _CACHES[self.id] = self
         from vllm_readme.model_executor.metrics import ExpertCacheCounters
@@ -292,8 +293,14 @@ class ExpertCache:
 
     def _end_step(self) -> None:
         # To the expert-aware scheduler, if there is one: its cost model
-        # charges a step for opening experts that are not resident.
-        self.plan.publish_residency(self.resident_experts(), self.page_load_ms * self.num_layers)
+        # charges a step for opening experts that are not resident, at what a
+        # load has cost the steps: the layers' wait per page loaded (with
+        # prefetch most of a load's time overlaps compute), a running mean.
+        loads = self.now.misses + self.now.prefetched
+        if loads:
+            waited = 1000 * self.now.stall_s / loads
+            self.stall_per_load_ms += 0.1 * (waited - self.stall_per_load_ms) if self.stall_per_load_ms else waited
+        self.plan.publish_residency(self.resident_experts(), self.stall_per_load_ms * self.num_layers)
         self.now.steps = 1
         self.total.add(self.now)
         self.counters.record(self.now)

@@ -85,7 +85,7 @@ class ExpertAwareMixin:
                 self._readme_plan = PlanWriter(num_experts=self.vllm_config.model_config.hf_config.num_experts)
                 logger.info(
                     "vllm-readme scheduler: publishing each step's expert plan to the expert cache; its cost model "
-                    "charges the experts the cache reports as not resident at the load time the cache measures."
+                    "charges the experts the cache reports as not resident at what a load has cost its steps."
                 )
 
     def shutdown(self) -> None:
