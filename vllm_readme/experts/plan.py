@@ -22,6 +22,10 @@ Two blocks, each written by one side and read by the other:
   it is resident). The scheduler's cost model charges a step for the
   experts it would open that are not resident.
 
+Then the writer's process start time: a reader ignores a file whose
+owner is gone (an engine that died without removing it, its pid reused
+since), and a new writer removes such files.
+
 Each block is a seqlock: the writer bumps its sequence number to odd before
 writing and to even after; a reader retries while it is odd or changed, so
 it never sees a half-written block. Plain Python: no vLLM, no torch.
@@ -33,17 +37,51 @@ import mmap
 import os
 import struct
 import tempfile
+import weakref
 from pathlib import Path
 
 MAX_EXPERTS = 1024
 _PLAN = 0  # u64 seq, flags
 _RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
-_SIZE = _RESIDENCY + 16 + MAX_EXPERTS
+_OWNER = _RESIDENCY + 16 + MAX_EXPERTS  # u64: the writer process's start time
+_SIZE = _OWNER + 8
 
 
 def plan_path(pid: int) -> Path:
-    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return folder / f"vllm_readme_plan_{pid}"
+    return _folder() / f"vllm_readme_plan_{pid}"
+
+
+def _folder() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), which
+    tells a live writer from a later process that reused a dead one's pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, started: int) -> bool:
+    return started != 0 and process_start_time(pid) == started
+
+
+def remove_stale_plans() -> None:
+    """Files left by engines that died without closing their writer."""
+    for path in _folder().glob("vllm_readme_plan_*"):
+        try:
+            pid = int(path.name.rsplit("_", 1)[1])
+            with open(path, "rb") as f:
+                f.seek(_OWNER)
+                raw = f.read(8)
+            started = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            if not _owner_alive(pid, started):
+                path.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            continue
 
 
 class _Block:
@@ -87,14 +125,21 @@ class PlanWriter:
     """Owned by the scheduler, which writes the plan and reads residency;
     the file is removed when it closes."""
 
-    def __init__(self, pid: int | None = None, num_experts: int = MAX_EXPERTS):
-        self.path = plan_path(os.getpid() if pid is None else pid)
+    def __init__(self, num_experts: int = MAX_EXPERTS):
+        remove_stale_plans()
+        pid = os.getpid()
+        self.path = plan_path(pid)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # a stale file of our pid: reset
         try:
             os.ftruncate(fd, _SIZE)
             self.buf = mmap.mmap(fd, _SIZE)
         finally:
             os.close(fd)
+        struct.pack_into("<Q", self.buf, _OWNER, process_start_time(pid) or 0)
+        # Removed on close(), and also when the writer is collected or the
+        # process exits without closing it (an in-process engine torn down
+        # without its scheduler's shutdown()).
+        self._finalizer = weakref.finalize(self, _remove, self.buf, self.path)
         self.num_experts = num_experts
         self.plan = _Block(_PLAN, with_value=False)
         self.residency_block = _Block(_RESIDENCY, with_value=True)
@@ -109,8 +154,12 @@ class PlanWriter:
         return None if read is None else (read[1], read[2])
 
     def close(self) -> None:
-        self.buf.close()
-        self.path.unlink(missing_ok=True)
+        self._finalizer()
+
+
+def _remove(buf: mmap.mmap, path: Path) -> None:
+    buf.close()
+    path.unlink(missing_ok=True)
 
 
 class PlanReader:
@@ -131,9 +180,15 @@ class PlanReader:
             except FileNotFoundError:
                 continue
             try:
-                self.buf = mmap.mmap(fd, _SIZE)
+                buf = mmap.mmap(fd, _SIZE)
+            except ValueError:  # shorter than this layout: another version's, or stale
+                continue
             finally:
                 os.close(fd)
+            if not _owner_alive(pid, struct.unpack_from("<Q", buf, _OWNER)[0]):
+                buf.close()  # a dead engine's file under a pid reused since
+                continue
+            self.buf = buf
             return True
         return False
 
