@@ -3,9 +3,11 @@
 A pool of ``P`` expert slots allocated once after loading, shared by every
 layer: ``w13 [P, 2Ip, H]`` and ``w2 [P, H, Ip]`` in the CPU grouped GEMM's
 layout. A page is one expert of one layer; the shared MLPs stay resident.
-The model's ``slot_table [layer, expert]`` maps a page to its slot (-1:
-absent) and the routed kernel reads the pool through it, so a hit costs
-nothing beyond the table gather.
+A table ``[layer, expert]`` maps a page to its slot (-1: absent): the
+model's ``slot_table`` on a CPU, a host copy on a GPU (each layer's row is
+copied to the device asynchronously; see ``host_table``). The routed kernel
+reads the pool through each token's slot, so a hit costs nothing beyond
+the table gather.
 
 Per layer, before its experts run, ``layer_slots`` (called through the
 custom op ``vllm::readme_expert_slots``, which torch.compile keeps as one
