@@ -42,9 +42,8 @@ prompts = ["The history of the", "def fibonacci(n):", "In a small village", "The
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
 # Every configuration hands freed memory back before measuring (the pool
 # does so itself at start-up), so the difference is the pool's alone.
-import ctypes, gc
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
+from vllm_readme.model_executor.readme import release_freed_memory
+release_freed_memory()
 status = {}
 for line in open("/proc/self/status"):
     key, _, value = line.partition(":")

@@ -202,8 +202,11 @@ class PlanReader:
         return read[1]
 
     def publish_residency(self, experts, load_ms: float) -> None:
-        """No-op without a scheduler's file (no expert-aware scheduler)."""
-        if self.buf is not None or self._open():
+        """No-op until ``read()`` has found the scheduler's file (none without
+        an expert-aware scheduler): the cache reads before it publishes in
+        every step, so trying to open it here too would only repeat failed
+        opens on the hot path."""
+        if self.buf is not None:
             self.residency.write(self.buf, experts, load_ms)
 
     def close(self) -> None:
