@@ -1,10 +1,19 @@
-"""How long a scheduling policy takes to choose one step, at 32, 256 and
-1024 runnable requests (vllm_readme/scheduler/policy.py, plain Python).
+"""How long the expert-aware scheduler's own work takes per step, at 32,
+256 and 1024 running requests.
 
-Candidates are decodes (one token) plus a few prefill chunks, with routes
-drawn from a skewed expert popularity over 8 experts; every policy is timed
-on the same candidates, median of repeats. Writes
-benchmarks/results/scheduler_policy.json.
+* The decision (vllm_readme/scheduler/policy.py, plain Python): candidates
+  are decodes (one token) plus a few prefill chunks, with routes drawn from
+  a skewed expert popularity over 8 experts; every policy is timed on the
+  same candidates.
+* Routes ahead with ``route_source: "model"`` (scheduler/model_routes.py,
+  the ModelRouteSource of scheduler/vllm_scheduler.py): the model's side
+  publishing one route per request into the plan file, the scheduler's
+  side reading it, matching slots to requests and noting the slots of the
+  next step (block tables as vLLM's KVCacheBlocks of real KVCacheBlock
+  objects, 16-token blocks, 256 tokens of context). What the router copy
+  costs instead is measured by benchmarks/routes_ahead.py.
+
+Median of repeats. Writes benchmarks/results/scheduler_policy.json.
 
     python benchmarks/scheduler_policy.py
 """
@@ -37,6 +46,63 @@ def candidates(n: int, seed: int, experts: int = 8):
     return out
 
 
+def model_routes_step_ms(n: int, repeats: int) -> dict:
+    """One step of route bookkeeping with the model's own routes, ms."""
+    import struct
+    import types
+
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    from vllm_readme.experts.plan import PlanReader, PlanWriter
+    from vllm_readme.scheduler.vllm_scheduler import ModelRouteSource
+
+    block, context = 16, 256
+    tables = {f"r{i}": [KVCacheBlock(i * 64 + b) for b in range(context // block + 1)] for i in range(n)}
+
+    class Manager:  # what ModelRouteSource reads: the request's blocks per KV cache group
+        def get_blocks(self, request_id):
+            return KVCacheBlocks((tables[request_id],))
+
+    requests = {rid: types.SimpleNamespace(num_computed_tokens=context, request_id=rid) for rid in tables}
+    scheduler = types.SimpleNamespace(kv_cache_manager=Manager(), requests=requests)
+    config = types.SimpleNamespace(
+        kv_cache_groups=[
+            types.SimpleNamespace(
+                layer_names=["model.layers.0.self_attn.attn"], kv_cache_spec=types.SimpleNamespace(block_size=block)
+            )
+        ]
+    )
+    writer = PlanWriter(num_experts=8)
+    reader = PlanReader(num_experts=8)
+    try:
+        source = ModelRouteSource(config)
+        source.plan = writer
+        for rid in tables:
+            source.add(rid, [])
+        ran = dict.fromkeys(tables, 1)
+        last = context - 1  # the position of each request's newest token
+        slots = [tables[rid][last // block].block_id * block + last % block for rid in tables]
+        payload = struct.pack(f"<{n}q", *slots), bytes(i % 8 for i in range(n))
+        worker, scheduler_side = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reader.publish_routes(*payload)
+            mid = time.perf_counter()
+            source.catch_up([])
+            for rid in tables:
+                source.experts(rid, context, 1, False)
+            source.scheduled(scheduler, ran)
+            end = time.perf_counter()
+            worker.append(1000 * (mid - start))
+            scheduler_side.append(1000 * (end - mid))
+        assert source.book.matched >= n * (repeats - 1), "the benchmark's slots must match"
+    finally:
+        reader.close()
+        writer.close()
+    return {"model_side_ms": statistics.median(worker), "scheduler_side_ms": statistics.median(scheduler_side)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256, 1024])
@@ -47,7 +113,7 @@ def main() -> None:
     from vllm_readme.precision import machine_description
     from vllm_readme.scheduler.policy import POLICIES, choose
 
-    results = {"machine": machine_description(), "ms_per_decision": {}}
+    results = {"machine": machine_description(), "ms_per_decision": {}, "model_routes_ms_per_step": {}}
     for n in args.sizes:
         cands = candidates(n, seed=n)
         row = {}
@@ -60,6 +126,12 @@ def main() -> None:
             row[policy] = statistics.median(times)
         results["ms_per_decision"][n] = row
         print(f"[scheduler] {n:5d} runnable: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in row.items()))
+        routes = model_routes_step_ms(n, args.repeats)
+        results["model_routes_ms_per_step"][n] = routes
+        print(
+            f"[scheduler] {n:5d} running: routes ahead from the model {routes['scheduler_side_ms']:.3f} ms "
+            f"(scheduler) + {routes['model_side_ms']:.3f} ms (model's publishing)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"[scheduler] wrote {args.out}")

@@ -32,9 +32,10 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
-def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, **options):
+def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, observe=None, **options):
     """Half the requests first, the rest after three steps; returns outputs
-    by request id and the scheduler (None for vLLM's own)."""
+    by request id and the scheduler's figures (None for vLLM's own).
+    ``observe(scheduler)`` is called after every step."""
     from vllm import SamplingParams
 
     kwargs = {}
@@ -57,6 +58,8 @@ def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, **options
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = list(out.outputs[0].token_ids)
+            if observe is not None:
+                observe(engine.engine_core.engine_core.scheduler)
 
         add(0, 6)
         for _ in range(3):
@@ -134,6 +137,45 @@ def test_grouping_lowers_unique_experts(tiny_gqa, tmp_path, expensive_experts):
     assert grouped["longest_wait"] <= 4
 
 
+def test_model_routes_drive_the_policy(tiny_gqa, tmp_path, reference, expensive_experts):
+    """route_source=model: the scheduler runs no router; the routes it holds
+    for each request are the model's own routes of that request's newest
+    token (checked against the reference router over the whole sequence),
+    and the policy acts on them without changing a single output."""
+    seen: dict[str, dict[int, int]] = {}  # request -> position -> route the scheduler held
+    tokens: dict[str, list[int]] = {}
+
+    def observe(scheduler):
+        for rid, (position, route) in scheduler.readme_routes.book.latest.items():
+            seen.setdefault(rid, {})[position] = route
+        for request in scheduler.running:
+            tokens[request.request_id] = list(request.all_token_ids)
+
+    outputs, stats = run(
+        tiny_gqa,
+        tmp_path,
+        "cost-model",
+        kv_bytes=KV_TIGHT,
+        observe=observe,
+        route_source="model",
+        cost_model=str(expensive_experts),
+        max_held_back=2,
+    )
+    assert outputs == reference, "greedy outputs differ from vLLM's own scheduler"
+    assert stats["held"] > 0 and stats["longest_wait"] <= 2, stats
+    assert stats["routes_left"] == 0, "finished requests leave the route book"
+    router = load_router(tiny_gqa)
+    checked = 0
+    with torch.no_grad():
+        for rid, held in seen.items():
+            full = router(torch.tensor([tokens[rid]])).argmax(-1)[0].tolist()
+            for position, route in held.items():
+                assert route == full[position], f"request {rid}, position {position}"
+                checked += 1
+    # Every request's route is known from its first decode step on.
+    assert checked >= sum(len(out) for out in outputs.values()) // 2, checked
+
+
 def test_router_copy_matches_model(tiny_gqa):
     """The scheduler's router copy: prompt routes and incremental routes equal
     the router over the whole sequence (within its window)."""
@@ -160,6 +202,7 @@ def test_router_copy_matches_model(tiny_gqa):
         ({"cost_model": "/nonexistent/cost.json"}, "cannot read '/nonexistent/cost.json'"),
         ({"polcy": "fcfs"}, "unknown option(s) ['polcy']"),
         ({"max_held_back": "soon"}, "max_held_back: expected int"),
+        ({"route_source": "oracle"}, "route_source: 'oracle' is not one of ['router', 'model']"),
     ],
 )
 def test_bad_options_fail_at_start(tiny_gqa, options, message):

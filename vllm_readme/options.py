@@ -32,6 +32,7 @@ CONFIG_KEY = "vllm_readme"
 WHERE = f'additional_config["{CONFIG_KEY}"]'
 EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
 BACKING_STORES = ("auto", "disk", "checkpoint", "memory")
+ROUTE_SOURCES = ("router", "model")
 
 
 class ReadMEOptionsError(ValueError):
@@ -78,6 +79,13 @@ class SchedulerOptions(PluginOptions):
     # simulator's setting (benchmarks/routes.py); docs/scheduling.md.
     max_held_back: int = 4
     cost_model: str | None = None  # JSON file written by benchmarks/calibrate_cost_model.py
+    # Where the scheduler's routes ahead come from (docs/scheduling.md,
+    # "Routes ahead"): "router", its own copy of the router (exact for a
+    # sync scheduler, costs a router step per running request); "model",
+    # the routes the model computed for each request's last token, handed
+    # over through the plan file (one token late: right as often as the
+    # model's route persistence; costs nothing per step).
+    route_source: str = "router"
     route_window: int = 64  # tokens of context the scheduler's router copy attends to
     log_every: int = 100  # steps between the scheduler's and the expert cache's log lines (0: never)
 
@@ -87,6 +95,11 @@ class SchedulerOptions(PluginOptions):
         if self.max_held_back < 0:
             raise ReadMEOptionsError(
                 f"{WHERE}.max_held_back must be >= 0 (steps a request may wait), got {self.max_held_back}."
+            )
+        if self.route_source not in ROUTE_SOURCES:
+            raise ReadMEOptionsError(
+                f"{WHERE}.route_source: {self.route_source!r} is not one of {list(ROUTE_SOURCES)}: "
+                '"router" (a router copy next to the scheduler) or "model" (the model\'s own routes, one token late).'
             )
         if self.route_window < 1:
             raise ReadMEOptionsError(f"{WHERE}.route_window must be >= 1 token, got {self.route_window}.")

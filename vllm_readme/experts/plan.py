@@ -12,7 +12,7 @@ process id, the cache opens it by its own or its parent's process id.
 (Not ``multiprocessing.shared_memory``: its resource tracker, shared by
 forked children, unlinks or double-counts blocks a child opens.)
 
-Two blocks, each written by one side and read by the other:
+Three blocks, each written by one side and read by the other:
 
 * the plan (scheduler -> cache): a uint64 sequence number, one byte per
   expert;
@@ -21,6 +21,14 @@ Two blocks, each written by one side and read by the other:
   layers, 0 until measured), one byte per expert (1: every layer's page of
   it is resident). The scheduler's cost model charges a step for the
   experts it would open that are not resident.
+* routes (model -> scheduler, once per forward, with the scheduler's
+  ``route_source: "model"``): a uint64 sequence number, a uint32 count, then
+  that many int64 KV-cache slots and as many uint8 experts: the route the
+  model computed for the last token of each sequence it ran, keyed by the
+  slot that token's keys and values were written to. A slot names one
+  (request, position) within a step, and the scheduler can compute it from
+  its own block tables, so no request ids need to cross
+  (docs/scheduling.md, "Routes ahead").
 
 Then the writer's process start time: a reader ignores a file whose
 owner is gone (an engine that died without removing it, its pid reused
@@ -41,9 +49,11 @@ import weakref
 from pathlib import Path
 
 MAX_EXPERTS = 1024
+MAX_ROUTES = 8192  # sequences per forward whose last route is published (more are dropped)
 _PLAN = 0  # u64 seq, flags
 _RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
-_OWNER = _RESIDENCY + 16 + MAX_EXPERTS  # u64: the writer process's start time
+_ROUTES = _RESIDENCY + 16 + MAX_EXPERTS  # u64 seq, u32 count, i64 slots[MAX_ROUTES], u8 routes[MAX_ROUTES]
+_OWNER = _ROUTES + 16 + 9 * MAX_ROUTES  # u64: the writer process's start time
 _SIZE = _OWNER + 8
 
 
@@ -121,6 +131,43 @@ class _Block:
         return None
 
 
+class _RoutesBlock:
+    """The routes block: (slot, expert) pairs under a seqlock."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+        self.slots_at = offset + 16
+        self.routes_at = self.slots_at + 8 * MAX_ROUTES
+        self.seq = 0
+
+    def write(self, buf, slots: bytes, routes: bytes) -> None:
+        """``slots``: little-endian int64s; ``routes``: one byte each."""
+        count = min(len(routes), len(slots) // 8, MAX_ROUTES)
+        self.seq += 1
+        struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)
+        struct.pack_into("<I", buf, self.offset + 8, count)
+        buf[self.slots_at : self.slots_at + 8 * count] = slots[: 8 * count]
+        buf[self.routes_at : self.routes_at + count] = routes[:count]
+        struct.pack_into("<Q", buf, self.offset, 2 * self.seq)
+
+    def read(self, buf, since: int) -> tuple[int, tuple[int, ...], bytes] | None:
+        """(sequence number, slots, routes) when newer than ``since``, else None."""
+        for _ in range(100):
+            (before,) = struct.unpack_from("<Q", buf, self.offset)
+            if before // 2 <= since:
+                return None
+            if before % 2:
+                continue
+            (count,) = struct.unpack_from("<I", buf, self.offset + 8)
+            count = min(count, MAX_ROUTES)
+            slots = struct.unpack_from(f"<{count}q", buf, self.slots_at)
+            routes = bytes(buf[self.routes_at : self.routes_at + count])
+            (after,) = struct.unpack_from("<Q", buf, self.offset)
+            if after == before:
+                return before // 2, slots, routes
+        return None
+
+
 class PlanWriter:
     """Owned by the scheduler, which writes the plan and reads residency;
     the file is removed when it closes."""
@@ -143,6 +190,8 @@ class PlanWriter:
         self.num_experts = num_experts
         self.plan = _Block(_PLAN, with_value=False)
         self.residency_block = _Block(_RESIDENCY, with_value=True)
+        self.routes_block = _RoutesBlock(_ROUTES)
+        self.routes_seen = 0
 
     def publish(self, experts) -> None:
         self.plan.write(self.buf, experts)
@@ -152,6 +201,15 @@ class PlanWriter:
         None before its first step."""
         read = self.residency_block.read(self.buf, self.num_experts)
         return None if read is None else (read[1], read[2])
+
+    def model_routes(self) -> tuple[tuple[int, ...], bytes] | None:
+        """The model's routes published since the last call: (KV slots,
+        experts), or None when nothing new arrived."""
+        read = self.routes_block.read(self.buf, self.routes_seen)
+        if read is None:
+            return None
+        self.routes_seen = read[0]
+        return read[1], read[2]
 
     def close(self) -> None:
         self._finalizer()
@@ -163,8 +221,9 @@ def _remove(buf: mmap.mmap, path: Path) -> None:
 
 
 class PlanReader:
-    """Opened by the expert cache, which reads the plan and writes
-    residency; ``read()`` is None until a plan exists."""
+    """Opened in the worker: by the expert cache, which reads the plan and
+    writes residency, and by the model's route publisher, which writes the
+    routes; ``read()`` is None until a plan exists."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -172,6 +231,7 @@ class PlanReader:
         self.last_seq = 0
         self.plan = _Block(_PLAN, with_value=False)
         self.residency = _Block(_RESIDENCY, with_value=True)
+        self.routes = _RoutesBlock(_ROUTES)
 
     def _open(self) -> bool:
         for pid in (os.getpid(), os.getppid()):
@@ -208,6 +268,14 @@ class PlanReader:
         opens on the hot path."""
         if self.buf is not None:
             self.residency.write(self.buf, experts, load_ms)
+
+    def publish_routes(self, slots: bytes, routes: bytes) -> bool:
+        """The model's routes of the step it just ran (see the module doc);
+        False while the scheduler's file does not exist (yet)."""
+        if self.buf is None and not self._open():
+            return False
+        self.routes.write(self.buf, slots, routes)
+        return True
 
     def close(self) -> None:
         if self.buf is not None:

@@ -22,7 +22,9 @@ Model -> ForCausalLM. Paper §3-4; docs/design.md, "The model" and "Data flow":
 * Start-up checks (what would otherwise fail mid-request) run where vLLM
   validates its config, before this model is built: config.py.
 * The latest step's expert ids are kept in ``expert_ids_buffer`` on the
-  device (no host sync), where a worker or scheduler hook can read them.
+  device (no host sync), where a worker or scheduler hook can read them;
+  with ``route_source: "model"`` the route of each sequence's last token
+  goes to the expert-aware scheduler (route_publisher.py).
 
 Tensor parallelism: attention, router, shared MLP and experts shard like
 Llama/Mixtral (heads and intermediate channels split across ranks, one
@@ -412,6 +414,14 @@ class ReadMEForCausalLM(nn.Module):
         self.route_observers: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
         if os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
             self.route_observers.append(ExpertStepMetrics(config.num_experts))
+        scheduler_options = SchedulerOptions.from_additional_config(vllm_config.additional_config)
+        if scheduler_options.route_source == "model":
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            if get_tensor_model_parallel_rank() == 0:  # every rank computes the same routes
+                from vllm_readme.model_executor.route_publisher import RoutePublisher
+
+                self.route_observers.append(RoutePublisher(config.num_experts))
         logger.info(
             "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
             config.num_hidden_layers,

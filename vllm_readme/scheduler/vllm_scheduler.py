@@ -58,35 +58,39 @@ class ExpertAwareMixin:
         super().__init__(*args, **kwargs)
         self.readme_options = SchedulerOptions.from_additional_config(self.vllm_config.additional_config)
         self.readme_cost_model = self.readme_options.load_cost_model()
-        self.readme_routes = _route_tracker(self.vllm_config, self.readme_options.route_window)
         self.readme_held = HoldBackTracker()
         self.readme_stats = SchedulerStatsLog(self.readme_options.log_every)
         self.readme_arrival: dict[str, int] = {}
         self._readme_arrivals = 0
-        self._readme_plan = None  # experts/plan.py, when an expert pool is configured
+        self._readme_plan = None  # experts/plan.py: with an expert pool, or the model's routes
         self.readme_last_residency: tuple[frozenset[int], float] | None = None  # the cache's, last read
+        self.readme_routes = _route_source(self)
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
-        else:
-            logger.info(
-                "vllm-readme scheduler: policy %s, a request waits at most %d step(s), cost model %s "
-                "(%.2f ms + %.3f ms/token + %.2f ms/expert), router copy over the last %d tokens.",
-                self.readme_options.policy,
-                self.readme_options.max_held_back,
-                self.readme_options.cost_model or "default",
-                self.readme_cost_model.base_ms,
-                self.readme_cost_model.per_token_ms,
-                self.readme_cost_model.per_expert_ms,
-                self.readme_options.route_window,
-            )
-            if ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None:
-                from vllm_readme.experts.plan import PlanWriter
+            return
+        logger.info(
+            "vllm-readme scheduler: policy %s, a request waits at most %d step(s), cost model %s "
+            "(%.2f ms + %.3f ms/token + %.2f ms/expert), routes ahead from %s.",
+            self.readme_options.policy,
+            self.readme_options.max_held_back,
+            self.readme_options.cost_model or "default",
+            self.readme_cost_model.base_ms,
+            self.readme_cost_model.per_token_ms,
+            self.readme_cost_model.per_expert_ms,
+            self.readme_routes.describe(),
+        )
+        has_pool = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None
+        if has_pool or isinstance(self.readme_routes, ModelRouteSource):
+            from vllm_readme.experts.plan import PlanWriter
 
-                self._readme_plan = PlanWriter(num_experts=self.vllm_config.model_config.hf_config.num_experts)
-                logger.info(
-                    "vllm-readme scheduler: publishing each step's expert plan to the expert cache; its cost model "
-                    "charges the experts the cache reports as not resident at what a load has cost its steps."
-                )
+            self._readme_plan = PlanWriter(num_experts=self.vllm_config.model_config.hf_config.num_experts)
+            if isinstance(self.readme_routes, ModelRouteSource):
+                self.readme_routes.plan = self._readme_plan
+        if has_pool:
+            logger.info(
+                "vllm-readme scheduler: publishing each step's expert plan to the expert cache; its cost model "
+                "charges the experts the cache reports as not resident at what a load has cost its steps."
+            )
 
     def shutdown(self) -> None:
         if getattr(self, "_readme_plan", None) is not None:
@@ -98,7 +102,7 @@ class ExpertAwareMixin:
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         if self.readme_routes is not None and request.prompt_token_ids is not None:
-            if request.request_id not in self.readme_routes:
+            if request.request_id not in self.readme_arrival:
                 self.readme_routes.add(request.request_id, list(request.prompt_token_ids))
                 self.readme_arrival[request.request_id] = self._readme_arrivals
                 self._readme_arrivals += 1
@@ -115,7 +119,7 @@ class ExpertAwareMixin:
         if self.readme_routes is None:
             return super().schedule(throttle_prefills)
         started = time.perf_counter()
-        self._readme_catch_up()
+        self.readme_routes.catch_up(self.running)
         candidates = self._readme_candidates()
         cost_model, resident = self._readme_residency()
         chosen = set(
@@ -137,8 +141,11 @@ class ExpertAwareMixin:
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
         decided = time.perf_counter()
         output = super().schedule(throttle_prefills)
+        resumed = time.perf_counter()
         ran = output.num_scheduled_tokens
+        self.readme_routes.scheduled(self, ran)
         self.readme_held.update(by_id, [rid for rid in by_id if rid in ran])
+        own_s = (decided - started) + (time.perf_counter() - resumed)  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
         self.readme_stats.step(
             self._readme_step_experts(ran),
@@ -146,7 +153,7 @@ class ExpertAwareMixin:
             len(ran),
             candidates,
             {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran},
-            decision_s=decided - started,
+            decision_s=own_s,
         )
         self._readme_publish_plan(candidates)
         return output
@@ -169,16 +176,6 @@ class ExpertAwareMixin:
         if self._readme_plan is not None:
             self._readme_plan.publish(set().union(*(c.experts or () for c in candidates)))
 
-    def _readme_catch_up(self) -> None:
-        """Route every token that reached a running request since last step."""
-        new = {}
-        for request in self.running:
-            routes = self.readme_routes.routes.get(request.request_id)
-            if routes is not None and len(routes) < request.num_tokens:
-                new[request.request_id] = request.all_token_ids[len(routes) : request.num_tokens]
-        if new:
-            self.readme_routes.extend(new)
-
     def _readme_candidates(self) -> list[Candidate]:
         threshold = self.scheduler_config.long_prefill_token_threshold or self.max_num_scheduled_tokens
         step = self.current_step + 1  # the step about to be scheduled
@@ -194,7 +191,7 @@ class ExpertAwareMixin:
                 Candidate(
                     request_id=rid,
                     tokens=tokens,
-                    experts=self._readme_experts(rid, request.num_computed_tokens, tokens),
+                    experts=self.readme_routes.experts(rid, request.num_computed_tokens, tokens, is_prefill),
                     arrival=self.readme_arrival.get(rid, -1),
                     is_prefill=is_prefill,
                     held_back=self.readme_held.get(rid),
@@ -202,20 +199,13 @@ class ExpertAwareMixin:
             )
         return out
 
-    def _readme_experts(self, request_id: str, start: int, tokens: int) -> frozenset[int] | None:
-        routes = self.readme_routes.routes.get(request_id)
-        if not routes:
-            return None
-        if start >= len(routes):  # async: the newest token is not routed yet; its predecessor's route
-            return frozenset(routes[-1:])
-        return frozenset(routes[start : start + tokens])
-
     def _readme_step_experts(self, ran: dict[str, int]) -> set[int]:
         experts: set[int] = set()
         for rid, n in ran.items():
             request = self.requests.get(rid)
             if request is not None:
-                experts |= self._readme_experts(rid, request.num_computed_tokens - n, n) or set()
+                start = request.num_computed_tokens - n
+                experts |= self.readme_routes.experts(rid, start, n, start < request.num_prompt_tokens) or set()
         return experts
 
 
@@ -228,11 +218,15 @@ class ExpertAwareAsyncScheduler(ExpertAwareMixin, AsyncScheduler):
     subclass under async scheduling misbehaves (vLLM PR #43724)."""
 
 
-def _route_tracker(vllm_config, window: int):
-    """The router copy, or None for models that are not Read-ME."""
+def _route_source(scheduler) -> RouterCopySource | ModelRouteSource | None:
+    """Where routes ahead come from (``route_source``), or None for models
+    that are not Read-ME."""
+    vllm_config = scheduler.vllm_config
     hf_config = vllm_config.model_config.hf_config
     if getattr(hf_config, "model_type", None) != "readme":
         return None
+    if scheduler.readme_options.route_source == "model":
+        return ModelRouteSource(scheduler.kv_cache_config)
     from vllm_readme.scheduler.routes_ahead import RouteTracker, load_router
 
     folder = Path(vllm_config.model_config.model)
@@ -240,7 +234,113 @@ def _route_tracker(vllm_config, window: int):
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(str(folder), local_files_only=True))
-    return RouteTracker(load_router(folder), window=window, initial_slots=vllm_config.scheduler_config.max_num_seqs)
+    window = scheduler.readme_options.route_window
+    tracker = RouteTracker(load_router(folder), window=window, initial_slots=vllm_config.scheduler_config.max_num_seqs)
+    return RouterCopySource(tracker, window)
+
+
+class RouterCopySource:
+    """Routes ahead from the scheduler's own copy of the router
+    (routes_ahead.py): a prompt is routed when it is added, each sampled
+    token before the step that runs it (sync scheduler)."""
+
+    def __init__(self, tracker, window: int):
+        self.tracker = tracker
+        self.window = window
+
+    def describe(self) -> str:
+        return f"the scheduler's router copy (last {self.window} tokens)"
+
+    def __len__(self) -> int:
+        return len(self.tracker)
+
+    def add(self, request_id: str, prompt: list[int]) -> None:
+        self.tracker.add(request_id, prompt)
+
+    def release(self, request_id: str) -> None:
+        self.tracker.release(request_id)
+
+    def catch_up(self, running: list[Request]) -> None:
+        """Route every token that reached a running request since last step."""
+        new = {}
+        for request in running:
+            routes = self.tracker.routes.get(request.request_id)
+            if routes is not None and len(routes) < request.num_tokens:
+                new[request.request_id] = request.all_token_ids[len(routes) : request.num_tokens]
+        if new:
+            self.tracker.extend(new)
+
+    def scheduled(self, scheduler, ran: dict[str, int]) -> None:
+        pass
+
+    def experts(self, request_id: str, start: int, tokens: int, is_prefill: bool) -> frozenset[int] | None:
+        routes = self.tracker.routes.get(request_id)
+        if not routes:
+            return None
+        if start >= len(routes):  # async: the newest token is not routed yet; its predecessor's route
+            return frozenset(routes[-1:])
+        return frozenset(routes[start : start + tokens])
+
+
+class ModelRouteSource:
+    """Routes ahead from the model's own routes (model_routes.py): after each
+    step the model publishes the route of every sequence's last token by KV
+    slot; a decode is predicted to take its last token's expert. Prompts
+    are not routed ahead (their candidates carry no experts, so the policy
+    never holds them back)."""
+
+    def __init__(self, kv_cache_config):
+        from vllm_readme.model_executor.route_publisher import ANCHOR_LAYER
+        from vllm_readme.scheduler.model_routes import ModelRouteBook
+
+        self.book = ModelRouteBook()
+        self.plan = None  # the scheduler's PlanWriter, set once created
+        self.group, self.block_size = _kv_group_of(kv_cache_config, ANCHOR_LAYER)
+
+    def describe(self) -> str:
+        return "the model's own routes of each request's last token (one token late)"
+
+    def __len__(self) -> int:
+        return len(self.book)
+
+    def add(self, request_id: str, prompt: list[int]) -> None:
+        self.book.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self.book.release(request_id)
+
+    def catch_up(self, running: list[Request]) -> None:
+        published = self.plan.model_routes() if self.plan is not None else None
+        if published is not None:
+            self.book.receive(*published)
+
+    def scheduled(self, scheduler, ran: dict[str, int]) -> None:
+        """Note the slot each scheduled request's last token is written to."""
+        slots = {}
+        manager, group, size = scheduler.kv_cache_manager, self.group, self.block_size
+        for request_id in ran:
+            request = scheduler.requests.get(request_id)
+            if request is None:
+                continue
+            position = request.num_computed_tokens - 1  # advanced by this step's tokens already
+            blocks = manager.get_blocks(request_id).blocks[group]
+            if 0 <= position < len(blocks) * size:
+                slots[blocks[position // size].block_id * size + position % size] = (request_id, position)
+        self.book.expect(slots)
+
+    def experts(self, request_id: str, start: int, tokens: int, is_prefill: bool) -> frozenset[int] | None:
+        if is_prefill:
+            return None
+        route = self.book.get(request_id)
+        return None if route is None else frozenset((route,))
+
+
+def _kv_group_of(kv_cache_config, layer: str) -> tuple[int, int]:
+    """(KV cache group, its block size) holding ``layer``."""
+    for index, group in enumerate(kv_cache_config.kv_cache_groups):
+        if layer in group.layer_names:
+            return index, group.kv_cache_spec.block_size
+    raise RuntimeError(f"route_source=model: no KV cache group holds {layer!r}; use route_source=router.")
 
 
 class SchedulerStatsLog:

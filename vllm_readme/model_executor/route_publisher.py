@@ -1,0 +1,71 @@
+"""The model's own routes, handed to the expert-aware scheduler.
+
+With ``route_source: "model"`` (options.py) the scheduler runs no router of
+its own: after every forward this observer publishes the route the model
+computed for the last token of each sequence, keyed by the KV-cache slot
+that token was written to (``slot_mapping`` of the step's attention
+metadata), through the plan file the scheduler owns (experts/plan.py). The
+scheduler knows each request's block table, so it can tell whose route a
+slot carries without request ids crossing processes. It then predicts a
+request's next token to take the same expert (route persistence), one token
+late but at no cost per step (docs/scheduling.md, "Routes ahead").
+
+Outputs never depend on this: the model computes its own routes every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
+
+from vllm_readme.experts.plan import PlanReader
+
+logger = init_logger(f"vllm.{__name__}")
+
+# The backbone's first attention layer: its metadata holds the slots the
+# scheduler computes from its block tables (ReadMEAttention's prefix).
+ANCHOR_LAYER = "model.layers.0.self_attn.attn"
+
+
+class RoutePublisher:
+    """A route observer (ReadMEForCausalLM.route_observers)."""
+
+    def __init__(self, num_experts: int, layer: str = ANCHOR_LAYER):
+        self.plan = PlanReader(num_experts)
+        self.layer = layer
+        self.published = 0
+        self._absent = 0  # forwards since the scheduler's file was last looked for and not found
+
+    def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        metadata = self._metadata()
+        if metadata is None:
+            return  # a profiling or warm-up run: no requests behind it
+        if self.plan.buf is None:
+            # No expert-aware scheduler (yet: the engine builds it after the
+            # workers): look again every 64 forwards, not on every one.
+            self._absent += 1
+            if self._absent % 64 != 1:
+                return
+        last = metadata.query_start_loc[1:].long() - 1
+        last = last[last >= 0]
+        slots = metadata.slot_mapping[last].long()
+        keep = slots >= 0  # padding (CUDA graphs) carries slot -1
+        slots, routes = slots[keep], expert_ids[last][keep]
+        if slots.is_cuda:  # one small copy after the step's kernels: the sampler waits for them anyway
+            slots, routes = slots.cpu(), routes.cpu()
+        if self.plan.publish_routes(slots.numpy().astype("<i8").tobytes(), routes.to(torch.uint8).numpy().tobytes()):
+            if not self.published:
+                logger.info("Read-ME: handing the model's routes to the expert-aware scheduler (route_source=model).")
+            self.published += 1
+
+    def _metadata(self):
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict):  # None, or micro-batches (a list): not published
+            return None
+        found = metadata.get(self.layer)
+        if found is None or not hasattr(found, "slot_mapping") or not hasattr(found, "query_start_loc"):
+            return None
+        return found
