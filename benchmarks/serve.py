@@ -260,6 +260,12 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     steps = delta("vllm:iteration_tokens_total_count")
     out["engine_steps"] = steps
     out["mean_tokens_per_step"] = delta("vllm:iteration_tokens_total_sum") / steps if steps else None
+    own_s = delta("vllm_readme:scheduler_own_seconds_total")
+    if own_s and steps:  # the expert-aware scheduler's own time, per engine step
+        out["scheduler_own_ms_per_step"] = 1000 * own_s / steps
+    guesses = delta("vllm_readme:scheduler_route_guesses_total")
+    if guesses:  # route_source=model: the previous token's route was this token's
+        out["scheduler_route_guesses_right"] = delta("vllm_readme:scheduler_route_guesses_right_total") / guesses
     expert_steps = delta("vllm_readme:unique_experts_per_step_count")
     if expert_steps:
         out["mean_unique_experts_per_step"] = delta("vllm_readme:unique_experts_per_step_sum") / expert_steps
@@ -305,9 +311,51 @@ def _pool_engine(label: str, options: dict, extra: str = "") -> str:
     return f"{label}={{readme}} {extra}--additional-config '{json.dumps({'vllm_readme': options})}'"
 
 
+SCHEDULER_CLS = "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler "
+CALIBRATED = str(RESULTS / "cost_model.json")  # benchmarks/calibrate_cost_model.py on this machine
+
 # Named runs: ``--preset NAME`` sets the engines (``{readme}``: the Read-ME
 # model), workloads and results file that a README figure comes from.
 PRESETS = {
+    "scheduler": {
+        "datasets": ["random", "chat"],
+        "concurrency": [32, 64],
+        "rate_fractions": [],
+        "out": RESULTS / "serve_scheduler.json",
+        "engine": [
+            _pool_engine(
+                "cost-model policy, router copy",
+                {"policy": "cost-model", "cost_model": CALIBRATED, "route_source": "router"},
+                SCHEDULER_CLS,
+            ),
+            _pool_engine(
+                "cost-model policy, model's routes",
+                {"policy": "cost-model", "cost_model": CALIBRATED, "route_source": "model"},
+                SCHEDULER_CLS,
+            ),
+        ],
+    },
+    "expert-cache-scheduler": {
+        "datasets": ["random"],
+        "concurrency": [32],
+        "rate_fractions": [],
+        "out": RESULTS / "serve_expert_cache_scheduler.json",
+        "common_args": "--enforce-eager",
+        "engine": [
+            _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
+            _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
+            _pool_engine(
+                "pool 25%, scheduler (model's routes) + Belady + prefetch",
+                {"expert_pool": "25%", "cost_model": CALIBRATED, "route_source": "model"},
+                SCHEDULER_CLS,
+            ),
+            _pool_engine(
+                "pool 25%, scheduler (router copy) + Belady + prefetch",
+                {"expert_pool": "25%", "cost_model": CALIBRATED, "route_source": "router"},
+                SCHEDULER_CLS,
+            ),
+        ],
+    },
     "expert-cache": {
         "datasets": ["random"],
         "concurrency": [1, 32],
@@ -324,7 +372,7 @@ PRESETS = {
             _pool_engine(
                 "pool 25%, expert-aware scheduler + Belady + prefetch",
                 {"expert_pool": "25%"},
-                "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler ",
+                SCHEDULER_CLS,
             ),
         ],
     },
@@ -385,7 +433,9 @@ def main() -> None:
         "--preset",
         choices=sorted(PRESETS),
         help="a named run (engines, workloads, results file): expert-cache = the expert pool at 75/50/25%%, "
-        "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler",
+        "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler; scheduler = "
+        "the cost-model policy with either route source against FCFS at c 32/64; expert-cache-scheduler = "
+        "a 25%% pool under FCFS + LRU, Belady + prefetch, and the scheduler with either route source",
     )
     parser.add_argument("--report-from", type=Path, help="redo the Markdown table and the plot of a results JSON")
     args = parser.parse_args()
@@ -562,6 +612,28 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
                 f"| {key} | {label} | {r['output_throughput']:.1f} | {c['hit_ratio']:.1%} | "
                 f"{c['loaded_bytes'] / 2**20 / r['engine_steps']:.2f} | {c['stall_ms_per_step']:.1f} | "
                 f"{c['prefetch_accuracy']:.0%} |"
+            )
+    scheduler_rows = [
+        (key, label, r)
+        for key, row in results["runs"].items()
+        for label, r in row.items()
+        if isinstance(r, dict) and r.get("scheduler_own_ms_per_step") is not None
+    ]
+    if scheduler_rows:
+        lines += [
+            "",
+            "Expert-aware scheduler (deltas of the server's /metrics over the workload):",
+            "",
+            "| workload | engine | output tok/s | own ms/step | own share of a step | previous-token route right |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, label, r in scheduler_rows:
+            step_ms = 1000 * r["duration"] / r["engine_steps"] if r.get("engine_steps") else None
+            share = f"{r['scheduler_own_ms_per_step'] / step_ms:.1%}" if step_ms else "-"
+            right = r.get("scheduler_route_guesses_right")
+            lines.append(
+                f"| {key} | {label} | {r['output_throughput']:.1f} | {r['scheduler_own_ms_per_step']:.2f} | "
+                f"{share} | {'-' if right is None else f'{right:.1%}'} |"
             )
     lines += ["", "The paper's figures (Read-ME §4, its own testbed), for comparison:", ""]
     lines += [f"- {k}: {v}" for k, v in results["paper"].items()]

@@ -191,6 +191,8 @@ def test_model_route_book_matches_slots_to_requests():
     book.receive([102, 202], [2, 2])
     assert book.get("a") == 2 and book.get("b") is None and len(book) == 1 and "b" not in book
     assert (book.received, book.matched) == (7, 6)
+    # a's route at 10 (3) was the guess for 11 (2): one prediction, wrong.
+    assert (book.predicted, book.predicted_right) == (1, 0)
     book.expect({300: ("a", 12)})
     book.expect({301: ("a", 13)})
     book.expect({302: ("a", 14)})  # keep_steps=2: the note for slot 300 has aged out

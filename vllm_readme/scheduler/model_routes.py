@@ -33,6 +33,10 @@ class ModelRouteBook:
         self.live: set[str] = set()  # requests added and not yet released
         self.received = 0  # routes published by the model
         self.matched = 0  # of them, matched to a request
+        # Of the matched routes whose previous position's route was known
+        # (what the policy used as this token's route): how many equalled it.
+        self.predicted = 0
+        self.predicted_right = 0
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.live
@@ -61,6 +65,9 @@ class ModelRouteBook:
                     if request_id not in self.live:
                         pass  # finished while its last step ran
                     elif newest is None or newest[0] < position:
+                        if newest is not None and newest[0] == position - 1:
+                            self.predicted += 1
+                            self.predicted_right += newest[1] == route
                         self.latest[request_id] = (position, route)
                     matched += 1
                     break

@@ -65,6 +65,8 @@ class ExpertAwareMixin:
         self._readme_plan = None  # experts/plan.py: with an expert pool, or the model's routes
         self.readme_last_residency: tuple[frozenset[int], float] | None = None  # the cache's, last read
         self.readme_routes = _route_source(self)
+        if self.readme_routes is not None:
+            self.readme_stats.routes_summary = self.readme_routes.summary
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
             return
@@ -273,6 +275,9 @@ class RouterCopySource:
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         pass
 
+    def summary(self) -> str:
+        return ""
+
     def experts(self, request_id: str, start: int, tokens: int, is_prefill: bool) -> frozenset[int] | None:
         routes = self.tracker.routes.get(request_id)
         if not routes:
@@ -312,7 +317,12 @@ class ModelRouteSource:
     def catch_up(self, running: list[Request]) -> None:
         published = self.plan.model_routes() if self.plan is not None else None
         if published is not None:
+            guessed, right = self.book.predicted, self.book.predicted_right
             self.book.receive(*published)
+            metrics = _prometheus()
+            if metrics and self.book.predicted > guessed:
+                metrics[4].inc(self.book.predicted - guessed)
+                metrics[5].inc(self.book.predicted_right - right)
 
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         """Note the slot each scheduled request's last token is written to."""
@@ -327,6 +337,14 @@ class ModelRouteSource:
             if 0 <= position < len(blocks) * size:
                 slots[blocks[position // size].block_id * size + position % size] = (request_id, position)
         self.book.expect(slots)
+
+    def summary(self) -> str:
+        """How often a decode's guessed route (its previous token's) was the
+        model's route, since start."""
+        book = self.book
+        if not book.predicted:
+            return ""
+        return f"; previous-token routes right for {100 * book.predicted_right / book.predicted:.1f}% of decodes"
 
     def experts(self, request_id: str, start: int, tokens: int, is_prefill: bool) -> frozenset[int] | None:
         if is_prefill:
@@ -355,10 +373,12 @@ class SchedulerStatsLog:
         self.total_steps = self.total_unique = self.total_tokens = self.total_held = 0
         self.longest_wait = self.preemptions = 0
         # (tokens, scheduled requests, distinct experts, ms from this step's
-        # schedule() to the next one's): what benchmarks/calibrate_cost_model.py fits.
+        # schedule() to the next one's less this scheduler's own time): what
+        # benchmarks/calibrate_cost_model.py fits.
         self.samples: collections.deque = collections.deque(maxlen=100_000)
         self._pending: tuple | None = None
         self.metrics = _prometheus()
+        self.routes_summary = str  # the route source's figures for the log line ("" by default)
 
     def step(
         self, experts: set[int], tokens: int, scheduled: int, candidates, held: dict[str, int], decision_s: float
@@ -366,7 +386,10 @@ class SchedulerStatsLog:
         now = time.perf_counter()
         if self._pending is not None:  # the previous step ran from its schedule() to this one
             p_tokens, p_requests, p_experts, p_started = self._pending
-            self.samples.append((p_tokens, p_requests, p_experts, 1000 * (now - p_started)))
+            # The step itself: the model's forward, vLLM's bookkeeping and
+            # its schedule(), less this scheduler's own work, which the cost
+            # model must not learn as step cost.
+            self.samples.append((p_tokens, p_requests, p_experts, 1000 * (now - p_started - decision_s)))
             self.window.step_s += now - p_started
         self._pending = (tokens, scheduled, len(experts), now) if tokens else None
         if tokens == 0:
@@ -386,15 +409,16 @@ class SchedulerStatsLog:
         self.total_held += len(held)
         self.longest_wait = max(self.longest_wait, w.max_held)
         if self.metrics:
-            unique, per_step_tokens, held_total = self.metrics
+            unique, per_step_tokens, held_total, own_seconds, _, _ = self.metrics
             unique.observe(len(experts))
             per_step_tokens.observe(tokens)
             held_total.inc(len(held))
+            own_seconds.inc(decision_s)
         if self.log_every and w.steps >= self.log_every:
             logger.info(
                 "vllm-readme scheduler: last %d steps: %.2f unique experts/step (all runnable together: %.2f), "
-                "%.1f tokens/step, %d request-steps held back (longest wait %d), decision %.2f ms/step "
-                "(%.1f%% of the step)",
+                "%.1f tokens/step, %d request-steps held back (longest wait %d), own time %.2f ms/step "
+                "(%.1f%% of the step)%s",
                 w.steps,
                 w.unique / w.steps,
                 w.unique_if_all / w.steps,
@@ -403,6 +427,7 @@ class SchedulerStatsLog:
                 w.max_held,
                 1000 * w.decision_s / w.steps,
                 100 * w.decision_s / w.step_s if w.step_s else 0.0,
+                self.routes_summary(),
             )
             self.window = _Window()
 
@@ -440,6 +465,18 @@ def _prometheus():
                 Counter(
                     "vllm_readme:scheduler_held_back",
                     "Runnable requests held back one step by the expert-aware scheduler",
+                ),
+                Counter(
+                    "vllm_readme:scheduler_own_seconds",
+                    "Seconds the expert-aware scheduler spent on its own work (routes ahead, policy, bookkeeping)",
+                ),
+                Counter(
+                    "vllm_readme:scheduler_route_guesses",
+                    "Decodes whose route the scheduler guessed from the previous token's (route_source=model)",
+                ),
+                Counter(
+                    "vllm_readme:scheduler_route_guesses_right",
+                    "Of those, guesses the model's own route then confirmed",
                 ),
             ]
         )
