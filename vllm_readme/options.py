@@ -80,12 +80,14 @@ class SchedulerOptions(PluginOptions):
     max_held_back: int = 4
     cost_model: str | None = None  # JSON file written by benchmarks/calibrate_cost_model.py
     # Where the scheduler's routes ahead come from (docs/scheduling.md,
-    # "Routes ahead"): "router", its own copy of the router (exact for a
-    # sync scheduler, costs a router step per running request); "model",
-    # the routes the model computed for each request's last token, handed
-    # over through the plan file (one token late: right as often as the
-    # model's route persistence; costs nothing per step).
-    route_source: str = "router"
+    # "Routes ahead"): "model", the routes the model computed for each
+    # request's last token, handed over through the plan file (one token
+    # late: right as often as the model's route persistence, 81-86 % in the
+    # serving benchmark; 0.2-0.3 ms per step); "router", its own copy of the
+    # router (exact for a sync scheduler, but a router step per running
+    # request: 6-16 ms per step, 9-12 % of a step at concurrency 32-64,
+    # benchmarks/results/serve_scheduler.md). Default chosen from that run.
+    route_source: str = "model"
     route_window: int = 64  # tokens of context the scheduler's router copy attends to
     log_every: int = 100  # steps between the scheduler's and the expert cache's log lines (0: never)
 

@@ -146,7 +146,10 @@ class ExpertAwareMixin:
         resumed = time.perf_counter()
         ran = output.num_scheduled_tokens
         self.readme_routes.scheduled(self, ran)
-        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran])
+        # A wait counts against the bound only when the policy held the
+        # request back: one it chose that vLLM then could not run (no KV
+        # blocks: vLLM preempts) waits on vLLM, as under vLLM's own scheduler.
+        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran or rid in chosen])
         own_s = (decided - started) + (time.perf_counter() - resumed)  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
         self.readme_stats.step(
@@ -154,7 +157,7 @@ class ExpertAwareMixin:
             sum(ran.values()),
             len(ran),
             candidates,
-            {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran},
+            {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran and rid not in chosen},
             decision_s=own_s,
         )
         self._readme_publish_plan(candidates)
