@@ -18,11 +18,13 @@ one small incremental state per request:
 The model keeps computing its own routes: outputs never depend on this copy,
 only the order in which requests run does.
 
-Why a copy and not a worker-side hook: the route of a token needs that token,
-which exists only after sampling; a worker hook would hand back the routes of
-the step that just ran, one token late. The copy costs one tiny transformer
-step per running request per engine step (measured in
-benchmarks/routes_ahead.py).
+A copy, ``route_source: "router"``, against the model's own routes handed
+back after each step (``"model"``, the default; model_routes.py): the route
+of a token needs that token, which exists only after sampling, so the
+model's routes are one token late, while the copy knows the route of the
+token about to run. The copy costs one tiny transformer step per running
+request per engine step (benchmarks/routes_ahead.py; 9-12 % of a step in
+the serving benchmark), which is why it is not the default.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ Select it with ``--scheduler-cls``::
 The policy is a mixin over vLLM's own scheduler (the pattern of vLLM's
 ``DiffusionAsyncScheduler``); each step it:
 
-1. routes the tokens that arrived since the last step with its own copy of
-   the router (``routes_ahead.RouteTracker``); a prompt is routed when it
-   is added;
+1. takes in the routes of the tokens that arrived since the last step
+   (``route_source``): by default the model's own, which it publishes after
+   each forward by KV slot (``ModelRouteSource``, model_routes.py); or its
+   own copy of the router (``RouterCopySource``, routes_ahead.py), which
+   routes a prompt when it is added and each new token before its step;
 2. lists the running requests vLLM would consider, with the experts their
    next tokens route to, and lets ``policy.choose`` pick the step;
 3. holds the others back one step the way vLLM's own schedulers do
@@ -23,12 +25,13 @@ Admission of waiting requests stays vLLM's (FCFS or its priority order): the
 policy orders the running set, where decode steps are formed. A model that is
 not Read-ME, or a request with no routes, is scheduled exactly as vLLM does.
 
-Sync vs async: with the sync scheduler a sampled token is routed before the
-``schedule()`` that runs it. Under async scheduling that token arrives one
-step later; the policy then uses the route of the newest token it has (the
-previous token's route). How often that guess is right is the model's route
-persistence, P[route_t == route_t-1], which the refactoring report and
-benchmarks/routes.py measure.
+Sync vs async: with the router copy and the sync scheduler a sampled token
+is routed before the ``schedule()`` that runs it. With the model's routes,
+and under async scheduling with either, the policy uses the route of the
+newest token it has (the previous token's route). How often that guess is
+right is the model's route persistence, P[route_t == route_t-1], which the
+refactoring report and benchmarks/routes.py measure, and which the
+scheduler counts against the model's routes as they arrive.
 """
 
 from __future__ import annotations
