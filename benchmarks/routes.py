@@ -13,7 +13,13 @@ built-in corpus that no refactoring stage saw. Reported:
   prompt + 128 further tokens of the same text, concurrency 8/32/64, under
   FCFS, the paper's greedy-by-expert and the cost-model policy: unique
   experts per step, tokens per step, held-back steps, and the hit ratio of
-  a pool of half the experts under LRU and Belady.
+  a pool of half the experts under LRU and Belady;
+* co-planning (scheduler and cache together): with a pool of half the
+  experts and a step cost that charges each expert load (this machine's
+  calibrated cost model, results/cost_model.json, plus the load time of one
+  expert across all layers, results/expert_store.json), FCFS + LRU against
+  greedy-expert and cost-model + Belady: unique experts per step and the
+  estimated throughput, as ratios.
 
     python benchmarks/routes.py [--readme models/smollm2-readme]
 
@@ -95,6 +101,18 @@ def main() -> None:
     parser.add_argument(
         "--save-trace", type=Path, help="also write the recorded routes (one list per 512-token block) as JSON"
     )
+    parser.add_argument(
+        "--cost-model",
+        type=Path,
+        default=RESULTS / "cost_model.json",
+        help="step-cost model for the co-planning replay (default: this machine's calibration, when present)",
+    )
+    parser.add_argument(
+        "--load-ms",
+        type=float,
+        help="ms to load one expert across all layers, for the co-planning replay "
+        "(default: load_ms_per_expert_all_layers of results/expert_store.json)",
+    )
     args = parser.parse_args()
 
     from vllm_readme.experts.eviction import EVICTION_POLICIES, single_stream_hit_ratio
@@ -144,10 +162,68 @@ def main() -> None:
             f"[routes] c{concurrency}: unique experts/step "
             + ", ".join(f"{p} {r['mean_unique_experts_per_step']:.2f}" for p, r in rows.items())
         )
+    results["co_planning"] = co_planning(requests, num_experts, args.cost_model, args.load_ms)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, args.out.with_suffix(".png"))
     print(f"[routes] wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def co_planning(requests, num_experts: int, cost_file: Path, load_ms: float | None) -> dict:
+    """Scheduler and cache planned together (issue 17's target): a pool of
+    half the experts, a step cost that charges every expert load at what
+    loading one expert across all layers costs from the backing store (no
+    prefetch: the upper end of what a load costs a step), FCFS + LRU against
+    the expert-aware policies + Belady over the known future."""
+    import dataclasses
+
+    from vllm_readme.scheduler.cost_model import StepCostModel
+    from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL
+    from vllm_readme.scheduler.simulator import simulate
+
+    model = StepCostModel.load(cost_file) if cost_file.is_file() else DEFAULT_COST_MODEL
+    if load_ms is None:
+        store = RESULTS / "expert_store.json"
+        load_ms = json.loads(store.read_text())["load_ms_per_expert_all_layers"] if store.is_file() else 0.0
+    model = dataclasses.replace(model, per_load_ms=load_ms)
+    half = max(1, num_experts // 2)
+    out = {"cost_model": dataclasses.asdict(model), "pool_experts": half, "concurrency": {}}
+    for concurrency in (32, 64):
+        trace = requests[: 2 * concurrency]
+        rows = {}
+        for label, policy, eviction in (
+            ("FCFS + LRU", "fcfs", "lru"),
+            ("FCFS + Belady", "fcfs", "belady"),
+            ("greedy-expert + Belady", "greedy-expert", "belady"),
+            ("cost-model + Belady", "cost-model", "belady"),
+        ):
+            run = simulate(
+                trace,
+                policy,
+                cost_model=model,
+                max_requests=concurrency,
+                max_held_back=4,
+                chunk=512,
+                cache_capacity=half,
+                eviction=eviction,
+                batch_tokens=max(1, concurrency // 2) if policy == "greedy-expert" else None,
+            )
+            rows[label] = run.summary() | {"hit_ratio": run.hit_ratio}
+        base = rows["FCFS + LRU"]
+        for row in rows.values():
+            row["unique_experts_vs_fcfs_lru"] = (
+                row["mean_unique_experts_per_step"] / base["mean_unique_experts_per_step"]
+            )
+            row["throughput_vs_fcfs_lru"] = row["estimated_tokens_per_s"] / base["estimated_tokens_per_s"]
+        out["concurrency"][concurrency] = rows
+        print(
+            f"[routes] co-planning c{concurrency}, pool {half} of {num_experts}, load {load_ms:.1f} ms/expert: "
+            + "; ".join(
+                f"{k} {r['mean_unique_experts_per_step']:.2f} experts/step, {r['throughput_vs_fcfs_lru']:.2f}x"
+                for k, r in rows.items()
+            )
+        )
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
