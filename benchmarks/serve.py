@@ -263,6 +263,8 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     own_s = delta("vllm_readme:scheduler_own_seconds_total")
     if own_s and steps:  # the expert-aware scheduler's own time, per engine step
         out["scheduler_own_ms_per_step"] = 1000 * own_s / steps
+    if "vllm_readme:scheduler_policy_vs_fcfs" in after:  # the self-check's latest verdict
+        out["self_check_policy_vs_fcfs"] = after["vllm_readme:scheduler_policy_vs_fcfs"]
     guesses = delta("vllm_readme:scheduler_route_guesses_total")
     if guesses:  # route_source=model: the previous token's route was this token's
         out["scheduler_route_guesses_right"] = delta("vllm_readme:scheduler_route_guesses_right_total") / guesses
@@ -314,6 +316,12 @@ def _pool_engine(label: str, options: dict, extra: str = "") -> str:
 SCHEDULER_CLS = "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler "
 CALIBRATED = str(RESULTS / "cost_model.json")  # benchmarks/calibrate_cost_model.py on this machine
 
+
+def _scheduler_engine(label: str, **options) -> str:
+    """The expert-aware scheduler, cost-model policy with this machine's calibration."""
+    return _pool_engine(label, {"policy": "cost-model", "cost_model": CALIBRATED, **options}, SCHEDULER_CLS)
+
+
 # Named runs: ``--preset NAME`` sets the engines (``{readme}``: the Read-ME
 # model), workloads and results file that a README figure comes from.
 PRESETS = {
@@ -323,16 +331,8 @@ PRESETS = {
         "rate_fractions": [],
         "out": RESULTS / "serve_scheduler.json",
         "engine": [
-            _pool_engine(
-                "cost-model policy, router copy",
-                {"policy": "cost-model", "cost_model": CALIBRATED, "route_source": "router"},
-                SCHEDULER_CLS,
-            ),
-            _pool_engine(
-                "cost-model policy, model's routes",
-                {"policy": "cost-model", "cost_model": CALIBRATED, "route_source": "model"},
-                SCHEDULER_CLS,
-            ),
+            _scheduler_engine("cost-model policy, router copy", route_source="router"),
+            _scheduler_engine("cost-model policy, model's routes", route_source="model"),
         ],
     },
     "expert-cache-scheduler": {
@@ -344,16 +344,10 @@ PRESETS = {
         "engine": [
             _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
             _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
-            _pool_engine(
-                "pool 25%, scheduler (model's routes) + Belady + prefetch",
-                {"expert_pool": "25%", "cost_model": CALIBRATED, "route_source": "model"},
-                SCHEDULER_CLS,
+            _scheduler_engine(
+                "pool 25%, scheduler without self-check + Belady + prefetch", expert_pool="25%", self_check_window=0
             ),
-            _pool_engine(
-                "pool 25%, scheduler (router copy) + Belady + prefetch",
-                {"expert_pool": "25%", "cost_model": CALIBRATED, "route_source": "router"},
-                SCHEDULER_CLS,
-            ),
+            _scheduler_engine("pool 25%, scheduler (self-check) + Belady + prefetch", expert_pool="25%"),
         ],
     },
     "expert-cache": {
@@ -624,16 +618,20 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
             "",
             "Expert-aware scheduler (deltas of the server's /metrics over the workload):",
             "",
-            "| workload | engine | output tok/s | own ms/step | own share of a step | previous-token route right |",
-            "|---|---|---|---|---|---|",
+            "| workload | engine | output tok/s | own ms/step | own share of a step | previous-token route right "
+            "| self-check: policy / FCFS |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, label, r in scheduler_rows:
             step_ms = 1000 * r["duration"] / r["engine_steps"] if r.get("engine_steps") else None
             share = f"{r['scheduler_own_ms_per_step'] / step_ms:.1%}" if step_ms else "-"
             right = r.get("scheduler_route_guesses_right")
+            right = "-" if right is None else f"{right:.1%}"
+            check = r.get("self_check_policy_vs_fcfs")
+            check = "-" if check is None else f"{check:.2f}x"
             lines.append(
                 f"| {key} | {label} | {r['output_throughput']:.1f} | {r['scheduler_own_ms_per_step']:.2f} | "
-                f"{share} | {'-' if right is None else f'{right:.1%}'} |"
+                f"{share} | {right} | {check} |"
             )
     lines += ["", "The paper's figures (Read-ME §4, its own testbed), for comparison:", ""]
     lines += [f"- {k}: {v}" for k, v in results["paper"].items()]

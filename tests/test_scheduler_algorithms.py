@@ -197,3 +197,37 @@ def test_model_route_book_matches_slots_to_requests():
     book.expect({301: ("a", 13)})
     book.expect({302: ("a", 14)})  # keep_steps=2: the note for slot 300 has aged out
     assert book.receive([300], [1]) == 0 and book.get("a") == 2
+
+
+def _drive(check, policy_ms: float, fcfs_ms: float, steps: int, tokens: int = 32) -> list[str]:
+    """Steps of the given duration per mode; returns the mode of every step."""
+    modes = []
+    for _ in range(steps):
+        modes.append(check.mode)
+        check.record(tokens, (policy_ms if check.uses_policy() else fcfs_ms) / 1000)
+    return modes
+
+
+def test_self_check_falls_back_to_fcfs_when_the_policy_is_slower_and_keeps_probing():
+    from vllm_readme.scheduler.self_check import SelfCheck
+
+    check = SelfCheck(window=10, settle=2, pairs=3, margin=0.02, reprobe=4)
+    modes = _drive(check, policy_ms=110, fcfs_ms=100, steps=400)
+    assert not check.policy_pays and abs(check.ratio - 100 / 110) < 1e-9
+    late = modes[100:]
+    assert 0 < late.count("policy") / len(late) <= 0.3, "mostly FCFS, the policy retried now and then"
+    # The machine changes: now the policy is faster; the probes notice.
+    _drive(check, policy_ms=90, fcfs_ms=100, steps=400)
+    assert check.policy_pays and check.ratio > 1
+
+
+def test_self_check_keeps_a_policy_that_pays_or_ties():
+    from vllm_readme.scheduler.self_check import SelfCheck
+
+    for policy_ms in (95, 100, 101):  # faster, equal, within the 2 % margin
+        check = SelfCheck(window=10, settle=2, pairs=3, margin=0.02, reprobe=4)
+        modes = _drive(check, policy_ms=policy_ms, fcfs_ms=100, steps=400)
+        assert check.policy_pays, policy_ms
+        assert modes[200:].count("policy") / 200 >= 0.7
+    with pytest.raises(ValueError, match="longer than its settling"):
+        SelfCheck(window=4, settle=4)

@@ -138,8 +138,15 @@ def test_grouping_lowers_unique_experts(tiny_gqa, tmp_path, expensive_experts):
     touches fewer distinct experts per step than FCFS."""
     _, fcfs = run(tiny_gqa, tmp_path, "fcfs")
     # The router copy's exact routes: the figure compared is the routes' own.
+    # The policy's own effect: no self-check turns to FCFS.
     _, grouped = run(
-        tiny_gqa, tmp_path, "cost-model", cost_model=str(expensive_experts), max_held_back=4, route_source="router"
+        tiny_gqa,
+        tmp_path,
+        "cost-model",
+        cost_model=str(expensive_experts),
+        max_held_back=4,
+        route_source="router",
+        self_check_window=0,
     )
     assert grouped["unique"] / grouped["steps"] < 0.9 * fcfs["unique"] / fcfs["steps"], (fcfs, grouped)
     assert grouped["longest_wait"] <= 4
@@ -211,6 +218,7 @@ def test_router_copy_matches_model(tiny_gqa):
         ({"polcy": "fcfs"}, "unknown option(s) ['polcy']"),
         ({"max_held_back": "soon"}, "max_held_back: expected int"),
         ({"route_source": "oracle"}, "route_source: 'oracle' is not one of ['router', 'model']"),
+        ({"self_check_window": 3}, "self_check_window must be 0 (off) or >= 8 steps"),
     ],
 )
 def test_bad_options_fail_at_start(tiny_gqa, options, message):

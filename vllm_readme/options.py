@@ -89,6 +89,10 @@ class SchedulerOptions(PluginOptions):
     # benchmarks/results/serve_scheduler.md). Default chosen from that run.
     route_source: str = "model"
     route_window: int = 64  # tokens of context the scheduler's router copy attends to
+    # Take turns between the policy and FCFS in windows of this many steps
+    # and keep the policy only while it is measured not slower
+    # (scheduler/self_check.py); 0: always the policy.
+    self_check_window: int = 32
     log_every: int = 100  # steps between the scheduler's and the expert cache's log lines (0: never)
 
     def validated(self) -> SchedulerOptions:
@@ -105,6 +109,10 @@ class SchedulerOptions(PluginOptions):
             )
         if self.route_window < 1:
             raise ReadMEOptionsError(f"{WHERE}.route_window must be >= 1 token, got {self.route_window}.")
+        if self.self_check_window != 0 and self.self_check_window < 8:
+            raise ReadMEOptionsError(
+                f"{WHERE}.self_check_window must be 0 (off) or >= 8 steps, got {self.self_check_window}."
+            )
         if self.log_every < 0:
             raise ReadMEOptionsError(f"{WHERE}.log_every must be >= 0 (0 = no log lines), got {self.log_every}.")
         self.load_cost_model()  # an unreadable file fails now, not at the first step

@@ -70,6 +70,13 @@ class ExpertAwareMixin:
         self.readme_routes = _route_source(self)
         if self.readme_routes is not None:
             self.readme_stats.routes_summary = self.readme_routes.summary
+        self.readme_check = None  # self_check.py: is the policy measured to pay against FCFS?
+        if self.readme_routes is not None and self.readme_options.policy != "fcfs":
+            if self.readme_options.self_check_window:
+                from vllm_readme.scheduler.self_check import SelfCheck
+
+                self.readme_check = SelfCheck(window=self.readme_options.self_check_window)
+                self.readme_stats.self_check = self.readme_check
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
             return
@@ -127,9 +134,12 @@ class ExpertAwareMixin:
         self.readme_routes.catch_up(self.running)
         candidates = self._readme_candidates()
         cost_model, resident = self._readme_residency()
+        policy = self.readme_options.policy
+        if self.readme_check is not None and not self.readme_check.uses_policy():
+            policy = "fcfs"
         chosen = set(
             choose(
-                self.readme_options.policy,
+                policy,
                 candidates,
                 max_tokens=self.max_num_scheduled_tokens,
                 max_requests=self.max_num_running_reqs,
@@ -385,6 +395,7 @@ class SchedulerStatsLog:
         self._pending: tuple | None = None
         self.metrics = _prometheus()
         self.routes_summary = str  # the route source's figures for the log line ("" by default)
+        self.self_check = None  # self_check.SelfCheck, when on
 
     def step(
         self, experts: set[int], tokens: int, scheduled: int, candidates, held: dict[str, int], decision_s: float
@@ -397,6 +408,8 @@ class SchedulerStatsLog:
             # model must not learn as step cost.
             self.samples.append((p_tokens, p_requests, p_experts, 1000 * (now - p_started - decision_s)))
             self.window.step_s += now - p_started
+            if self.self_check is not None:
+                self._record_self_check(p_tokens, now - p_started)
         self._pending = (tokens, scheduled, len(experts), now) if tokens else None
         if tokens == 0:
             return
@@ -415,7 +428,7 @@ class SchedulerStatsLog:
         self.total_held += len(held)
         self.longest_wait = max(self.longest_wait, w.max_held)
         if self.metrics:
-            unique, per_step_tokens, held_total, own_seconds, _, _ = self.metrics
+            unique, per_step_tokens, held_total, own_seconds = self.metrics[:4]
             unique.observe(len(experts))
             per_step_tokens.observe(tokens)
             held_total.inc(len(held))
@@ -438,6 +451,26 @@ class SchedulerStatsLog:
             self.window = _Window()
 
 
+    def _record_self_check(self, tokens: int, seconds: float) -> None:
+        check = self.self_check
+        verdict = check.policy_pays
+        pairs = len(check.log_ratios)
+        check.record(tokens, seconds)
+        if self.metrics and check.ratio is not None:
+            self.metrics[6].set(check.ratio)
+        if len(check.log_ratios) == check.pairs and (pairs < check.pairs or verdict != check.policy_pays):
+            logger.info(
+                "vllm-readme scheduler: self-check: the policy ran at %.2fx FCFS's throughput over the last %d "
+                "pairs of %d-step windows; %s.",
+                check.ratio,
+                check.pairs,
+                check.window,
+                "keeping the policy (an FCFS window every %d to re-check)" % check.reprobe
+                if check.policy_pays
+                else "running FCFS (the policy again for one window in every %d)" % check.reprobe,
+            )
+
+
 class _Window:
     def __init__(self):
         self.steps = self.unique = self.unique_if_all = self.tokens = self.held = self.max_held = 0
@@ -453,7 +486,7 @@ def _prometheus():
     they reach the server's /metrics)."""
     if not _METRICS:
         try:
-            from prometheus_client import Counter, Histogram
+            from prometheus_client import Counter, Gauge, Histogram
         except ImportError:
             return None
         _METRICS.extend(
@@ -483,6 +516,11 @@ def _prometheus():
                 Counter(
                     "vllm_readme:scheduler_route_guesses_right",
                     "Of those, guesses the model's own route then confirmed",
+                ),
+                Gauge(
+                    "vllm_readme:scheduler_policy_vs_fcfs",
+                    "Self-check: the policy's measured throughput over FCFS's (windows taking turns)",
+                    multiprocess_mode="mostrecent",
                 ),
             ]
         )
