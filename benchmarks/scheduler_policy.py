@@ -76,7 +76,7 @@ def model_routes_step_ms(n: int, repeats: int) -> dict:
     writer = PlanWriter(num_experts=8)
     reader = PlanReader(num_experts=8)
     try:
-        source = ModelRouteSource(config)
+        source = ModelRouteSource(config, num_experts=8)
         source.plan = writer
         for rid in tables:
             source.add(rid, [])

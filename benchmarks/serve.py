@@ -263,8 +263,9 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     own_s = delta("vllm_readme:scheduler_own_seconds_total")
     if own_s and steps:  # the expert-aware scheduler's own time, per engine step
         out["scheduler_own_ms_per_step"] = 1000 * own_s / steps
-    if "vllm_readme:scheduler_policy_vs_fcfs" in after:  # the self-check's latest verdict
-        out["self_check_policy_vs_fcfs"] = after["vllm_readme:scheduler_policy_vs_fcfs"]
+    ratio = after.get("vllm_readme:scheduler_policy_vs_fcfs")
+    if ratio is not None and ratio > 0:  # the self-check's latest verdict (NaN: it has not compared yet)
+        out["self_check_policy_vs_fcfs"] = ratio
     guesses = delta("vllm_readme:scheduler_route_guesses_total")
     if guesses:  # route_source=model: the previous token's route was this token's
         out["scheduler_route_guesses_right"] = delta("vllm_readme:scheduler_route_guesses_right_total") / guesses

@@ -418,9 +418,11 @@ class ReadMEForCausalLM(nn.Module):
         if scheduler_options.route_source == "model":
             from vllm.distributed import get_tensor_model_parallel_rank
 
-            if get_tensor_model_parallel_rank() == 0:  # every rank computes the same routes
-                from vllm_readme.model_executor.route_publisher import RoutePublisher
+            from vllm_readme.model_executor.route_publisher import MAX_PUBLISHED_EXPERTS, RoutePublisher
 
+            # Every rank computes the same routes; the scheduler refuses the
+            # channel for more experts than a byte holds.
+            if get_tensor_model_parallel_rank() == 0 and config.num_experts <= MAX_PUBLISHED_EXPERTS:
                 self.route_observers.append(RoutePublisher(config.num_experts))
         logger.info(
             "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",

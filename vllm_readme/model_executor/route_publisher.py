@@ -26,6 +26,7 @@ logger = init_logger(f"vllm.{__name__}")
 # The backbone's first attention layer: its metadata holds the slots the
 # scheduler computes from its block tables (ReadMEAttention's prefix).
 ANCHOR_LAYER = "model.layers.0.self_attn.attn"
+MAX_PUBLISHED_EXPERTS = 256  # a route travels as one byte
 
 
 class RoutePublisher:
@@ -36,8 +37,21 @@ class RoutePublisher:
         self.layer = layer
         self.published = 0
         self._absent = 0  # forwards since the scheduler's file was last looked for and not found
+        self.broken = False
+        self._warned = False
 
     def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        if self.broken:
+            return
+        try:
+            self._publish(expert_ids)
+        except Exception:  # routes only order requests: never stop a forward for them
+            logger.exception("Read-ME: publishing routes to the scheduler failed; it runs without them from now on.")
+            self.broken = True
+
+    def _publish(self, expert_ids: torch.Tensor) -> None:
+        if expert_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # CUDA graph capture: no host copies (decode graphs replay without this observer: eager only)
         metadata = self._metadata()
         if metadata is None:
             return  # a profiling or warm-up run: no requests behind it
@@ -66,6 +80,13 @@ class RoutePublisher:
         if not isinstance(metadata, dict):  # None, or micro-batches (a list): not published
             return None
         found = metadata.get(self.layer)
-        if found is None or not hasattr(found, "slot_mapping") or not hasattr(found, "query_start_loc"):
+        if getattr(found, "slot_mapping", None) is None or getattr(found, "query_start_loc", None) is None:
+            if found is not None and not self._warned:
+                logger.warning(
+                    "Read-ME: %s's attention metadata has no slot_mapping/query_start_loc; no routes for "
+                    "the scheduler (route_source=router works without them).",
+                    self.layer,
+                )
+                self._warned = True
             return None
         return found

@@ -196,10 +196,16 @@ class HoldBackTracker:
     def get(self, request_id: str) -> int:
         return self.held_back.get(request_id, 0)
 
-    def update(self, runnable: Iterable[str], chosen: Iterable[str]) -> None:
-        chosen = set(chosen)
+    def update(self, runnable: Iterable[str], chosen: Iterable[str], keep: Iterable[str] = ()) -> None:
+        """``chosen`` ran (count reset); ``keep``: waited for another reason
+        than the policy (count unchanged); the other runnable ones were held
+        back one more step."""
+        chosen, keep = set(chosen), set(keep)
         for request_id in runnable:
-            self.held_back[request_id] = 0 if request_id in chosen else self.get(request_id) + 1
+            if request_id in chosen:
+                self.held_back[request_id] = 0
+            elif request_id not in keep:
+                self.held_back[request_id] = self.get(request_id) + 1
 
     def forget(self, request_id: str) -> None:
         self.held_back.pop(request_id, None)

@@ -106,9 +106,21 @@ class ExpertAwareMixin:
 
     def shutdown(self) -> None:
         if getattr(self, "_readme_plan", None) is not None:
+            if isinstance(self.readme_routes, ModelRouteSource):
+                self.readme_routes.plan = None
             self._readme_plan.close()
             self._readme_plan = None
         super().shutdown()
+
+    def _readme_guarded(self, bookkeeping, *args) -> None:
+        """Route bookkeeping degrades instead of stopping the engine: on an
+        error the scheduler logs it once and schedules as vLLM does from then
+        on (routes only order requests; outputs never depend on them)."""
+        try:
+            bookkeeping(*args)
+        except Exception:
+            logger.exception("vllm-readme scheduler: route bookkeeping failed; scheduling as vLLM does from now on.")
+            self.readme_routes = None
 
     # -- requests in and out ---------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -131,26 +143,34 @@ class ExpertAwareMixin:
         if self.readme_routes is None:
             return super().schedule(throttle_prefills)
         started = time.perf_counter()
-        self.readme_routes.catch_up(self.running)
+        self._readme_guarded(self.readme_routes.catch_up, self.running)
         candidates = self._readme_candidates()
         cost_model, resident = self._readme_residency()
         policy = self.readme_options.policy
         if self.readme_check is not None and not self.readme_check.uses_policy():
             policy = "fcfs"
-        chosen = set(
-            choose(
-                policy,
-                candidates,
-                max_tokens=self.max_num_scheduled_tokens,
-                max_requests=self.max_num_running_reqs,
-                max_held_back=self.readme_options.max_held_back,
-                cost_model=cost_model,
-                resident=resident,
-            )
-        )
         by_id = {c.request_id: c for c in candidates}
+        if policy == "fcfs":  # vLLM's order: nothing held back
+            chosen = set(by_id)
+        else:
+            chosen = set(
+                choose(
+                    policy,
+                    candidates,
+                    max_tokens=self.max_num_scheduled_tokens,
+                    max_requests=self.max_num_running_reqs,
+                    max_held_back=self.readme_options.max_held_back,
+                    cost_model=cost_model,
+                    resident=resident,
+                )
+            )
         for request in self.running:
-            if request.request_id in by_id and request.request_id not in chosen:
+            candidate = by_id.get(request.request_id)
+            # Only the policy's choices hold a request back: a candidate
+            # without routes that did not fit the policy's estimate of the
+            # budget (a prefill whose whole chunk did not) is left to vLLM,
+            # which runs what fits.
+            if candidate is not None and candidate.experts is not None and request.request_id not in chosen:
                 # schedule() advances current_step before it checks, so +2
                 # skips exactly this step (vLLM's DiffusionAsyncScheduler).
                 request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
@@ -158,11 +178,14 @@ class ExpertAwareMixin:
         output = super().schedule(throttle_prefills)
         resumed = time.perf_counter()
         ran = output.num_scheduled_tokens
-        self.readme_routes.scheduled(self, ran)
+        self._readme_guarded(self.readme_routes.scheduled, self, ran)
         # A wait counts against the bound only when the policy held the
-        # request back: one it chose that vLLM then could not run (no KV
-        # blocks: vLLM preempts) waits on vLLM, as under vLLM's own scheduler.
-        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran or rid in chosen])
+        # request back; one it chose that vLLM then did not run (no KV
+        # blocks: vLLM preempts) keeps its count: it waited on vLLM, as under
+        # vLLM's own scheduler, and stays first in line if it was.
+        held = [rid for rid in by_id if rid not in chosen and by_id[rid].experts is not None]
+        waited = [rid for rid in by_id if rid not in ran and rid not in held]
+        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran], keep=waited)
         own_s = (decided - started) + (time.perf_counter() - resumed)  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
         self.readme_stats.step(
@@ -170,7 +193,7 @@ class ExpertAwareMixin:
             sum(ran.values()),
             len(ran),
             candidates,
-            {rid: self.readme_held.get(rid) for rid in by_id if rid not in ran and rid not in chosen},
+            {rid: self.readme_held.get(rid) for rid in held},
             decision_s=own_s,
         )
         self._readme_publish_plan(candidates)
@@ -244,7 +267,11 @@ def _route_source(scheduler) -> RouterCopySource | ModelRouteSource | None:
     if getattr(hf_config, "model_type", None) != "readme":
         return None
     if scheduler.readme_options.route_source == "model":
-        return ModelRouteSource(scheduler.kv_cache_config)
+        try:
+            return ModelRouteSource(scheduler.kv_cache_config, hf_config.num_experts)
+        except ValueError as exc:
+            logger.warning("vllm-readme scheduler: %s Scheduling as vLLM does.", exc)
+            return None
     from vllm_readme.scheduler.routes_ahead import RouteTracker, load_router
 
     folder = Path(vllm_config.model_config.model)
@@ -310,9 +337,15 @@ class ModelRouteSource:
     are not routed ahead (their candidates carry no experts, so the policy
     never holds them back)."""
 
-    def __init__(self, kv_cache_config):
-        from vllm_readme.model_executor.route_publisher import ANCHOR_LAYER
+    def __init__(self, kv_cache_config, num_experts: int):
+        from vllm_readme.model_executor.route_publisher import ANCHOR_LAYER, MAX_PUBLISHED_EXPERTS
         from vllm_readme.scheduler.model_routes import ModelRouteBook
+
+        if num_experts > MAX_PUBLISHED_EXPERTS:
+            raise ValueError(
+                f"route_source=model publishes one byte per route, this model has {num_experts} experts; "
+                "use route_source=router."
+            )
 
         self.book = ModelRouteBook()
         self.plan = None  # the scheduler's PlanWriter, set once created
@@ -374,7 +407,7 @@ def _kv_group_of(kv_cache_config, layer: str) -> tuple[int, int]:
     for index, group in enumerate(kv_cache_config.kv_cache_groups):
         if layer in group.layer_names:
             return index, group.kv_cache_spec.block_size
-    raise RuntimeError(f"route_source=model: no KV cache group holds {layer!r}; use route_source=router.")
+    raise ValueError(f"route_source=model: no KV cache group holds {layer!r}; use route_source=router.")
 
 
 class SchedulerStatsLog:
@@ -450,7 +483,6 @@ class SchedulerStatsLog:
             )
             self.window = _Window()
 
-
     def _record_self_check(self, tokens: int, seconds: float) -> None:
         check = self.self_check
         verdict = check.policy_pays
@@ -465,9 +497,9 @@ class SchedulerStatsLog:
                 check.ratio,
                 check.pairs,
                 check.window,
-                "keeping the policy (an FCFS window every %d to re-check)" % check.reprobe
+                f"keeping the policy (an FCFS window every {check.reprobe} to re-check)"
                 if check.policy_pays
-                else "running FCFS (the policy again for one window in every %d)" % check.reprobe,
+                else f"running FCFS (the policy again for one window in every {check.reprobe})",
             )
 
 
@@ -519,9 +551,10 @@ def _prometheus():
                 ),
                 Gauge(
                     "vllm_readme:scheduler_policy_vs_fcfs",
-                    "Self-check: the policy's measured throughput over FCFS's (windows taking turns)",
+                    "Self-check: the policy's measured throughput over FCFS's (windows taking turns; NaN: none yet)",
                     multiprocess_mode="mostrecent",
                 ),
             ]
         )
+        _METRICS[6].set(float("nan"))  # not 0: nothing is measured until a self-check compares
     return _METRICS
