@@ -83,7 +83,7 @@ def model_routes_step_ms(n: int, repeats: int) -> dict:
         ran = dict.fromkeys(tables, 1)
         last = context - 1  # the position of each request's newest token
         slots = [tables[rid][last // block].block_id * block + last % block for rid in tables]
-        payload = struct.pack(f"<{n}q", *slots), bytes(i % 8 for i in range(n))
+        payload = struct.pack(f"<{n}q", *slots), struct.pack(f"<{n}i", *[last] * n), bytes(i % 8 for i in range(n))
         worker, scheduler_side = [], []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -230,7 +230,8 @@ def _read_plan_in_child(queue):
     reader = PlanReader(num_experts=8)
     queue.put((reader.read(), reader.last_seq))
     reader.publish_residency({0, 5}, 12.5)
-    reader.publish_routes(struct.pack("<3q", 7, 40, 2**40), bytes([3, 0, 5]))  # the model's routes by KV slot
+    # The model's routes by KV slot and position.
+    reader.publish_routes(struct.pack("<3q", 7, 40, 2**40), struct.pack("<3i", 5, 0, 70000), bytes([3, 0, 5]))
     reader.close()
 
 
@@ -255,7 +256,7 @@ def test_plan_crosses_processes():
         child.join(30)
         assert queue.get(timeout=5) == (frozenset({1, 3}), 2)
         assert writer.residency() == (frozenset({0, 5}), 12.5)  # and back: the cache's residency
-        assert writer.model_routes() == ((7, 40, 2**40), bytes([3, 0, 5]))  # and the model's routes
+        assert writer.model_routes() == ((7, 40, 2**40), (5, 0, 70000), bytes([3, 0, 5]))  # and the model's routes
         assert writer.model_routes() is None  # read once
     finally:
         writer.close()

@@ -174,29 +174,32 @@ def test_options_from_additional_config_and_environment(tmp_path):
 
 
 def test_model_route_book_matches_slots_to_requests():
-    """route_source=model: published (slot, expert) pairs reach the request
-    whose newest token was written to that slot; unknown slots and finished
+    """route_source=model: published (slot, position, expert) triples reach
+    the request whose newest token was written to that slot at that
+    position; unknown slots, a slot reused at another position and finished
     requests are ignored, and an older step never overrides a newer one."""
     book = ModelRouteBook(keep_steps=2)
     for rid in "ab":
         book.add(rid)
     book.expect({100: ("a", 9), 200: ("b", 4)})
     book.expect({101: ("a", 10), 201: ("b", 5)})
-    assert book.receive([101, 201, 999], [3, 1, 2]) == 2  # the newer step's routes arrive first (async)
-    assert book.receive([100, 200], [0, 0]) == 2  # then the older step's: matched, but not newer
+    # The newer step's routes arrive first (async); slot 999 is nobody's.
+    assert book.receive([101, 201, 999], [10, 5, 0], [3, 1, 2]) == 2
+    assert book.receive([100, 200], [9, 4], [0, 0]) == 2  # then the older step's: matched, but not newer
     assert (book.get("a"), book.get("b"), book.get("c")) == (3, 1, None)
     assert book.latest["a"] == (10, 3)
     book.expect({102: ("a", 11), 202: ("b", 6)})
+    assert book.receive([102], [40], [1]) == 0  # slot 102 at another position: someone else's token
     book.release("b")  # finished while its last step ran
-    book.receive([102, 202], [2, 2])
+    book.receive([102, 202], [11, 6], [2, 2])
     assert book.get("a") == 2 and book.get("b") is None and len(book) == 1 and "b" not in book
-    assert (book.received, book.matched) == (7, 6)
+    assert (book.received, book.matched) == (8, 6)
     # a's route at 10 (3) was the guess for 11 (2): one prediction, wrong.
     assert (book.predicted, book.predicted_right) == (1, 0)
     book.expect({300: ("a", 12)})
     book.expect({301: ("a", 13)})
     book.expect({302: ("a", 14)})  # keep_steps=2: the note for slot 300 has aged out
-    assert book.receive([300], [1]) == 0 and book.get("a") == 2
+    assert book.receive([300], [12], [1]) == 0 and book.get("a") == 2
 
 
 def _drive(check, policy_ms: float, fcfs_ms: float, steps: int, tokens: int = 32) -> list[str]:

@@ -23,12 +23,13 @@ Three blocks, each written by one side and read by the other:
   experts it would open that are not resident.
 * routes (model -> scheduler, once per forward, with the scheduler's
   ``route_source: "model"``): a uint64 sequence number, a uint32 count, then
-  that many int64 KV-cache slots and as many uint8 experts: the route the
-  model computed for the last token of each sequence it ran, keyed by the
-  slot that token's keys and values were written to. A slot names one
-  (request, position) within a step, and the scheduler can compute it from
-  its own block tables, so no request ids need to cross
-  (docs/scheduling.md, "Routes ahead").
+  that many int64 KV-cache slots, int32 positions and uint8 experts: the
+  route the model computed for the last token of each sequence it ran,
+  keyed by the slot that token's keys and values were written to and its
+  position. A slot names one (request, position) within a step, and the
+  scheduler can compute it from its own block tables, so no request ids
+  need to cross; the position guards against a slot reused by another
+  request since (docs/scheduling.md, "Routes ahead").
 
 Then the writer's process start time: a reader ignores a file whose
 owner is gone (an engine that died without removing it, its pid reused
@@ -52,8 +53,8 @@ MAX_EXPERTS = 1024
 MAX_ROUTES = 8192  # sequences per forward whose last route is published (more are dropped)
 _PLAN = 0  # u64 seq, flags
 _RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
-_ROUTES = _RESIDENCY + 16 + MAX_EXPERTS  # u64 seq, u32 count, i64 slots[MAX_ROUTES], u8 routes[MAX_ROUTES]
-_OWNER = _ROUTES + 16 + 9 * MAX_ROUTES  # u64: the writer process's start time
+_ROUTES = _RESIDENCY + 16 + MAX_EXPERTS  # u64 seq, u32 count, i64 slots[], i32 positions[], u8 routes[]
+_OWNER = _ROUTES + 16 + 13 * MAX_ROUTES  # u64: the writer process's start time
 _SIZE = _OWNER + 8
 
 
@@ -132,26 +133,30 @@ class _Block:
 
 
 class _RoutesBlock:
-    """The routes block: (slot, expert) pairs under a seqlock."""
+    """The routes block: (slot, position, expert) triples under a seqlock."""
 
     def __init__(self, offset: int):
         self.offset = offset
         self.slots_at = offset + 16
-        self.routes_at = self.slots_at + 8 * MAX_ROUTES
+        self.positions_at = self.slots_at + 8 * MAX_ROUTES
+        self.routes_at = self.positions_at + 4 * MAX_ROUTES
         self.seq = 0
 
-    def write(self, buf, slots: bytes, routes: bytes) -> None:
-        """``slots``: little-endian int64s; ``routes``: one byte each."""
-        count = min(len(routes), len(slots) // 8, MAX_ROUTES)
+    def write(self, buf, slots: bytes, positions: bytes, routes: bytes) -> None:
+        """``slots``: little-endian int64s; ``positions``: int32s; ``routes``:
+        one byte each."""
+        count = min(len(routes), len(slots) // 8, len(positions) // 4, MAX_ROUTES)
         self.seq += 1
         struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)
         struct.pack_into("<I", buf, self.offset + 8, count)
         buf[self.slots_at : self.slots_at + 8 * count] = slots[: 8 * count]
+        buf[self.positions_at : self.positions_at + 4 * count] = positions[: 4 * count]
         buf[self.routes_at : self.routes_at + count] = routes[:count]
         struct.pack_into("<Q", buf, self.offset, 2 * self.seq)
 
-    def read(self, buf, since: int) -> tuple[int, tuple[int, ...], bytes] | None:
-        """(sequence number, slots, routes) when newer than ``since``, else None."""
+    def read(self, buf, since: int) -> tuple[int, tuple[int, ...], tuple[int, ...], bytes] | None:
+        """(sequence number, slots, positions, routes) when newer than
+        ``since``, else None."""
         for _ in range(100):
             (before,) = struct.unpack_from("<Q", buf, self.offset)
             if before // 2 <= since:
@@ -161,10 +166,11 @@ class _RoutesBlock:
             (count,) = struct.unpack_from("<I", buf, self.offset + 8)
             count = min(count, MAX_ROUTES)
             slots = struct.unpack_from(f"<{count}q", buf, self.slots_at)
+            positions = struct.unpack_from(f"<{count}i", buf, self.positions_at)
             routes = bytes(buf[self.routes_at : self.routes_at + count])
             (after,) = struct.unpack_from("<Q", buf, self.offset)
             if after == before:
-                return before // 2, slots, routes
+                return before // 2, slots, positions, routes
         return None
 
 
@@ -202,14 +208,14 @@ class PlanWriter:
         read = self.residency_block.read(self.buf, self.num_experts)
         return None if read is None else (read[1], read[2])
 
-    def model_routes(self) -> tuple[tuple[int, ...], bytes] | None:
+    def model_routes(self) -> tuple[tuple[int, ...], tuple[int, ...], bytes] | None:
         """The model's routes published since the last call: (KV slots,
-        experts), or None when nothing new arrived."""
+        positions, experts), or None when nothing new arrived."""
         read = self.routes_block.read(self.buf, self.routes_seen)
         if read is None:
             return None
         self.routes_seen = read[0]
-        return read[1], read[2]
+        return read[1:]
 
     def close(self) -> None:
         self._finalizer()
@@ -269,12 +275,12 @@ class PlanReader:
         if self.buf is not None:
             self.residency.write(self.buf, experts, load_ms)
 
-    def publish_routes(self, slots: bytes, routes: bytes) -> bool:
+    def publish_routes(self, slots: bytes, positions: bytes, routes: bytes) -> bool:
         """The model's routes of the step it just ran (see the module doc);
         False while the scheduler's file does not exist (yet)."""
         if self.buf is None and not self._open():
             return False
-        self.routes.write(self.buf, slots, routes)
+        self.routes.write(self.buf, slots, positions, routes)
         return True
 
     def close(self) -> None:

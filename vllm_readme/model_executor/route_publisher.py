@@ -44,12 +44,12 @@ class RoutePublisher:
         if self.broken:
             return
         try:
-            self._publish(expert_ids)
+            self._publish(positions, expert_ids)
         except Exception:  # routes only order requests: never stop a forward for them
             logger.exception("Read-ME: publishing routes to the scheduler failed; it runs without them from now on.")
             self.broken = True
 
-    def _publish(self, expert_ids: torch.Tensor) -> None:
+    def _publish(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
         if expert_ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # CUDA graph capture: no host copies (decode graphs replay without this observer: eager only)
         metadata = self._metadata()
@@ -65,10 +65,14 @@ class RoutePublisher:
         last = last[last >= 0]
         slots = metadata.slot_mapping[last].long()
         keep = slots >= 0  # padding (CUDA graphs) carries slot -1
-        slots, routes = slots[keep], expert_ids[last][keep]
-        if slots.is_cuda:  # one small copy after the step's kernels: the sampler waits for them anyway
-            slots, routes = slots.cpu(), routes.cpu()
-        if self.plan.publish_routes(slots.numpy().astype("<i8").tobytes(), routes.to(torch.uint8).numpy().tobytes()):
+        slots, where, routes = slots[keep], positions[last][keep], expert_ids[last][keep]
+        if slots.is_cuda:  # a small copy after the step's kernels
+            slots, where, routes = slots.cpu(), where.cpu(), routes.cpu()
+        if self.plan.publish_routes(
+            slots.numpy().astype("<i8").tobytes(),
+            where.numpy().astype("<i4").tobytes(),
+            routes.to(torch.uint8).numpy().tobytes(),
+        ):
             if not self.published:
                 logger.info("Read-ME: handing the model's routes to the expert-aware scheduler (route_source=model).")
             self.published += 1

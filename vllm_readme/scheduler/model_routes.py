@@ -12,9 +12,11 @@ model's route persistence P[route_t == route_t-1] (docs/scheduling.md), and
 at no cost per step beyond a dictionary lookup per request.
 
 Slots are unique within a step (each (request, position) owns its slot
-while the step runs); notes are kept for the last ``keep_steps`` steps so
-that an async scheduler, which schedules a step before the previous one's
-routes arrive, still matches them.
+while the step runs); a published route carries its position too, so a
+slot freed and given to another request since cannot hand over a stranger's
+route. Notes are kept for the last ``keep_steps`` steps so that an async
+scheduler, which schedules a step before the previous one's routes arrive,
+still matches them.
 
 Plain Python: no vLLM, no torch.
 """
@@ -52,14 +54,16 @@ class ModelRouteBook:
         step just scheduled."""
         self.expected.append(slots)
 
-    def receive(self, slots, routes) -> int:
-        """Published (slot, expert) pairs; returns how many matched."""
+    def receive(self, slots, positions, routes) -> int:
+        """Published (slot, position, expert) triples; returns how many
+        matched a note of the same slot and position."""
         matched = 0
-        for slot, route in zip(slots, routes, strict=False):
+        for slot, published_at, route in zip(slots, positions, routes, strict=False):
             self.received += 1
             for notes in reversed(self.expected):  # newest first
-                note = notes.pop(slot, None)
-                if note is not None:
+                note = notes.get(slot)
+                if note is not None and note[1] == published_at:
+                    del notes[slot]
                     request_id, position = note
                     newest = self.latest.get(request_id)
                     if request_id not in self.live:
