@@ -86,3 +86,39 @@ def test_models_endpoint_lists_the_served_model(server):
     from openai import OpenAI
 
     assert [m.id for m in OpenAI(base_url=server, api_key="unused").models.list()] == ["tiny-readme"]
+
+
+def test_expert_aware_scheduler_gets_the_models_routes_through_vllm_serve(tiny_gqa, tmp_path):
+    """`vllm serve` runs three processes (API server, engine core with the
+    scheduler, worker with the model): the model's routes must cross from
+    the worker to the scheduler (route_source=model, the default) and the
+    outputs stay the reference's."""
+    import json
+    import urllib.request
+
+    from openai import OpenAI
+    from prometheus_client.parser import text_string_to_metric_families
+
+    args = ("--dtype", "float32", "--max-model-len", "512", "--served-model-name", "tiny-readme", "--enforce-eager")
+    options = json.dumps({"vllm_readme": {"policy": "cost-model"}})
+    scheduler = ("--scheduler-cls", "vllm_readme.scheduler.ExpertAwareScheduler", "--additional-config", options)
+    prompts = ["The quick brown fox", "Once upon a time", "In the beginning"]
+    with served(tiny_gqa, tmp_path / "server.log", *args, *scheduler) as (_, url):
+        out = OpenAI(base_url=url + "/v1", api_key="unused").completions.create(
+            model="tiny-readme",
+            prompt=prompts,
+            max_tokens=12,
+            temperature=0.0,
+            logprobs=1,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    tok = AutoTokenizer.from_pretrained(tiny_gqa)
+    for choice in out.choices:
+        expected = _reference_text(tiny_gqa, tok(prompts[choice.index]).input_ids, 12)
+        assert _token_ids(choice.logprobs.tokens) == expected
+    guesses = samples.get("vllm_readme:scheduler_route_guesses_total", 0)
+    # Every decode after a request's first has its previous token's route.
+    assert guesses >= len(prompts) * 8, samples
+    assert 0 <= samples["vllm_readme:scheduler_route_guesses_right_total"] <= guesses
