@@ -15,6 +15,8 @@ Outputs never depend on this: the model computes its own routes every step.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
@@ -36,7 +38,7 @@ class RoutePublisher:
         self.plan = PlanReader(num_experts)
         self.layer = layer
         self.published = 0
-        self._absent = 0  # forwards since the scheduler's file was last looked for and not found
+        self._looked = float("-inf")  # when the scheduler's file was last looked for and not found
         self.broken = False
         self._warned = False
 
@@ -57,10 +59,12 @@ class RoutePublisher:
             return  # a profiling or warm-up run: no requests behind it
         if self.plan.buf is None:
             # No expert-aware scheduler (yet: the engine builds it after the
-            # workers): look again every 64 forwards, not on every one.
-            self._absent += 1
-            if self._absent % 64 != 1:
+            # workers and their warm-up): look again at most once a second,
+            # not on every forward.
+            now = time.monotonic()
+            if now - self._looked < 1.0:
                 return
+            self._looked = now
         last = metadata.query_start_loc[1:].long() - 1
         last = last[last >= 0]
         slots = metadata.slot_mapping[last].long()
