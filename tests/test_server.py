@@ -17,6 +17,18 @@ def server(tiny_gqa, tmp_path_factory):
         yield url + "/v1"
 
 
+def greedy_completion(prompt) -> dict:
+    """12 greedy tokens with their ids, for comparison with the reference."""
+    return dict(
+        model="tiny-readme",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0.0,
+        logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+
+
 def _reference_text(path, prompt_ids, n):
     model = load_reference(path)
     ids = list(prompt_ids)
@@ -31,14 +43,7 @@ def test_completions_plain_and_streaming_match_the_reference(server, tiny_gqa):
 
     client = OpenAI(base_url=server, api_key="unused")
     prompt = "The quick brown fox"
-    kwargs = dict(
-        model="tiny-readme",
-        prompt=prompt,
-        max_tokens=12,
-        temperature=0.0,
-        logprobs=1,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-    )
+    kwargs = greedy_completion(prompt)
     plain = client.completions.create(**kwargs)
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs))
     assert plain.usage.completion_tokens == 12
@@ -104,14 +109,7 @@ def test_expert_aware_scheduler_gets_the_models_routes_through_vllm_serve(tiny_g
     scheduler = ("--scheduler-cls", "vllm_readme.scheduler.ExpertAwareScheduler", "--additional-config", options)
     prompts = ["The quick brown fox", "Once upon a time", "In the beginning"]
     with served(tiny_gqa, tmp_path / "server.log", *args, *scheduler) as (_, url):
-        out = OpenAI(base_url=url + "/v1", api_key="unused").completions.create(
-            model="tiny-readme",
-            prompt=prompts,
-            max_tokens=12,
-            temperature=0.0,
-            logprobs=1,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )
+        out = OpenAI(base_url=url + "/v1", api_key="unused").completions.create(**greedy_completion(prompts))
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
     tok = AutoTokenizer.from_pretrained(tiny_gqa)
