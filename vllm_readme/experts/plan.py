@@ -275,6 +275,10 @@ class PlanReader:
         if self.buf is not None:
             self.residency.write(self.buf, experts, load_ms)
 
+    def attach(self) -> bool:
+        """Whether the scheduler's file is open (opening it if it now exists)."""
+        return self.buf is not None or self._open()
+
     def publish_routes(self, slots: bytes, positions: bytes, routes: bytes) -> bool:
         """The model's routes of the step it just ran (see the module doc);
         False while the scheduler's file does not exist (yet)."""

@@ -415,7 +415,7 @@ class ReadMEForCausalLM(nn.Module):
         if os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
             self.route_observers.append(ExpertStepMetrics(config.num_experts))
         scheduler_options = SchedulerOptions.from_additional_config(vllm_config.additional_config)
-        if scheduler_options.route_source == "model":
+        if scheduler_options.route_source == "model" and _expert_aware_scheduler(vllm_config):
             from vllm.distributed import get_tensor_model_parallel_rank
 
             from vllm_readme.model_executor.route_publisher import MAX_PUBLISHED_EXPERTS, RoutePublisher
@@ -527,6 +527,19 @@ class ReadMEForCausalLM(nn.Module):
         self.model.expert_pool = (cache.w13, cache.w2)
         self.model.expert_cache_id = cache.id
         logger.info("Read-ME %s", cache.describe())
+
+
+def _expert_aware_scheduler(vllm_config: VllmConfig) -> bool:
+    """Whether the engine schedules with the plugin's expert-aware
+    scheduler (or a subclass), the only reader of the model's routes."""
+    if vllm_config.scheduler_config.scheduler_cls is None:
+        return False
+    from vllm_readme.scheduler.vllm_scheduler import ExpertAwareMixin
+
+    try:
+        return issubclass(vllm_config.scheduler_config.get_scheduler_cls(), ExpertAwareMixin)
+    except Exception:  # an unresolvable class fails vLLM's own start-up, not ours
+        return False
 
 
 def release_freed_memory() -> None:

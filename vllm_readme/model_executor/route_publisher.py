@@ -65,6 +65,8 @@ class RoutePublisher:
             if now - self._looked < 1.0:
                 return
             self._looked = now
+            if not self.plan.attach():
+                return
         last = metadata.query_start_loc[1:].long() - 1
         last = last[last >= 0]
         slots = metadata.slot_mapping[last].long()
