@@ -345,10 +345,10 @@ PRESETS = {
         "engine": [
             _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
             _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
+            _scheduler_engine("pool 25%, scheduler without self-check + Belady + prefetch", expert_pool="25%"),
             _scheduler_engine(
-                "pool 25%, scheduler without self-check + Belady + prefetch", expert_pool="25%", self_check_window=0
+                "pool 25%, scheduler (self-check) + Belady + prefetch", expert_pool="25%", self_check_window=32
             ),
-            _scheduler_engine("pool 25%, scheduler (self-check) + Belady + prefetch", expert_pool="25%"),
         ],
     },
     "expert-cache": {
