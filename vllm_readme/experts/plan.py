@@ -95,83 +95,108 @@ def remove_stale_plans() -> None:
             continue
 
 
-class _Block:
-    """One seqlock block of a shared buffer: a sequence number, an optional
-    float, one byte per expert."""
-
-    def __init__(self, offset: int, with_value: bool):
-        self.offset = offset
-        self.flags_at = offset + (16 if with_value else 8)
-        self.seq = 0
-
-    def write(self, buf, experts, value: float | None = None) -> None:
-        self.seq += 1
-        struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)  # odd: writing
-        if value is not None:
-            struct.pack_into("<d", buf, self.offset + 8, value)
-        flags = bytearray(MAX_EXPERTS)
-        for expert in experts:
-            if 0 <= expert < MAX_EXPERTS:
-                flags[expert] = 1
-        buf[self.flags_at : self.flags_at + MAX_EXPERTS] = bytes(flags)
-        struct.pack_into("<Q", buf, self.offset, 2 * self.seq)
-
-    def read(self, buf, num_experts: int) -> tuple[int, frozenset[int], float] | None:
-        """(sequence number, experts, value), or None when nothing was written."""
-        for _ in range(100):
-            (before,) = struct.unpack_from("<Q", buf, self.offset)
-            if before == 0:
-                return None
-            if before % 2:
-                continue
-            (value,) = struct.unpack_from("<d", buf, self.offset + 8)
-            flags = bytes(buf[self.flags_at : self.flags_at + num_experts])
-            (after,) = struct.unpack_from("<Q", buf, self.offset)
-            if after == before:
-                return before // 2, frozenset(i for i, flag in enumerate(flags) if flag), value
-        return None
-
-
-class _RoutesBlock:
-    """The routes block: (slot, position, expert) triples under a seqlock."""
+class _Seqlock:
+    """A block of a shared buffer behind a uint64 sequence number: odd while
+    its writer writes, even after; a reader retries until it reads the same
+    even number before and after."""
 
     def __init__(self, offset: int):
         self.offset = offset
-        self.slots_at = offset + 16
-        self.positions_at = self.slots_at + 8 * MAX_ROUTES
-        self.routes_at = self.positions_at + 4 * MAX_ROUTES
         self.seq = 0
 
-    def write(self, buf, slots: bytes, positions: bytes, routes: bytes) -> None:
-        """``slots``: little-endian int64s; ``positions``: int32s; ``routes``:
-        one byte each."""
-        count = min(len(routes), len(slots) // 8, len(positions) // 4, MAX_ROUTES)
+    def _write(self, buf, fill) -> None:
         self.seq += 1
-        struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)
-        struct.pack_into("<I", buf, self.offset + 8, count)
-        buf[self.slots_at : self.slots_at + 8 * count] = slots[: 8 * count]
-        buf[self.positions_at : self.positions_at + 4 * count] = positions[: 4 * count]
-        buf[self.routes_at : self.routes_at + count] = routes[:count]
+        struct.pack_into("<Q", buf, self.offset, 2 * self.seq - 1)  # odd: writing
+        fill()
         struct.pack_into("<Q", buf, self.offset, 2 * self.seq)
 
-    def read(self, buf, since: int) -> tuple[int, tuple[int, ...], tuple[int, ...], bytes] | None:
-        """(sequence number, slots, positions, routes) when newer than
-        ``since``, else None."""
+    def _read(self, buf, fetch, since: int = 0):
+        """(sequence number, ``fetch()``) once a write newer than ``since`` is
+        complete, or None when there is none."""
         for _ in range(100):
             (before,) = struct.unpack_from("<Q", buf, self.offset)
             if before // 2 <= since:
                 return None
             if before % 2:
                 continue
-            (count,) = struct.unpack_from("<I", buf, self.offset + 8)
-            count = min(count, MAX_ROUTES)
-            slots = struct.unpack_from(f"<{count}q", buf, self.slots_at)
-            positions = struct.unpack_from(f"<{count}i", buf, self.positions_at)
-            routes = bytes(buf[self.routes_at : self.routes_at + count])
+            got = fetch()
             (after,) = struct.unpack_from("<Q", buf, self.offset)
             if after == before:
-                return before // 2, slots, positions, routes
+                return before // 2, got
         return None
+
+
+class _Block(_Seqlock):
+    """A sequence number, an optional float, one byte per expert."""
+
+    def __init__(self, offset: int, with_value: bool):
+        super().__init__(offset)
+        self.flags_at = offset + (16 if with_value else 8)
+
+    def write(self, buf, experts, value: float | None = None) -> None:
+        flags = bytearray(MAX_EXPERTS)
+        for expert in experts:
+            if 0 <= expert < MAX_EXPERTS:
+                flags[expert] = 1
+
+        def fill():
+            if value is not None:
+                struct.pack_into("<d", buf, self.offset + 8, value)
+            buf[self.flags_at : self.flags_at + MAX_EXPERTS] = bytes(flags)
+
+        self._write(buf, fill)
+
+    def read(self, buf, num_experts: int) -> tuple[int, frozenset[int], float] | None:
+        """(sequence number, experts, value), or None when nothing was written."""
+
+        def fetch():
+            (value,) = struct.unpack_from("<d", buf, self.offset + 8)
+            return value, bytes(buf[self.flags_at : self.flags_at + num_experts])
+
+        read = self._read(buf, fetch)
+        if read is None:
+            return None
+        seq, (value, flags) = read
+        return seq, frozenset(i for i, flag in enumerate(flags) if flag), value
+
+
+class _RoutesBlock(_Seqlock):
+    """The routes block: (slot, position, expert) triples."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.slots_at = offset + 16
+        self.positions_at = self.slots_at + 8 * MAX_ROUTES
+        self.routes_at = self.positions_at + 4 * MAX_ROUTES
+
+    def write(self, buf, slots: bytes, positions: bytes, routes: bytes) -> None:
+        """``slots``: little-endian int64s; ``positions``: int32s; ``routes``:
+        one byte each."""
+        count = min(len(routes), len(slots) // 8, len(positions) // 4, MAX_ROUTES)
+
+        def fill():
+            struct.pack_into("<I", buf, self.offset + 8, count)
+            buf[self.slots_at : self.slots_at + 8 * count] = slots[: 8 * count]
+            buf[self.positions_at : self.positions_at + 4 * count] = positions[: 4 * count]
+            buf[self.routes_at : self.routes_at + count] = routes[:count]
+
+        self._write(buf, fill)
+
+    def read(self, buf, since: int) -> tuple[int, tuple[int, ...], tuple[int, ...], bytes] | None:
+        """(sequence number, slots, positions, routes) when newer than
+        ``since``, else None."""
+
+        def fetch():
+            (count,) = struct.unpack_from("<I", buf, self.offset + 8)
+            count = min(count, MAX_ROUTES)
+            return (
+                struct.unpack_from(f"<{count}q", buf, self.slots_at),
+                struct.unpack_from(f"<{count}i", buf, self.positions_at),
+                bytes(buf[self.routes_at : self.routes_at + count]),
+            )
+
+        read = self._read(buf, fetch, since)
+        return None if read is None else (read[0], *read[1])
 
 
 class PlanWriter:
@@ -259,7 +284,7 @@ class PlanReader:
         return False
 
     def read(self) -> frozenset[int] | None:
-        if self.buf is None and not self._open():
+        if not self.attach():
             return None
         read = self.plan.read(self.buf, self.num_experts)
         if read is None:
@@ -282,7 +307,7 @@ class PlanReader:
     def publish_routes(self, slots: bytes, positions: bytes, routes: bytes) -> bool:
         """The model's routes of the step it just ran (see the module doc);
         False while the scheduler's file does not exist (yet)."""
-        if self.buf is None and not self._open():
+        if not self.attach():
             return False
         self.routes.write(self.buf, slots, positions, routes)
         return True

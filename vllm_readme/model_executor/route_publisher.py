@@ -71,13 +71,10 @@ class RoutePublisher:
         last = last[last >= 0]
         slots = metadata.slot_mapping[last].long()
         keep = slots >= 0  # padding (CUDA graphs) carries slot -1
-        slots, where, routes = slots[keep], positions[last][keep], expert_ids[last][keep]
-        if slots.is_cuda:  # a small copy after the step's kernels
-            slots, where, routes = slots.cpu(), where.cpu(), routes.cpu()
+        # One [3, n] int64 table, one host copy (a small one on a GPU).
+        table = torch.stack([slots, positions[last].long(), expert_ids[last].long()])[:, keep].cpu().numpy()
         if self.plan.publish_routes(
-            slots.numpy().astype("<i8").tobytes(),
-            where.numpy().astype("<i4").tobytes(),
-            routes.to(torch.uint8).numpy().tobytes(),
+            table[0].astype("<i8").tobytes(), table[1].astype("<i4").tobytes(), table[2].astype("u1").tobytes()
         ):
             if not self.published:
                 logger.info("Read-ME: handing the model's routes to the expert-aware scheduler (route_source=model).")

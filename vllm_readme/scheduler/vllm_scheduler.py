@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import types
 from pathlib import Path
 
 from vllm.logger import init_logger
@@ -112,15 +113,18 @@ class ExpertAwareMixin:
             self._readme_plan = None
         super().shutdown()
 
-    def _readme_guarded(self, bookkeeping, *args) -> None:
+    def _readme_guarded(self, bookkeeping, *args) -> bool:
         """Route bookkeeping degrades instead of stopping the engine: on an
         error the scheduler logs it once and schedules as vLLM does from then
-        on (routes only order requests; outputs never depend on them)."""
+        on (routes only order requests; outputs never depend on them).
+        False when it failed."""
         try:
             bookkeeping(*args)
+            return True
         except Exception:
             logger.exception("vllm-readme scheduler: route bookkeeping failed; scheduling as vLLM does from now on.")
             self.readme_routes = None
+            return False
 
     # -- requests in and out ---------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -143,7 +147,8 @@ class ExpertAwareMixin:
         if self.readme_routes is None:
             return super().schedule(throttle_prefills)
         started = time.perf_counter()
-        self._readme_guarded(self.readme_routes.catch_up, self.running)
+        if not self._readme_guarded(self.readme_routes.catch_up, self.running):
+            return super().schedule(throttle_prefills)
         candidates = self._readme_candidates()
         cost_model, resident = self._readme_residency()
         policy = self.readme_options.policy
@@ -178,14 +183,15 @@ class ExpertAwareMixin:
         output = super().schedule(throttle_prefills)
         resumed = time.perf_counter()
         ran = output.num_scheduled_tokens
-        self._readme_guarded(self.readme_routes.scheduled, self, ran)
+        if not self._readme_guarded(self.readme_routes.scheduled, self, ran):
+            return output
         # A wait counts against the bound only when the policy held the
         # request back; one it chose that vLLM then did not run (no KV
         # blocks: vLLM preempts) keeps its count: it waited on vLLM, as under
         # vLLM's own scheduler, and stays first in line if it was.
-        held = [rid for rid in by_id if rid not in chosen and by_id[rid].experts is not None]
+        held = {rid for rid, c in by_id.items() if rid not in chosen and c.experts is not None}
         waited = [rid for rid in by_id if rid not in ran and rid not in held]
-        self.readme_held.update(by_id, [rid for rid in by_id if rid in ran], keep=waited)
+        self.readme_held.update(by_id, ran, keep=waited)
         own_s = (decided - started) + (time.perf_counter() - resumed)  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
         self.readme_stats.step(
@@ -370,8 +376,8 @@ class ModelRouteSource:
             self.book.receive(*published)
             metrics = _prometheus()
             if metrics and self.book.predicted > guessed:
-                metrics[4].inc(self.book.predicted - guessed)
-                metrics[5].inc(self.book.predicted_right - right)
+                metrics.guesses.inc(self.book.predicted - guessed)
+                metrics.guesses_right.inc(self.book.predicted_right - right)
 
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         """Note the slot each scheduled request's last token is written to."""
@@ -461,11 +467,10 @@ class SchedulerStatsLog:
         self.total_held += len(held)
         self.longest_wait = max(self.longest_wait, w.max_held)
         if self.metrics:
-            unique, per_step_tokens, held_total, own_seconds = self.metrics[:4]
-            unique.observe(len(experts))
-            per_step_tokens.observe(tokens)
-            held_total.inc(len(held))
-            own_seconds.inc(decision_s)
+            self.metrics.unique.observe(len(experts))
+            self.metrics.tokens.observe(tokens)
+            self.metrics.held.inc(len(held))
+            self.metrics.own_seconds.inc(decision_s)
         if self.log_every and w.steps >= self.log_every:
             logger.info(
                 "vllm-readme scheduler: last %d steps: %.2f unique experts/step (all runnable together: %.2f), "
@@ -489,7 +494,7 @@ class SchedulerStatsLog:
         pairs = len(check.log_ratios)
         check.record(tokens, seconds)
         if self.metrics and check.ratio is not None:
-            self.metrics[6].set(check.ratio)
+            self.metrics.policy_vs_fcfs.set(check.ratio)
         if len(check.log_ratios) == check.pairs and (pairs < check.pairs or verdict != check.policy_pays):
             logger.info(
                 "vllm-readme scheduler: self-check: the policy ran at %.2fx FCFS's throughput over the last %d "
@@ -509,10 +514,10 @@ class _Window:
         self.decision_s = self.step_s = 0.0
 
 
-_METRICS: list = []
+_METRICS: dict = {}
 
 
-def _prometheus():
+def _prometheus() -> types.SimpleNamespace | None:
     """The scheduler's Prometheus metrics, once per process (the engine-core
     process; ``vllm-readme serve`` sets PROMETHEUS_MULTIPROC_DIR so that
     they reach the server's /metrics)."""
@@ -521,40 +526,38 @@ def _prometheus():
             from prometheus_client import Counter, Gauge, Histogram
         except ImportError:
             return None
-        _METRICS.extend(
-            [
-                Histogram(
-                    "vllm_readme:scheduler_unique_experts_per_step",
-                    "Distinct experts among the tokens the expert-aware scheduler ran in one step",
-                    buckets=[float(b) for b in range(1, 65)],
-                ),
-                Histogram(
-                    "vllm_readme:scheduler_tokens_per_step",
-                    "Tokens the expert-aware scheduler ran in one step",
-                    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
-                ),
-                Counter(
-                    "vllm_readme:scheduler_held_back",
-                    "Runnable requests held back one step by the expert-aware scheduler",
-                ),
-                Counter(
-                    "vllm_readme:scheduler_own_seconds",
-                    "Seconds the expert-aware scheduler spent on its own work (routes ahead, policy, bookkeeping)",
-                ),
-                Counter(
-                    "vllm_readme:scheduler_route_guesses",
-                    "Decodes whose route the scheduler guessed from the previous token's (route_source=model)",
-                ),
-                Counter(
-                    "vllm_readme:scheduler_route_guesses_right",
-                    "Of those, guesses the model's own route then confirmed",
-                ),
-                Gauge(
-                    "vllm_readme:scheduler_policy_vs_fcfs",
-                    "Self-check: the policy's measured throughput over FCFS's (windows taking turns; NaN: none yet)",
-                    multiprocess_mode="mostrecent",
-                ),
-            ]
+        _METRICS["all"] = types.SimpleNamespace(
+            unique=Histogram(
+                "vllm_readme:scheduler_unique_experts_per_step",
+                "Distinct experts among the tokens the expert-aware scheduler ran in one step",
+                buckets=[float(b) for b in range(1, 65)],
+            ),
+            tokens=Histogram(
+                "vllm_readme:scheduler_tokens_per_step",
+                "Tokens the expert-aware scheduler ran in one step",
+                buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+            ),
+            held=Counter(
+                "vllm_readme:scheduler_held_back",
+                "Runnable requests held back one step by the expert-aware scheduler",
+            ),
+            own_seconds=Counter(
+                "vllm_readme:scheduler_own_seconds",
+                "Seconds the expert-aware scheduler spent on its own work (routes ahead, policy, bookkeeping)",
+            ),
+            guesses=Counter(
+                "vllm_readme:scheduler_route_guesses",
+                "Decodes whose route the scheduler guessed from the previous token's (route_source=model)",
+            ),
+            guesses_right=Counter(
+                "vllm_readme:scheduler_route_guesses_right",
+                "Of those, guesses the model's own route then confirmed",
+            ),
+            policy_vs_fcfs=Gauge(
+                "vllm_readme:scheduler_policy_vs_fcfs",
+                "Self-check: the policy's measured throughput over FCFS's (windows taking turns; NaN: none yet)",
+                multiprocess_mode="mostrecent",
+            ),
         )
-        _METRICS[6].set(float("nan"))  # not 0: nothing is measured until a self-check compares
-    return _METRICS
+        _METRICS["all"].policy_vs_fcfs.set(float("nan"))  # not 0: nothing is measured until a self-check compares
+    return _METRICS["all"]
