@@ -19,13 +19,18 @@ built-in corpus that no refactoring stage saw. Reported:
   calibrated cost model, results/cost_model.json, plus the load time of one
   expert across all layers, results/expert_store.json), FCFS + LRU against
   greedy-expert and cost-model + Belady: unique experts per step and the
-  estimated throughput, as ratios.
+  estimated throughput, as ratios;
+* grouping against the cost of an expert: every expert resident, the
+  calibrated base and per-token cost with the per-expert cost swept from the
+  calibrated one to 40 ms, FCFS against the cost-model policy: estimated
+  throughput, experts per step and tokens per expert opened.
 
     python benchmarks/routes.py [--readme models/smollm2-readme]
 
-Writes benchmarks/results/routes.json and routes.png. The replay's
+Writes benchmarks/results/routes.json and routes.png. The replay section's
 throughput uses the default step-cost model, not this machine's: compare
-unique experts and hit ratios, not its tokens/s.
+unique experts and hit ratios there; co-planning and the sweep use this
+machine's calibration.
 """
 
 from __future__ import annotations
@@ -163,6 +168,7 @@ def main() -> None:
             + ", ".join(f"{p} {r['mean_unique_experts_per_step']:.2f}" for p, r in rows.items())
         )
     results["co_planning"] = co_planning(requests, num_experts, args.cost_model, args.load_ms)
+    results["expert_cost_sweep"] = expert_cost_sweep(requests, args.cost_model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, args.out.with_suffix(".png"))
@@ -226,13 +232,58 @@ def co_planning(requests, num_experts: int, cost_file: Path, load_ms: float | No
     return out
 
 
+def expert_cost_sweep(requests, cost_file: Path) -> dict:
+    """Does grouping pay once a distinct expert costs something? This
+    machine's calibrated base and per-token cost, the per-expert cost swept
+    from the calibrated one to several times a whole step's base, every
+    expert resident, FCFS against the cost-model policy. Also reported:
+    tokens per expert opened (a step's tokens over its distinct experts):
+    in continuous batching every running decode fits every step (vLLM
+    requires max_num_batched_tokens >= max_num_seqs), and holding a decode
+    back does not let it produce more than one token when it runs, so
+    holding can raise tokens per opened expert only by making requests that
+    switch to an expert at different steps meet (docs/scheduling.md,
+    "When grouping pays")."""
+    import dataclasses
+
+    from vllm_readme.scheduler.cost_model import StepCostModel
+    from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL
+    from vllm_readme.scheduler.simulator import simulate
+
+    calibrated = StepCostModel.load(cost_file) if cost_file.is_file() else DEFAULT_COST_MODEL
+    out = {"cost_model": dataclasses.asdict(calibrated), "concurrency": {}}
+    for concurrency in (32, 64):
+        trace = requests[: 2 * concurrency]
+        rows = []
+        for per_expert in sorted({round(calibrated.per_expert_ms, 2), 2.5, 5.0, 10.0, 20.0, 40.0}):
+            model = dataclasses.replace(calibrated, per_expert_ms=per_expert)
+            row = {"per_expert_ms": per_expert}
+            for policy in ("fcfs", "cost-model"):
+                run = simulate(trace, policy, cost_model=model, max_requests=concurrency, max_held_back=4)
+                opened = sum(run.unique_experts_per_step)
+                row[policy] = run.summary() | {"tokens_per_expert_opened": run.tokens / opened if opened else 0.0}
+            fcfs, cost = row["fcfs"], row["cost-model"]
+            row["throughput_ratio"] = cost["estimated_tokens_per_s"] / fcfs["estimated_tokens_per_s"]
+            row["unique_experts_ratio"] = cost["mean_unique_experts_per_step"] / fcfs["mean_unique_experts_per_step"]
+            rows.append(row)
+            print(
+                f"[routes] expert cost {per_expert:.2f} ms, c{concurrency}: cost-model / FCFS "
+                f"{row['throughput_ratio']:.3f}x estimated tok/s, {row['unique_experts_ratio']:.2f}x experts/step; "
+                f"tokens per expert opened {fcfs['tokens_per_expert_opened']:.2f} / "
+                f"{cost['tokens_per_expert_opened']:.2f}"
+            )
+        out["concurrency"][concurrency] = rows
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    sweep = results.get("expert_cost_sweep")
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 4.5))
     single = results["single_stream"]
     capacities = sorted(single, key=int)
     for policy in single[capacities[0]]:
@@ -244,6 +295,24 @@ def plot(results: dict, path: Path) -> None:
         ys = [replay[c][policy]["mean_unique_experts_per_step"] for c in concurrencies]
         axes[1].plot([int(c) for c in concurrencies], ys, marker="o", label=policy)
     axes[1].set(xlabel="concurrency", ylabel="unique experts per step", title="replay of routes", xscale="log")
+    if sweep:
+        for concurrency, rows in sweep["concurrency"].items():
+            xs = [r["per_expert_ms"] for r in rows]
+            axes[2].plot(xs, [r["throughput_ratio"] for r in rows], marker="o", label=f"c{concurrency}: tok/s")
+            axes[2].plot(
+                xs,
+                [r["unique_experts_ratio"] for r in rows],
+                marker="x",
+                ls="--",
+                label=f"c{concurrency}: experts/step",
+            )
+        axes[2].axhline(1.0, color="grey", lw=0.8)
+        axes[2].set(
+            xlabel="cost of one distinct expert in a step (ms)",
+            ylabel="cost-model policy / FCFS",
+            title="grouping, every expert resident (estimated)",
+            xscale="symlog",
+        )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -81,7 +81,7 @@ def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, observe=N
                 held=s.total_held,
                 longest_wait=s.longest_wait,
                 preemptions=s.preemptions,
-                routes_left=len(scheduler.readme_routes),
+                routes_left=None if scheduler.readme_routes is None else len(scheduler.readme_routes),
             )
         del scheduler  # the engine must be free to shut down when the block ends
     return outputs, stats
@@ -189,6 +189,40 @@ def test_model_routes_drive_the_policy(tiny_gqa, tmp_path, reference, expensive_
                 checked += 1
     # Every request's route is known from its first decode step on.
     assert checked >= sum(len(out) for out in outputs.values()) // 2, checked
+
+
+def test_failed_route_bookkeeping_degrades_to_vllm_order(tiny_gqa, tmp_path, reference, expensive_experts, caplog):
+    """If the route bookkeeping raises mid-run (a fault injected into the
+    route source after a few steps), the engine keeps running: the scheduler
+    logs it, drops its routes and schedules as vLLM does; nothing is lost."""
+    state = {"steps": 0, "failed": False}
+
+    def observe(scheduler):
+        state["steps"] += 1
+        source = scheduler.readme_routes
+        if state["steps"] == 6 and source is not None:
+
+            def broken(*args, **kwargs):
+                state["failed"] = True
+                raise RuntimeError("injected route bookkeeping fault")
+
+            source.scheduled = broken  # fault injection into a dependency
+        state["dropped"] = scheduler.readme_routes is None
+
+    with caplog.at_level("ERROR"):
+        outputs, stats = run(
+            tiny_gqa,
+            tmp_path,
+            "cost-model",
+            kv_bytes=KV_TIGHT,
+            observe=observe,
+            cost_model=str(expensive_experts),
+            max_held_back=2,
+        )
+    assert state["failed"], "the injected fault never ran: the test would not test the degrade path"
+    assert state["dropped"] and stats["routes_left"] is None, "the scheduler kept the failed route source"
+    assert outputs == reference, "outputs changed or requests were lost when the bookkeeping failed"
+    assert "route bookkeeping failed" in caplog.text
 
 
 def test_router_copy_matches_model(tiny_gqa):

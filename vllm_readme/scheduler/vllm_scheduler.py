@@ -382,13 +382,16 @@ class ModelRouteSource:
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         """Note the slot each scheduled request's last token is written to."""
         slots = {}
-        manager, group, size = scheduler.kv_cache_manager, self.group, self.block_size
+        size = self.block_size
+        # The KV manager's own per-request block list for our group (read,
+        # not copied: get_blocks() would build a KVCacheBlocks per request).
+        blocks_of = scheduler.kv_cache_manager.coordinator.single_type_managers[self.group].req_to_blocks
         for request_id in ran:
             request = scheduler.requests.get(request_id)
             if request is None:
                 continue
             position = request.num_computed_tokens - 1  # advanced by this step's tokens already
-            blocks = manager.get_blocks(request_id).blocks[group]
+            blocks = blocks_of.get(request_id) or ()
             if 0 <= position < len(blocks) * size:
                 slots[blocks[position // size].block_id * size + position % size] = (request_id, position)
         self.book.expect(slots)
