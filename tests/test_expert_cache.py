@@ -83,6 +83,7 @@ def _cache_stats(model):
     stats["pages"] = cache.pool.capacity
     stats["store"] = cache.store.kind
     stats["direct"] = getattr(cache.store, "direct", None)
+    stats["streamed"] = cache.streamed  # loaded without ever holding every expert
     stats["plan"] = None if cache.next_plan is None else sorted(cache.next_plan)
     stats["plan_seq"] = cache.plan.last_seq
     return stats
@@ -103,6 +104,7 @@ def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs,
     assert outputs == resident_outputs
     assert stats["pages"] == {"4": 8, "75%": 6, "50%": 4}[pool]
     assert stats["store"] == "disk" and stats["direct"] is True
+    assert stats["streamed"], "with pages on disk the model must load without holding every expert"
     if pool == "4":
         assert stats["misses"] == 0 and stats["prefetched"] == 0
     else:  # a pool smaller than the model must have loaded experts
@@ -126,6 +128,7 @@ def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, optio
     assert stats["store"] == options.get("backing_store", "disk")
     if stats["store"] != "memory":
         assert stats["direct"] is True  # O_DIRECT on this file system
+    assert stats["streamed"] == (stats["store"] != "memory")
     if options.get("prefetch") is False:
         assert stats["prefetched"] == 0 and stats["misses"] > 0
 

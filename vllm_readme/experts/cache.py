@@ -98,10 +98,16 @@ class ExpertCache:
         tp_size: int = 1,
         log_every: int = 100,
         store: MemoryExpertStore | PageFileStore | DiskExpertStore | None = None,
+        num_experts: int | None = None,
     ):
         """``store``: a backing store already made (benchmarks share one
-        between caches); by default made from ``options.backing_store``."""
-        self.num_layers, self.num_experts = len(w13_layers), w13_layers[0].shape[0]
+        between caches); by default made from ``options.backing_store``.
+        ``num_experts``: the model's; when the layers hold fewer (the model
+        streamed its experts: expert 0 only, as the layout reference), every
+        other page comes from the checkpoint and never from memory."""
+        self.num_layers = len(w13_layers)
+        self.num_experts = num_experts or w13_layers[0].shape[0]
+        self.streamed = w13_layers[0].shape[0] < self.num_experts
         self.page_bytes = w13_layers[0][0].nbytes + w2_layers[0][0].nbytes
         self.isa = isa
         self.options = options
@@ -131,8 +137,10 @@ class ExpertCache:
             for layer in range(self.num_layers):
                 if self.pool.free:
                     slot, _ = self.pool.allocate((layer, expert), clock=-1)
-                    self.w13[slot].copy_(w13_layers[layer][expert])
-                    self.w2[slot].copy_(w2_layers[layer][expert])
+                    if expert < w13_layers[layer].shape[0]:
+                        self._write(slot, w13_layers[layer][expert], w2_layers[layer][expert])
+                    else:
+                        self._write(slot, *self._read_packed((layer, expert)))
                     self.host_table[layer, expert] = slot
         # One torch thread for the loader: the model's thread keeps the cores' math.
         self.executor = (
@@ -178,7 +186,28 @@ class ExpertCache:
             self._check_layout(w13_layers, w2_layers)
             return store
         if kind == "disk":
-            return PageFileStore(w13_layers, w2_layers)
+            if not self.streamed:
+                return PageFileStore.from_layers(w13_layers, w2_layers)
+            # Page by page from the checkpoint, packed as the kernel reads it.
+            source = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
+            self.store = source
+            self._check_layout(w13_layers, w2_layers)
+            started = time.perf_counter()
+            store = PageFileStore(
+                lambda layer, expert: self._read_packed((layer, expert)), self.num_layers, self.num_experts
+            )
+            source.close()
+            logger.info(
+                "expert cache: wrote %d expert pages from the checkpoint to the page file in %.1f s",
+                self.num_layers * self.num_experts,
+                time.perf_counter() - started,
+            )
+            return store
+        if self.streamed:
+            raise ReadMEConfigError(
+                'expert cache: backing_store "memory" keeps every expert in host memory, but this model was loaded '
+                'with its experts left on disk; use "disk" or "checkpoint".'
+            )
         return memory_store(w13_layers, w2_layers)
 
     def _check_layout(self, w13_layers, w2_layers) -> None:
@@ -205,6 +234,7 @@ class ExpertCache:
             f"expert cache: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
             f"of {total * self.page_bytes / 2**20:.1f} MiB), page {self.page_bytes / 2**10:.0f} KiB, eviction "
             f"{self.options.eviction}, prefetch {'on' if self.executor else 'off'}, backing store {store}"
+            + (", experts read from the checkpoint at load (never all in memory)" if self.streamed else "")
         )
 
     # ------------------------------------------------------------ per layer

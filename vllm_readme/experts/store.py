@@ -1,8 +1,9 @@
 """Where experts that are not in the pool live (docs/expert_cache.md).
 
 * ``PageFileStore`` (``backing_store: disk``, the default on CPU): every page
-  in the kernel's layout in one file written at start-up from the weights
-  vLLM loaded; a load is one ``O_DIRECT`` read and a copy.
+  in the kernel's layout in one file written at start-up, page by page from
+  the checkpoint (the model then never holds every expert), or from the
+  weights vLLM loaded; a load is one ``O_DIRECT`` read and a copy.
 * ``DiskExpertStore`` (``backing_store: checkpoint``): the checkpoint's own
   safetensors files, read one page
   (the gate, up and down rows of one expert of one layer) at a time with the
@@ -24,6 +25,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +196,17 @@ class PageFileStore:
 
     kind = "disk"
 
-    def __init__(self, w13_layers: list[torch.Tensor], w2_layers: list[torch.Tensor], folder: Path | None = None):
+    def __init__(
+        self,
+        page: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+        num_layers: int,
+        num_experts: int,
+        folder: Path | None = None,
+    ):
+        """``page(layer, expert)``: that page's ``(w13, w2)`` in the kernel's
+        layout (``from_layers`` for weights already in memory; the expert
+        cache passes pages read and packed from the checkpoint when the
+        model never held them all). Written one page at a time."""
         import tempfile
 
         folder = Path(folder or os.environ.get("VLLM_README_PAGE_DIR") or Path.home() / ".cache" / "vllm_readme")
@@ -202,19 +214,22 @@ class PageFileStore:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:  # e.g. a read-only home: any disk folder will do
             folder = Path(tempfile.gettempdir())
-        self.num_experts = w13_layers[0].shape[0]
-        self.w13_shape, self.w2_shape = tuple(w13_layers[0].shape[1:]), tuple(w2_layers[0].shape[1:])
-        self.dtype = w13_layers[0].dtype
-        self.w13_nbytes, self.w2_nbytes = w13_layers[0][0].nbytes, w2_layers[0][0].nbytes
+        self.num_experts = num_experts
+        w13, w2 = page(0, 0)
+        self.w13_shape, self.w2_shape = tuple(w13.shape), tuple(w2.shape)
+        self.dtype = w13.dtype
+        self.w13_nbytes, self.w2_nbytes = w13.nbytes, w2.nbytes
         self.record = -(-(self.w13_nbytes + self.w2_nbytes) // _ALIGN) * _ALIGN
         fd, name = tempfile.mkstemp(prefix="expert-pages-", suffix=".bin", dir=folder)
         self.path = Path(name)
         with os.fdopen(fd, "wb") as f:
             pad = bytes(self.record - self.w13_nbytes - self.w2_nbytes)
-            for w13, w2 in zip(w13_layers, w2_layers, strict=True):
-                for expert in range(self.num_experts):
-                    f.write(_raw_bytes(w13[expert]))
-                    f.write(_raw_bytes(w2[expert]))
+            for layer in range(num_layers):
+                for expert in range(num_experts):
+                    if (layer, expert) != (0, 0):
+                        w13, w2 = page(layer, expert)
+                    f.write(_raw_bytes(w13))
+                    f.write(_raw_bytes(w2))
                     f.write(pad)
             f.flush()
             os.fsync(f.fileno())
@@ -228,6 +243,18 @@ class PageFileStore:
     @property
     def direct(self) -> bool:
         return self.reader.direct
+
+    @classmethod
+    def from_layers(
+        cls, w13_layers: list[torch.Tensor], w2_layers: list[torch.Tensor], folder: Path | None = None
+    ) -> PageFileStore:
+        """From every layer's ``[E, ...]`` weights, as vLLM loaded them."""
+        return cls(
+            lambda layer, expert: (w13_layers[layer][expert], w2_layers[layer][expert]),
+            len(w13_layers),
+            w13_layers[0].shape[0],
+            folder,
+        )
 
     def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views into this thread's read buffer: copy them before the next read."""

@@ -138,6 +138,17 @@ class ReadMEMoE(nn.Module):
             reduce_results=False,
             prefix=f"{prefix}.experts",
         )
+        # With an expert pool whose pages come from disk, the experts are
+        # never all in memory: FusedMoE keeps expert 0 only (loaded, then
+        # prepacked by FusedMoE as usual: the layout the pool's pages are
+        # checked against), and the cache reads every page from the
+        # checkpoint (experts/cache.py). FusedMoE's [E, ...] allocation was
+        # never written, so it never became resident; it is dropped here.
+        self.streamed = streams_experts()
+        if self.streamed:
+            for name in ("w13_weight", "w2_weight"):
+                param = getattr(self.experts.routed_experts, name)
+                param.data = param.data[:1].clone()
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
@@ -163,6 +174,8 @@ class ReadMEMoE(nn.Module):
                 shared.append((name, tensor))
                 continue
             self._check_stacked(name, projection, tensor)
+            if self.streamed:  # expert 0 only (see __init__); the cache reads the rest from the checkpoint
+                tensor = tensor[:1]
             loaded.add("experts." + load_stacked_experts(self.experts, projection, tensor))
         return loaded | AutoWeightsLoader(self).load_weights(shared)
 
@@ -508,6 +521,7 @@ class ReadMEForCausalLM(nn.Module):
         cache = ExpertCache(
             w13_layers=w13,
             w2_layers=w2,
+            num_experts=experts,
             slot_table=self.model.slot_table,
             pages=pages,
             options=options,
@@ -527,6 +541,20 @@ class ReadMEForCausalLM(nn.Module):
         self.model.expert_pool = (cache.w13, cache.w2)
         self.model.expert_cache_id = cache.id
         logger.info("Read-ME %s", cache.describe())
+
+
+def streams_experts() -> bool:
+    """Whether this engine's expert pool reads its pages from disk (the
+    checkpoint, or a page file written from it), so that loading may skip
+    all but one expert per layer: a pool below 100 % on a CPU, with a
+    backing store other than "memory"."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+
+    options = ExpertCacheOptions.from_additional_config(get_current_vllm_config().additional_config)
+    if options.pool_size() is None or not current_platform.is_cpu():
+        return False
+    return options.backing_store in ("auto", "disk", "checkpoint")
 
 
 def _expert_aware_scheduler(vllm_config: VllmConfig) -> bool:
