@@ -140,6 +140,15 @@ def main() -> None:
         row["belady (next token only)"] = single_stream_hit_ratio(stream, capacity, "belady", lookahead=1)
         results["single_stream"][capacity] = row
         print(f"[routes] capacity {capacity}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()))
+    # Belady's tie-break (eviction.py): ties among experts with no known use
+    # go by recency-weighted uses; 0 = by recency alone.
+    results["belady_tie_decay"] = {
+        capacity: {
+            str(decay): single_stream_hit_ratio(stream, capacity, "belady", lookahead=1, decay=decay)
+            for decay in (0.0, 0.9, 0.95, 0.98, 0.99)
+        }
+        for capacity in range(2, min(6, num_experts))
+    }
 
     requests = []
     for i, block in enumerate(blocks):

@@ -127,7 +127,9 @@ class ExpertCache:
         self.host_table = (
             slot_table if device.type == "cpu" else slot_table.new_full(slot_table.shape, -1, device="cpu")
         )
-        self.pool = PagePool(pages, make_policy(options.eviction, next_use=self._next_use))
+        self.pool = PagePool(
+            pages, make_policy(options.eviction, next_use=self._next_use, ticks_per_step=self.num_layers)
+        )
         self.store = store or self._make_store(
             options.backing_store, w13_layers, w2_layers, checkpoint, tp_rank, tp_size
         )

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
 NEVER = float("inf")
+# Belady's tie-break: a use's weight decays by this much per step (see Belady).
+BELADY_DECAY = 0.98
 
 
 class EvictionPolicy:
@@ -84,24 +86,51 @@ class RandomEviction(EvictionPolicy):
 class Belady(LRU):
     """Farthest next use first. ``next_use(expert, step)`` is the caller's
     knowledge of the future (exact in an offline replay; in a server, the
-    routes it has already computed); experts never used again go first,
-    ties broken by least recent use."""
+    routes it has already computed); experts never used again go first.
+
+    A decoding server knows little of the future (the next token's route),
+    so most candidates tie at "no known use". Ties go to the expert with
+    the lowest recency-weighted use count (each use counts 1, decaying by
+    ``decay`` per step; LRFU), then the least recent. Measured on the routes
+    of the refactored SmolLM2 (docs/expert_cache.md, "Hit ratios"): the
+    decay 0.98 was chosen on held-out documentation routes and then scored
+    on English prose: +0.3 to +0.9 points of hit ratio over breaking ties
+    by recency alone."""
 
     name = "belady"
 
-    def __init__(self, next_use: Callable[[int, int], float]):
+    def __init__(self, next_use: Callable[[int, int], float], decay: float = BELADY_DECAY):
         super().__init__()
         self.next_use = next_use
+        self.decay = decay
+        # Recency-weighted uses and the step they were last updated at; kept
+        # when an expert leaves the pool, so one that comes back keeps its history.
+        self.score: dict[int, tuple[float, int]] = {}
+
+    def touch(self, expert, step):
+        self.score[expert] = (self._weighted(expert, step) + 1.0, step)
+        super().touch(expert, step)
+
+    def _weighted(self, expert: int, step: int) -> float:
+        score, at = self.score.get(expert, (0.0, step))
+        return score * self.decay ** max(0, step - at)
 
     def _pick(self, candidates, step):
-        return max(candidates, key=lambda e: (self.next_use(e, step), -self.last_use.get(e, -1)))
+        return max(
+            candidates, key=lambda e: (self.next_use(e, step), -self._weighted(e, step), -self.last_use.get(e, -1))
+        )
 
 
-def make_policy(name: str, next_use: Callable[[int, int], float] | None = None, seed: int = 0) -> EvictionPolicy:
+def make_policy(
+    name: str, next_use: Callable[[int, int], float] | None = None, seed: int = 0, ticks_per_step: int = 1
+) -> EvictionPolicy:
+    """``ticks_per_step``: how many clock ticks the caller counts per step
+    (the engine's pool ticks once per layer), so that Belady's tie-break
+    decays per step whatever the clock."""
     if name == "belady":
         if next_use is None:
             raise ValueError("Belady eviction needs the future: a next_use(expert, step) function.")
-        return Belady(next_use)
+        return Belady(next_use, decay=BELADY_DECAY ** (1 / ticks_per_step))
     if name == "lru":
         return LRU()
     if name == "lfu":
@@ -154,10 +183,13 @@ class ExpertPoolModel:
         return self.hits / total if total else 0.0
 
 
-def single_stream_hit_ratio(routes: list[int], capacity: int, policy: str, lookahead: int | None = None) -> float:
+def single_stream_hit_ratio(
+    routes: list[int], capacity: int, policy: str, lookahead: int | None = None, decay: float | None = None
+) -> float:
     """The paper's Table 4 setting: one token at a time, one expert for all
     layers. ``lookahead``: how many future routes Belady may see (None =
-    all of them, the exact-future bound)."""
+    all of them, the exact-future bound); ``decay``: Belady's tie-break
+    decay (default BELADY_DECAY; 0 breaks ties by recency alone)."""
     positions: dict[int, list[int]] = {}
     for i, e in enumerate(routes):
         positions.setdefault(e, []).append(i)
@@ -173,7 +205,10 @@ def single_stream_hit_ratio(routes: list[int], capacity: int, policy: str, looka
             return NEVER
         return uses[k]
 
-    pool = ExpertPoolModel(capacity, make_policy(policy, next_use))
+    chosen = make_policy(policy, next_use)
+    if decay is not None and isinstance(chosen, Belady):
+        chosen.decay = decay
+    pool = ExpertPoolModel(capacity, chosen)
     for step, expert in enumerate(routes):
         pool.access([expert], step)
     return pool.hit_ratio
