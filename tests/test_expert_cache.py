@@ -84,6 +84,7 @@ def _cache_stats(model):
     stats["store"] = cache.store.kind
     stats["direct"] = getattr(cache.store, "direct", None)
     stats["streamed"] = cache.streamed  # loaded without ever holding every expert
+    stats["read_into_slots"] = cache.slot_buffers is not None  # page file reads land in the slot
     stats["plan"] = None if cache.next_plan is None else sorted(cache.next_plan)
     stats["plan_seq"] = cache.plan.last_seq
     return stats
@@ -105,6 +106,7 @@ def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs,
     assert stats["pages"] == {"4": 8, "75%": 6, "50%": 4}[pool]
     assert stats["store"] == "disk" and stats["direct"] is True
     assert stats["streamed"], "with pages on disk the model must load without holding every expert"
+    assert stats["read_into_slots"], "the tiny model's pages are block-aligned: loads must read into their slot"
     if pool == "4":
         assert stats["misses"] == 0 and stats["prefetched"] == 0
     else:  # a pool smaller than the model must have loaded experts

@@ -27,6 +27,8 @@ publishes one, plan.py, else this step's); LRU, LFU and random as baselines.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,8 +115,8 @@ class ExpertCache:
         self.options = options
         self.log_every = log_every
         device, dtype = w13_layers[0].device, w13_layers[0].dtype
-        self.w13 = torch.empty((pages, *w13_layers[0].shape[1:]), dtype=dtype, device=device)
-        self.w2 = torch.empty((pages, *w2_layers[0].shape[1:]), dtype=dtype, device=device)
+        self.w13 = _pool_tensor((pages, *w13_layers[0].shape[1:]), dtype, device)
+        self.w2 = _pool_tensor((pages, *w2_layers[0].shape[1:]), dtype, device)
         self.slot_table = slot_table
         self.slot_table.fill_(-1)
         # Where the cache writes residency: the model's table on a CPU; on a
@@ -134,6 +136,14 @@ class ExpertCache:
             options.backing_store, w13_layers, w2_layers, checkpoint, tp_rank, tp_size
         )
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # With the page file and a pool in page-aligned host memory, a load
+        # reads straight into its slot (no bounce buffer, no copy, little
+        # Python on the loader thread; measured in docs/expert_cache.md).
+        self.slot_buffers = None
+        if isinstance(self.store, PageFileStore) and self.store.reads_into(self.w13[0], self.w2[0]):
+            self.slot_buffers = [
+                (_writable_view(self.w13[slot]), _writable_view(self.w2[slot])) for slot in range(pages)
+            ]
         # Start with the first experts of every layer resident (expert-major).
         for expert in range(self.num_experts):
             for layer in range(self.num_layers):
@@ -264,10 +274,11 @@ class ExpertCache:
                 self.now.misses += 1
                 slot = self._allocate(page, clock)
                 load_started = time.perf_counter()
-                w13, w2 = self._read_packed(page)
-                # On the compute stream, after every kernel that read the old
-                # page; asynchronous from a pinned (persistent) host copy.
-                self._write(slot, w13, w2, non_blocking=w13.is_pinned())
+                if not self._read_into(page, slot):
+                    w13, w2 = self._read_packed(page)
+                    # On the compute stream, after every kernel that read the
+                    # old page; asynchronous from a pinned (persistent) host copy.
+                    self._write(slot, w13, w2, non_blocking=w13.is_pinned())
                 self._timed_load(time.perf_counter() - load_started)
                 self._finish(page, slot)
             self.pool.touch(page, clock)
@@ -391,23 +402,35 @@ class ExpertCache:
         self.w13[slot].copy_(w13, non_blocking=non_blocking)
         self.w2[slot].copy_(w2, non_blocking=non_blocking)
 
-    def _load_async(self, page, slot: int, ready: torch.cuda.Event | None):
-        """On the prefetch thread: read, pack, write the (unpinned, not yet
-        mapped) slot; on a GPU on the copy stream, returning its event.
+    def _read_into(self, page, slot: int) -> bool:
+        """Read ``page`` straight into ``slot`` when the store and the pool
+        allow it (CPU, page file); False: use _read_packed and _write."""
+        if self.slot_buffers is None:
+            return False
+        self.store.read_into(*page, self.slot_buffers[slot])
+        return True
+
+    def _load_async(self, jobs: list[tuple[tuple[int, int], int]], ready: torch.cuda.Event | None):
+        """On the prefetch thread: read, pack, write each (unpinned, not yet
+        mapped) slot of ``jobs`` [(page, slot)]; on a GPU on the copy stream,
+        returning one event for them all. One job per layer's prefetch, not
+        per page: fewer hand-offs between the threads.
 
         On a GPU the host runs ahead of the device: kernels of earlier layers
         that read the page this slot held may not have run yet. ``ready`` was
         recorded on the compute stream when the load was decided (after every
         kernel that can read the old page), and the copy waits for it."""
-        started = time.perf_counter()
-        w13, w2 = self._read_packed(page)
         if self.copy_stream is None:
-            self._write(slot, w13, w2)
-            self._timed_load(time.perf_counter() - started)
+            for page, slot in jobs:
+                started = time.perf_counter()
+                if not self._read_into(page, slot):
+                    self._write(slot, *self._read_packed(page))
+                self._timed_load(time.perf_counter() - started)
             return None
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)
-            self._write(slot, w13, w2, non_blocking=True)
+            for page, slot in jobs:
+                self._write(slot, *self._read_packed(page), non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return event
@@ -423,15 +446,19 @@ class ExpertCache:
         if self.copy_stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.w13.device))
+        jobs = []
         for page in pages:
             if page in self.pool.slot_of:
                 continue
             try:
-                slot = self._allocate(page, clock, loading=True)
+                jobs.append((page, self._allocate(page, clock, loading=True)))
             except PoolTooSmall:
                 break  # every other page is needed now: the demand path will load it
-            self.inflight[page] = self.executor.submit(self._load_async, page, slot, ready)
-            self.now.prefetched += 1
+        if jobs:
+            future = self.executor.submit(self._load_async, jobs, ready)
+            for page, _ in jobs:
+                self.inflight[page] = future
+            self.now.prefetched += len(jobs)
 
     def _harvest(self, wait_for) -> None:
         """Finish loads that are done, and wait for those of ``wait_for``."""
@@ -453,6 +480,22 @@ class ExpertCache:
         self.store.close()
         self.plan.close()
         _CACHES.pop(self.id, None)
+
+
+def _pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The pool's slots; on a CPU in page-aligned anonymous memory, so that
+    O_DIRECT reads can land in a slot (torch's allocator aligns to 64 bytes)."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    # The tensor keeps the mmap alive through the buffer protocol.
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
+def _writable_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
 def memory_store(w13_layers: list[torch.Tensor], w2_layers: list[torch.Tensor]) -> MemoryExpertStore:

@@ -256,6 +256,29 @@ class PageFileStore:
             folder,
         )
 
+    def reads_into(self, w13_slot: torch.Tensor, w2_slot: torch.Tensor) -> bool:
+        """Whether a page can be read straight into slots like these: one
+        record is exactly the two parts, each a whole number of aligned
+        blocks, and the slots start on block boundaries (O_DIRECT)."""
+        parts = (self.w13_nbytes, self.w2_nbytes)
+        return (
+            self.record == sum(parts)
+            and all(n % _ALIGN == 0 for n in parts)
+            and (w13_slot.nbytes, w2_slot.nbytes) == parts
+            and all(t.is_contiguous() and t.data_ptr() % _ALIGN == 0 for t in (w13_slot, w2_slot))
+        )
+
+    def read_into(self, layer: int, expert: int, buffers: tuple[memoryview, memoryview]) -> None:
+        """One page read into ``buffers`` (its w13 and w2 slot memory; see
+        reads_into) with one ``preadv``."""
+        offset = (layer * self.num_experts + expert) * self.record
+        got = os.preadv(self.reader._fd(self.path), buffers, offset)  # noqa: SLF001
+        if got != self.record:
+            raise OSError(f"{self.path}: short read of page ({layer}, {expert}): {got} of {self.record} bytes")
+        if not self.reader.direct and hasattr(os, "posix_fadvise"):  # no O_DIRECT here: drop the cached copy
+            os.posix_fadvise(self.reader._fd(self.path), offset, self.record, os.POSIX_FADV_DONTNEED)  # noqa: SLF001
+        self.bytes_read += self.record
+
     def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views into this thread's read buffer: copy them before the next read."""
         raw = self.reader.read(self.path, (layer * self.num_experts + expert) * self.record, self.record)
