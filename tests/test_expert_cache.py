@@ -179,13 +179,29 @@ def test_scheduler_reads_the_caches_residency(tiny_gqa):
         scheduler_cls="vllm_readme.scheduler.ExpertAwareScheduler",
         additional_config={"vllm_readme": {"expert_pool": "50%", "prefetch": False, "log_every": 0}},
     ) as llm:
-        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+        # The last request runs alone for its last steps: one expert, a
+        # working set of 2 pages that the pool of 4 holds.
+        params = [
+            SamplingParams(temperature=0, max_tokens=24 + 16 * (i == len(PROMPTS) - 1)) for i in range(len(PROMPTS))
+        ]
+        llm.generate(PROMPTS, params, use_tqdm=False)
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
         resident, load_ms = scheduler.readme_last_residency
-        cache_resident = llm.apply_model(lambda model: model.model.expert_cache.resident_experts())[0]
+        cache = llm.apply_model(
+            lambda model: (
+                model.model.expert_cache.resident_experts(),
+                model.model.expert_cache.stall_per_load_ms,
+                len(model.model.expert_cache.step_experts),
+            )
+        )[0]
+    cache_resident, stall_per_load, step_experts = cache
     # 4 pages = half of 2 layers x 4 experts: at most 2 experts in both layers.
     assert len(resident) <= 2 and resident <= set(range(4)) and len(cache_resident) <= 2
-    assert load_ms > 0  # the cache measured its loads (demand loads: prefetch is off)
+    # A load is charged at what loads cost the steps (demand loads: prefetch
+    # is off) while the pool holds a step's pages; the last step's did.
+    assert step_experts * 2 <= 4 and stall_per_load > 0
+    # (the running mean may have moved by one more step since it was published)
+    assert load_ms == pytest.approx(2 * stall_per_load, rel=0.2) and load_ms > 0
     cost, resident_now = scheduler._readme_residency()  # the latest the cache published
     assert cost.per_load_ms == scheduler.readme_last_residency[1] > 0 and resident_now <= set(range(4))
     assert cost.per_token_ms == scheduler.readme_cost_model.per_token_ms

@@ -345,7 +345,15 @@ class ExpertCache:
         if loads:
             waited = 1000 * self.now.stall_s / loads
             self.stall_per_load_ms += 0.1 * (waited - self.stall_per_load_ms) if self.stall_per_load_ms else waited
-        self.plan.publish_residency(self.resident_experts(), self.stall_per_load_ms * self.num_layers)
+        # A load the scheduler could avoid by holding a request back is only
+        # deferred, not saved, while the pool cannot keep a step's pages from
+        # one step to the next: the held request needs the same pages a step
+        # later, and they will have been evicted by then (measured: charging
+        # such loads made the policy hold and lose 8-16 % against FCFS,
+        # docs/expert_cache.md). Then a load is charged nothing.
+        working_set = len(self.step_experts) * self.num_layers
+        load_ms = self.stall_per_load_ms * self.num_layers if working_set <= self.pool.capacity else 0.0
+        self.plan.publish_residency(self.resident_experts(), load_ms)
         self.now.steps = 1
         self.total.add(self.now)
         self.counters.record(self.now)
