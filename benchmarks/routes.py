@@ -83,9 +83,13 @@ def route_statistics(blocks: list[list[int]], num_experts: int) -> dict:
         for r in routes:
             load[r] += 1
     total = sum(load)
+    # What a policy under vLLM's async scheduling would guess with: the
+    # route of the token two back (its step's routes arrive a step later).
+    lag2 = [r[i] == r[i - 2] for r in blocks for i in range(2, len(r))]
     return {
         "tokens": total,
         "persistence": same / pairs,
+        "persistence_lag2": sum(lag2) / len(lag2) if lag2 else 0.0,
         "mean_run_length": sum(runs) / len(runs),
         "load_fraction": [n / total for n in load],
         "max_over_mean_load": max(load) / (total / num_experts),
@@ -134,7 +138,10 @@ def main() -> None:
         "routes": route_statistics(blocks, num_experts),
         "single_stream": {},
     }
-    print(f"[routes] {len(stream)} tokens; persistence {results['routes']['persistence']:.1%}")
+    print(
+        f"[routes] {len(stream)} tokens; persistence {results['routes']['persistence']:.1%} "
+        f"(two tokens back: {results['routes']['persistence_lag2']:.1%})"
+    )
     for capacity in range(2, min(6, num_experts)):
         row = {p: single_stream_hit_ratio(stream, capacity, p) for p in EVICTION_POLICIES}
         row["belady (next token only)"] = single_stream_hit_ratio(stream, capacity, "belady", lookahead=1)

@@ -152,6 +152,21 @@ def test_grouping_lowers_unique_experts(tiny_gqa, tmp_path, expensive_experts):
     assert grouped["longest_wait"] <= 4
 
 
+def run_costly_observed(model, tmp_path, cost_model, observe, **options):
+    """The cost-model policy with costly experts (so that it holds requests
+    back, bound 2) on the preempting KV budget, ``observe`` after each step."""
+    return run(
+        model,
+        tmp_path,
+        "cost-model",
+        kv_bytes=KV_TIGHT,
+        observe=observe,
+        cost_model=str(cost_model),
+        max_held_back=2,
+        **options,
+    )
+
+
 def test_model_routes_drive_the_policy(tiny_gqa, tmp_path, reference, expensive_experts):
     """route_source=model: the scheduler runs no router; the routes it holds
     for each request are the model's own routes of that request's newest
@@ -166,16 +181,7 @@ def test_model_routes_drive_the_policy(tiny_gqa, tmp_path, reference, expensive_
         for request in scheduler.running:
             tokens[request.request_id] = list(request.all_token_ids)
 
-    outputs, stats = run(
-        tiny_gqa,
-        tmp_path,
-        "cost-model",
-        kv_bytes=KV_TIGHT,
-        observe=observe,
-        route_source="model",
-        cost_model=str(expensive_experts),
-        max_held_back=2,
-    )
+    outputs, stats = run_costly_observed(tiny_gqa, tmp_path, expensive_experts, observe, route_source="model")
     assert outputs == reference, "greedy outputs differ from vLLM's own scheduler"
     assert stats["held"] > 0 and stats["longest_wait"] <= 2, stats
     assert stats["routes_left"] == 0, "finished requests leave the route book"
@@ -210,15 +216,7 @@ def test_failed_route_bookkeeping_degrades_to_vllm_order(tiny_gqa, tmp_path, ref
         state["dropped"] = scheduler.readme_routes is None
 
     with caplog.at_level("ERROR"):
-        outputs, stats = run(
-            tiny_gqa,
-            tmp_path,
-            "cost-model",
-            kv_bytes=KV_TIGHT,
-            observe=observe,
-            cost_model=str(expensive_experts),
-            max_held_back=2,
-        )
+        outputs, stats = run_costly_observed(tiny_gqa, tmp_path, expensive_experts, observe)
     assert state["failed"], "the injected fault never ran: the test would not test the degrade path"
     assert state["dropped"] and stats["routes_left"] is None, "the scheduler kept the failed route source"
     assert outputs == reference, "outputs changed or requests were lost when the bookkeeping failed"
