@@ -9,6 +9,7 @@ import random
 import struct
 
 import pytest
+import torch
 from conftest import PROMPTS, vllm_engine
 
 from vllm_readme.experts.eviction import EVICTION_POLICIES, make_policy
@@ -282,3 +283,41 @@ def test_plan_crosses_processes():
     finally:
         writer.close()
     assert not plan_path(os.getpid()).exists()
+
+
+def test_loads_are_charged_to_the_scheduler_only_while_the_pool_keeps_a_steps_pages():
+    """Below a step's working set a load that holding a request back would
+    avoid only moves to the next step, so the cache publishes a load cost of
+    0; once the step's pages fit, it publishes what loads cost its layers."""
+    from vllm_readme.experts.cache import ExpertCache
+    from vllm_readme.options import ExpertCacheOptions
+
+    layers, experts = 2, 4
+    gen = torch.Generator().manual_seed(0)
+    w13 = [torch.randn(experts, 8, 16, generator=gen) for _ in range(layers)]
+    w2 = [torch.randn(experts, 16, 4, generator=gen) for _ in range(layers)]
+    cache = ExpertCache(
+        w13_layers=w13,
+        w2_layers=w2,
+        slot_table=torch.zeros((layers, experts), dtype=torch.int32),
+        pages=6,
+        options=ExpertCacheOptions(expert_pool="6", eviction="lru", prefetch=False, backing_store="memory"),
+        checkpoint=None,
+        isa="vec",
+        log_every=0,
+    )
+    published = []  # what reaches the scheduler's plan file at each step's end
+    cache.plan.publish_residency = lambda resident, load_ms: published.append(load_ms)
+    try:
+        for step_experts in ([0, 1, 2, 3], [0, 1, 2, 3], [1], [1], [1]):
+            for layer in range(layers):
+                cache.layer_slots(layer, torch.tensor(step_experts))
+        cache.pool.check()
+    finally:
+        cache.close()
+    # Steps 1-2 touch 4 experts x 2 layers = 8 pages > 6: nothing charged,
+    # though they loaded; steps 3-4 touch 2 pages: charged, at the layers'
+    # wait per page loaded times the layers.
+    assert cache.total.misses > 0 and cache.stall_per_load_ms > 0
+    assert published[:2] == [0.0, 0.0]
+    assert published[3] == pytest.approx(layers * cache.stall_per_load_ms) and published[3] > 0
