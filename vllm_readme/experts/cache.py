@@ -274,11 +274,7 @@ class ExpertCache:
                 self.now.misses += 1
                 slot = self._allocate(page, clock)
                 load_started = time.perf_counter()
-                if not self._read_into(page, slot):
-                    w13, w2 = self._read_packed(page)
-                    # On the compute stream, after every kernel that read the
-                    # old page; asynchronous from a pinned (persistent) host copy.
-                    self._write(slot, w13, w2, non_blocking=w13.is_pinned())
+                self._load(page, slot)
                 self._timed_load(time.perf_counter() - load_started)
                 self._finish(page, slot)
             self.pool.touch(page, clock)
@@ -410,13 +406,16 @@ class ExpertCache:
         self.w13[slot].copy_(w13, non_blocking=non_blocking)
         self.w2[slot].copy_(w2, non_blocking=non_blocking)
 
-    def _read_into(self, page, slot: int) -> bool:
-        """Read ``page`` straight into ``slot`` when the store and the pool
-        allow it (CPU, page file); False: use _read_packed and _write."""
-        if self.slot_buffers is None:
-            return False
-        self.store.read_into(*page, self.slot_buffers[slot])
-        return True
+    def _load(self, page, slot: int, non_blocking: bool = False) -> None:
+        """``page`` into ``slot``: straight from the page file into the
+        slot's memory where the store and the pool allow it (CPU), else read
+        (and pack) then copy; on a GPU on the current stream, after every
+        kernel that read the old page, asynchronous from a pinned host copy."""
+        if self.slot_buffers is not None:
+            self.store.read_into(*page, self.slot_buffers[slot])
+            return
+        w13, w2 = self._read_packed(page)
+        self._write(slot, w13, w2, non_blocking=non_blocking or w13.is_pinned())
 
     def _load_async(self, jobs: list[tuple[tuple[int, int], int]], ready: torch.cuda.Event | None):
         """On the prefetch thread: read, pack, write each (unpinned, not yet
@@ -431,14 +430,13 @@ class ExpertCache:
         if self.copy_stream is None:
             for page, slot in jobs:
                 started = time.perf_counter()
-                if not self._read_into(page, slot):
-                    self._write(slot, *self._read_packed(page))
+                self._load(page, slot)
                 self._timed_load(time.perf_counter() - started)
             return None
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)
             for page, slot in jobs:
-                self._write(slot, *self._read_packed(page), non_blocking=True)
+                self._load(page, slot, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return event

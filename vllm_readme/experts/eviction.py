@@ -122,15 +122,19 @@ class Belady(LRU):
 
 
 def make_policy(
-    name: str, next_use: Callable[[int, int], float] | None = None, seed: int = 0, ticks_per_step: int = 1
+    name: str,
+    next_use: Callable[[int, int], float] | None = None,
+    seed: int = 0,
+    ticks_per_step: int = 1,
+    decay: float = BELADY_DECAY,
 ) -> EvictionPolicy:
     """``ticks_per_step``: how many clock ticks the caller counts per step
     (the engine's pool ticks once per layer), so that Belady's tie-break
-    decays per step whatever the clock."""
+    (``decay`` per step) decays per step whatever the clock."""
     if name == "belady":
         if next_use is None:
             raise ValueError("Belady eviction needs the future: a next_use(expert, step) function.")
-        return Belady(next_use, decay=BELADY_DECAY ** (1 / ticks_per_step))
+        return Belady(next_use, decay=decay ** (1 / ticks_per_step))
     if name == "lru":
         return LRU()
     if name == "lfu":
@@ -205,9 +209,7 @@ def single_stream_hit_ratio(
             return NEVER
         return uses[k]
 
-    chosen = make_policy(policy, next_use)
-    if decay is not None and isinstance(chosen, Belady):
-        chosen.decay = decay
+    chosen = make_policy(policy, next_use, decay=BELADY_DECAY if decay is None else decay)
     pool = ExpertPoolModel(capacity, chosen)
     for step, expert in enumerate(routes):
         pool.access([expert], step)

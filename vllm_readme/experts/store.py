@@ -3,7 +3,9 @@
 * ``PageFileStore`` (``backing_store: disk``, the default on CPU): every page
   in the kernel's layout in one file written at start-up, page by page from
   the checkpoint (the model then never holds every expert), or from the
-  weights vLLM loaded; a load is one ``O_DIRECT`` read and a copy.
+  weights vLLM loaded; a load is one ``O_DIRECT`` read, straight into the
+  pool's slot where the page is a whole number of blocks (``read_into``),
+  else into a buffer and a copy.
 * ``DiskExpertStore`` (``backing_store: checkpoint``): the checkpoint's own
   safetensors files, read one page
   (the gate, up and down rows of one expert of one layer) at a time with the
@@ -272,11 +274,12 @@ class PageFileStore:
         """One page read into ``buffers`` (its w13 and w2 slot memory; see
         reads_into) with one ``preadv``."""
         offset = (layer * self.num_experts + expert) * self.record
-        got = os.preadv(self.reader._fd(self.path), buffers, offset)  # noqa: SLF001
+        fd = self.reader._fd(self.path)  # noqa: SLF001 - opened at start-up (the name is gone since)
+        got = os.preadv(fd, buffers, offset)
         if got != self.record:
             raise OSError(f"{self.path}: short read of page ({layer}, {expert}): {got} of {self.record} bytes")
         if not self.reader.direct and hasattr(os, "posix_fadvise"):  # no O_DIRECT here: drop the cached copy
-            os.posix_fadvise(self.reader._fd(self.path), offset, self.record, os.POSIX_FADV_DONTNEED)  # noqa: SLF001
+            os.posix_fadvise(fd, offset, self.record, os.POSIX_FADV_DONTNEED)
         self.bytes_read += self.record
 
     def packed(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
