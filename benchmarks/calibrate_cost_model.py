@@ -52,6 +52,10 @@ def collect(
         dtype=dtype,
         max_model_len=1024,
         max_num_seqs=max(concurrencies),
+        # A fixed KV budget, not vLLM-CPU's default share of the machine's
+        # memory (which refuses to start when other processes hold a few MiB).
+        kv_cache_memory_bytes=1 << 30,
+        gpu_memory_utilization=0.5,
         seed=0,
         scheduler_cls=SCHEDULER,
         additional_config={

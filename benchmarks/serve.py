@@ -316,6 +316,7 @@ def _pool_engine(label: str, options: dict, extra: str = "") -> str:
 
 SCHEDULER_CLS = "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler "
 CALIBRATED = str(RESULTS / "cost_model.json")  # benchmarks/calibrate_cost_model.py on this machine
+CALIBRATED_LARGE = str(RESULTS / "cost_model_v1.json")  # the same, --readme models/smollm2-readme-v1
 
 
 def _scheduler_engine(label: str, **options) -> str:
@@ -348,6 +349,28 @@ PRESETS = {
             _scheduler_engine("pool 25%, scheduler without self-check + Belady + prefetch", expert_pool="25%"),
             _scheduler_engine(
                 "pool 25%, scheduler (self-check) + Belady + prefetch", expert_pool="25%", self_check_window=32
+            ),
+        ],
+    },
+    # The regime an expert cache exists for: the paper's overlapping experts
+    # (models/smollm2-readme-v1, 8 experts keeping 75 % of the MLP each:
+    # experts are 649 MiB of the model's 880), where a step's loads take as
+    # long as its compute; run with --readme models/smollm2-readme-v1.
+    "expert-cache-large": {
+        "datasets": ["random"],
+        "concurrency": [1, 32],
+        "rate_fractions": [],
+        "out": RESULTS / "serve_expert_cache_large.json",
+        "common_args": "--enforce-eager",
+        "engine": [
+            _pool_engine("pool 50%, LRU on demand", {"expert_pool": "50%", "eviction": "lru", "prefetch": False}),
+            _pool_engine("pool 50%, Belady + prefetch", {"expert_pool": "50%"}),
+            _scheduler_engine(
+                "pool 50%, scheduler + Belady + prefetch", expert_pool="50%", cost_model=CALIBRATED_LARGE
+            ),
+            _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
+            _scheduler_engine(
+                "pool 25%, scheduler + Belady + prefetch", expert_pool="25%", cost_model=CALIBRATED_LARGE
             ),
         ],
     },
@@ -430,7 +453,9 @@ def main() -> None:
         help="a named run (engines, workloads, results file): expert-cache = the expert pool at 75/50/25%%, "
         "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler; scheduler = "
         "the cost-model policy with either route source against FCFS at c 32/64; expert-cache-scheduler = "
-        "a 25%% pool under FCFS + LRU, Belady + prefetch, and the scheduler with either route source",
+        "a 25%% pool under FCFS + LRU, Belady + prefetch, and the scheduler with either route source; "
+        "expert-cache-large = pools of 50 and 25%% on a model whose experts dominate its bytes (give --readme "
+        "models/smollm2-readme-v1)",
     )
     parser.add_argument("--report-from", type=Path, help="redo the Markdown table and the plot of a results JSON")
     args = parser.parse_args()

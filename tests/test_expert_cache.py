@@ -40,7 +40,7 @@ def test_pool_bookkeeping_holds_under_random_workload(policy):
                 (pool.loaded if action < 0.8 else pool.cancel)(page)
             else:
                 pool.touch(page, clock)
-        else:
+        elif action < 0.5:
             try:
                 slot, evicted = pool.allocate(page, clock, loading=action < 0.3)
             except PoolTooSmall:
@@ -51,8 +51,50 @@ def test_pool_bookkeeping_holds_under_random_workload(policy):
                 if evicted is not None:
                     evictions += 1
                     assert evicted not in pinned and evicted not in loading_before
+        else:
+            # A layer's worth at once (the cache's path), pinned as the cache pins them.
+            wanted = [p for p in rng.sample(pages, k=rng.randint(1, 4)) if p not in pool.slot_of]
+            pool.pin(pinned | set(wanted))
+            got = pool.allocate_many(wanted, clock, loading=action < 0.7)
+            assert [p for p, _, _ in got] == wanted[: len(got)]
+            if len(got) < len(wanted):
+                refused += 1
+                assert all(p in pool.pinned or p in pool.loading for p in pool.slot_of)
+            for p, slot, evicted in got:
+                assert pool.page_in[slot] == p
+                if evicted is not None:
+                    evictions += 1
+                    assert evicted not in pinned and evicted not in loading_before and evicted not in wanted
         pool.check()
     assert evictions > 1000 and refused > 0
+
+
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+def test_victims_in_one_pass_are_the_victims_one_by_one(policy):
+    """The pool chooses a layer's victims in one pass (``victims``); they
+    must be the experts, in the order, that one ``victim`` call per load
+    would evict, ties included (many keys tie: Belady's "no known use",
+    LFU's equal counts)."""
+    rng = random.Random(policy)
+    future = {}
+
+    def make():
+        chosen = make_policy(policy, next_use=lambda page, clock: future.get(page, float("inf")), seed=3)
+        for clock in range(60):
+            chosen.touch(rng.randrange(12), clock)
+        return chosen
+
+    for trial in range(50):
+        future = {e: 60 + rng.randint(1, 5) for e in range(12) if rng.random() < 0.5}
+        state = rng.getstate()
+        one_pass, one_by_one = make(), (rng.setstate(state), make())[1]
+        candidates = rng.sample(range(16), k=rng.randint(1, 16))  # 12-15 never used: keys tie
+        count = rng.randint(1, len(candidates) + 2)
+        expected, left = [], list(candidates)
+        while left and len(expected) < count:
+            expected.append(one_by_one.victim(left, set(), 60))
+            left.remove(expected[-1])
+        assert one_pass.victims(candidates, 60, count) == expected, f"trial {trial}"
 
 
 def test_pool_refuses_when_every_page_is_pinned():

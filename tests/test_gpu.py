@@ -86,14 +86,14 @@ def test_cache_on_gpu_gives_the_resident_result_while_the_device_lags(weights, e
     # still reads is evicted and its slot rewritten. Count that it happens.
     used_this_step: set = set()
     hazards = []
-    allocate = cache.pool.allocate
+    allocate_many = cache.pool.allocate_many
 
-    def watched_allocate(page, clock, loading=False):
-        slot, evicted = allocate(page, clock, loading=loading)
-        hazards.append(evicted in used_this_step)
-        return slot, evicted
+    def watched_allocate_many(pages, clock, loading=False):
+        slots = allocate_many(pages, clock, loading=loading)
+        hazards.extend(evicted in used_this_step for _, _, evicted in slots)
+        return slots
 
-    cache.pool.allocate = watched_allocate
+    cache.pool.allocate_many = watched_allocate_many
     try:
         assert cache.store.w13.is_pinned() and cache.copy_stream is not None
         gen = torch.Generator(device="cuda").manual_seed(1)

@@ -264,19 +264,27 @@ class ExpertCache:
         self.pool.pin(needed)
         started = time.perf_counter()
         self._harvest(wait_for=needed)
-        for page in needed:
-            if page in self.pool:
-                self.now.hits += 1
-                if page in self.prefetched_unused:
-                    self.prefetched_unused.discard(page)
-                    self.now.prefetch_used += 1
-            else:
-                self.now.misses += 1
-                slot = self._allocate(page, clock)
+        missing = [page for page in needed if page not in self.pool]
+        self.now.hits += len(needed) - len(missing)
+        used = self.prefetched_unused.intersection(needed)
+        self.now.prefetch_used += len(used)
+        self.prefetched_unused -= used
+        if missing:
+            self.now.misses += len(missing)
+            slots = self._allocate(missing, clock)
+            if len(slots) < len(missing):
+                for page, _ in slots:
+                    self.pool.cancel(page)
+                raise PoolTooSmall(
+                    f"layer {layer} needs {len(missing)} more pages but the rest of the pool is pinned or loading; "
+                    f"the pool needs at least {minimum_pages(self.num_experts)} pages."
+                )
+            for page, slot in slots:
                 load_started = time.perf_counter()
                 self._load(page, slot)
                 self._timed_load(time.perf_counter() - load_started)
                 self._finish(page, slot)
+        for page in needed:
             self.pool.touch(page, clock)
         self.now.stall_s += time.perf_counter() - started
         if self.executor is not None:
@@ -380,12 +388,15 @@ class ExpertCache:
             return (step + 1) * self.num_layers + layer
         return NEVER
 
-    def _allocate(self, page, clock: int, loading: bool = False) -> int:
-        slot, evicted = self.pool.allocate(page, clock, loading=loading)
-        if evicted is not None:
-            self.host_table[evicted] = -1
-            self.prefetched_unused.discard(evicted)
-        return slot
+    def _allocate(self, pages: list, clock: int, loading: bool = False) -> list[tuple[tuple[int, int], int]]:
+        """Slots for ``pages``, [(page, slot)]: fewer when the rest of the pool is pinned or loading."""
+        out = []
+        for page, slot, evicted in self.pool.allocate_many(pages, clock, loading=loading):
+            if evicted is not None:
+                self.host_table[evicted] = -1
+                self.prefetched_unused.discard(evicted)
+            out.append((page, slot))
+        return out
 
     def _finish(self, page, slot: int) -> None:
         self.pool.loaded(page)
@@ -452,14 +463,8 @@ class ExpertCache:
         if self.copy_stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.w13.device))
-        jobs = []
-        for page in pages:
-            if page in self.pool.slot_of:
-                continue
-            try:
-                jobs.append((page, self._allocate(page, clock, loading=True)))
-            except PoolTooSmall:
-                break  # every other page is needed now: the demand path will load it
+        # Short of slots when every other page is needed now: the demand path loads the rest.
+        jobs = self._allocate([p for p in pages if p not in self.pool.slot_of], clock, loading=True)
         if jobs:
             future = self.executor.submit(self._load_async, jobs, ready)
             for page, _ in jobs:

@@ -12,6 +12,7 @@ expert)`` pages in the engine's pool, pool.py): no vLLM, no torch.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable, Iterable
 
@@ -36,8 +37,19 @@ class EvictionPolicy:
             raise RuntimeError("every resident expert is pinned by this step: the pool is smaller than one step needs")
         return self._pick(candidates, step)
 
-    def _pick(self, candidates: list[int], step: int) -> int:
+    def victims(self, candidates: list[int], step: int, count: int) -> list[int]:
+        """Up to ``count`` experts to evict from ``candidates`` (none pinned),
+        first victim first: the same experts, in the same order, as
+        ``count`` calls of ``victim`` with each victim gone before the next
+        (the keys do not change between them), in one pass."""
+        return heapq.nsmallest(count, candidates, key=lambda e: self._key(e, step))
+
+    def _key(self, expert: int, step: int):
+        """Eviction order: the smallest key goes first."""
         raise NotImplementedError
+
+    def _pick(self, candidates: list[int], step: int) -> int:
+        return min(candidates, key=lambda e: self._key(e, step))
 
 
 class LRU(EvictionPolicy):
@@ -52,8 +64,8 @@ class LRU(EvictionPolicy):
     def forget(self, expert):
         self.last_use.pop(expert, None)
 
-    def _pick(self, candidates, step):
-        return min(candidates, key=lambda e: (self.last_use.get(e, -1), e))
+    def _key(self, expert, step):
+        return self.last_use.get(expert, -1), expert
 
 
 class LFU(EvictionPolicy):
@@ -69,8 +81,8 @@ class LFU(EvictionPolicy):
         self.uses[expert] = self.uses.get(expert, 0) + 1
         self.last_use[expert] = step
 
-    def _pick(self, candidates, step):
-        return min(candidates, key=lambda e: (self.uses.get(e, 0), self.last_use.get(e, -1), e))
+    def _key(self, expert, step):
+        return self.uses.get(expert, 0), self.last_use.get(expert, -1), expert
 
 
 class RandomEviction(EvictionPolicy):
@@ -81,6 +93,13 @@ class RandomEviction(EvictionPolicy):
 
     def _pick(self, candidates, step):
         return self.rng.choice(sorted(candidates))
+
+    def victims(self, candidates, step, count):
+        left, out = list(candidates), []
+        for _ in range(min(count, len(left))):
+            out.append(self._pick(left, step))
+            left.remove(out[-1])
+        return out
 
 
 class Belady(LRU):
@@ -115,10 +134,8 @@ class Belady(LRU):
         score, at = self.score.get(expert, (0.0, step))
         return score * self.decay ** max(0, step - at)
 
-    def _pick(self, candidates, step):
-        return max(
-            candidates, key=lambda e: (self.next_use(e, step), -self._weighted(e, step), -self.last_use.get(e, -1))
-        )
+    def _key(self, expert, step):
+        return -self.next_use(expert, step), self._weighted(expert, step), self.last_use.get(expert, -1)
 
 
 def make_policy(

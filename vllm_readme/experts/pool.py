@@ -72,6 +72,41 @@ class PagePool:
             self.loading.add(page)
         return slot, evicted
 
+    def allocate_many(
+        self, pages: list[Hashable], clock: int, loading: bool = False
+    ) -> list[tuple[Hashable, int, Hashable | None]]:
+        """Slots for ``pages`` (absent, in order): [(page, slot, evicted page
+        or None)], as ``allocate`` called for each in turn where the pages
+        are pinned or loading (never each other's victims), but with the
+        victims chosen in one pass over the pool instead of one per page
+        (the per-layer work on a step that loads; docs/expert_cache.md).
+        Fewer than asked when every other page is pinned or loading."""
+        for page in pages:
+            if page in self.slot_of:
+                raise ValueError(f"page {page} already has slot {self.slot_of[page]}.")
+        short = len(pages) - len(self.free)
+        victims = []
+        if short > 0:
+            candidates = [p for p in self.slot_of if p not in self.loading and p not in self.pinned]
+            victims = self.policy.victims(candidates, clock, short)
+        out = []
+        for page in pages:
+            evicted = None
+            if self.free:
+                slot = self.free.pop()
+            elif victims:
+                evicted = victims.pop(0)
+                slot = self.slot_of.pop(evicted)
+                self.policy.forget(evicted)
+            else:
+                break
+            self.slot_of[page] = slot
+            self.page_in[slot] = page
+            if loading:
+                self.loading.add(page)
+            out.append((page, slot, evicted))
+        return out
+
     def loaded(self, page: Hashable) -> None:
         self.loading.discard(page)
 
