@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,11 +155,8 @@ class ExpertCache:
                     else:
                         self._write(slot, *self._read_packed((layer, expert)))
                     self.host_table[layer, expert] = slot
-        # One torch thread for the loader: the model's thread keeps the cores' math.
         self.executor = (
-            ThreadPoolExecutor(
-                1, thread_name_prefix="readme-prefetch", initializer=torch.set_num_threads, initargs=(1,)
-            )
+            ThreadPoolExecutor(1, thread_name_prefix="readme-prefetch", initializer=_loader_thread_start)
             if options.prefetch
             else None
         )
@@ -453,11 +451,14 @@ class ExpertCache:
         return event
 
     def _prefetch(self, layer: int, clock: int) -> None:
-        if layer + 1 < self.num_layers:
-            target, experts = layer + 1, self.step_order
-        else:
-            target, experts = 0, sorted(self.next_experts)
-        pages = [(target, e) for e in experts]
+        """Start loading the pages of the next ``PREFETCH_LAYERS`` layers
+        (past the last layer: the next step's, for its predicted experts)."""
+        pages = []
+        for target in range(layer + 1, layer + 1 + PREFETCH_LAYERS):
+            if target < self.num_layers:
+                pages += [(target, e) for e in self.step_order]
+            else:
+                pages += [(target - self.num_layers, e) for e in sorted(self.next_experts)]
         self.pool.pin(self.pool.pinned | {p for p in pages if p in self.pool.slot_of})
         ready = None
         if self.copy_stream is not None:
@@ -491,6 +492,36 @@ class ExpertCache:
         self.store.close()
         self.plan.close()
         _CACHES.pop(self.id, None)
+
+
+def _loader_thread_start() -> None:
+    """The prefetch thread, on its first job. One torch thread: the model's
+    thread keeps the cores' math. And off the model's core: vLLM's CPU
+    worker binds its compute thread to its cores (one of two on a 2-core
+    machine, the other reserved for the engine and API server processes),
+    and a thread inherits its creator's binding, so the loader's reads
+    would take turns with the model on the one core instead of overlapping
+    it. Measured in docs/expert_cache.md ("The loader's core")."""
+    torch.set_num_threads(1)
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    mine = os.sched_getaffinity(0)
+    spare = set(range(os.cpu_count() or 1)) - mine
+    if spare and LOADER_OFF_MODEL_CORES:
+        try:
+            os.sched_setaffinity(0, spare)
+        except OSError:  # CPUs outside this container's set: stay where we are
+            return
+        logger.info(
+            "expert cache: the loader thread runs on CPUs %s (the model computes on %s)", sorted(spare), sorted(mine)
+        )
+
+
+# How many layers ahead a layer's prefetch reaches (docs/expert_cache.md, "Prefetch depth").
+PREFETCH_LAYERS = 1
+
+# Whether the loader thread leaves the model's cores (a switch for the measurement).
+LOADER_OFF_MODEL_CORES = True
 
 
 def _pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
