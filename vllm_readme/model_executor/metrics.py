@@ -19,9 +19,16 @@ figures; engine warm-up steps are counted too, so never read absolutes.
 On CPU the counts are read at once (a few microseconds). On a GPU they are
 accumulated on the device and copied to the host every ``flush_every``
 steps, so the step itself never waits for the host.
+
+With ``VLLM_README_ROUTE_LOG=PATH`` in the engine's environment each step's
+experts are also appended to PATH, one line per step (expert ids separated
+by spaces): the served routes, which benchmarks/expert_cache_bound.py
+replays to bound what an expert cache could do on them.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -55,6 +62,8 @@ class ExpertStepMetrics:
         self.unique, tokens = _prometheus(num_experts)
         self.tokens = [tokens.labels(expert=str(e)) for e in range(num_experts)]
         self._pending: list[torch.Tensor] = []  # GPU: per-step expert counts, not yet on the host
+        path = os.environ.get("VLLM_README_ROUTE_LOG")
+        self.route_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (lives with the engine)
 
     def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:
         counts = torch.bincount(expert_ids.long(), minlength=self.num_experts)
@@ -82,6 +91,8 @@ class ExpertStepMetrics:
                 self.tokens[expert].inc(n)
         if used:
             self.unique.observe(used)
+        if self.route_log is not None:
+            self.route_log.write(" ".join(str(e) for e, n in enumerate(counts[: self.num_experts]) if n) + "\n")
 
 
 class ExpertCacheCounters:
