@@ -354,8 +354,8 @@ PRESETS = {
     },
     # The regime an expert cache exists for: the paper's overlapping experts
     # (models/smollm2-readme-v1, 8 experts keeping 75 % of the MLP each:
-    # experts are 649 MiB of the model's 880), where a step's loads take as
-    # long as its compute; run with --readme models/smollm2-readme-v1.
+    # experts are 658 MiB of the model's 838 in bf16), where a step's loads
+    # take as long as its compute; run with --readme models/smollm2-readme-v1.
     "expert-cache-large": {
         "datasets": ["random"],
         "concurrency": [1, 32],
