@@ -363,3 +363,24 @@ def test_loads_are_charged_to_the_scheduler_only_while_the_pool_keeps_a_steps_pa
     assert cache.total.misses > 0 and cache.stall_per_load_ms > 0
     assert published[:2] == [0.0, 0.0]
     assert published[3] == pytest.approx(layers * cache.stall_per_load_ms) and published[3] > 0
+
+
+def test_route_log_records_every_step_as_the_model_routed_it(tiny_gqa, tmp_path, monkeypatch):
+    """``VLLM_README_ROUTE_LOG`` (what benchmarks/expert_cache_bound.py
+    replays to bound the cache) writes one line per engine step with the
+    step's distinct experts: the same steps and experts as the routes the
+    model computed, recorded beside it in the worker."""
+    from conftest import start_route_trace, take_route_trace
+    from vllm import SamplingParams
+
+    log = tmp_path / "routes.log"
+    monkeypatch.setenv("VLLM_README_ROUTE_LOG", str(log))
+    with vllm_engine(tiny_gqa, max_num_seqs=4) as llm:
+        llm.apply_model(start_route_trace)
+        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        trace = llm.apply_model(take_route_trace)[0]
+    logged = [[int(e) for e in line.split()] for line in log.read_text().splitlines()]
+    expected = [sorted(set(expert_ids.tolist())) for _, expert_ids in trace]
+    assert len(expected) >= 12, "the run must span many steps"
+    assert logged[-len(expected) :] == expected  # earlier lines: the engine's warm-up steps
+    assert any(len(step) > 1 for step in expected), "steps must mix experts for the test to mean anything"
