@@ -36,9 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from expert_cache_replay import exact_belady_loads  # noqa: E402
-
-ALL_RESIDENT = "Read-ME (plugin, FCFS, all experts resident)"  # benchmarks/serve.py's label
-RANDOM_LENS = (70, 128)  # benchmarks/serve.py's random workload
+from serve import ALL_RESIDENT  # noqa: E402
 
 
 def serve_and_record(model: Path, concurrency: list[int], seed: int, work: Path) -> dict[int, tuple[dict, list]]:
@@ -46,7 +44,7 @@ def serve_and_record(model: Path, concurrency: list[int], seed: int, work: Path)
     server and client, the ``random`` workload at each concurrency) with
     the route log on; per concurrency, the client's summary and each engine
     step's experts."""
-    from serve import EngineSpec, Server, Workload, run_client
+    from serve import RANDOM_LENS, EngineSpec, Server, Workload, run_client
 
     from vllm_readme.precision import resolve_precision
 

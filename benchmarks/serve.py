@@ -48,6 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+ALL_RESIDENT = "Read-ME (plugin, FCFS, all experts resident)"  # the Read-ME server's label
+RANDOM_LENS = (70, 128)  # the random workload: prompt and output tokens
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import _die_with_parent  # noqa: E402
 
@@ -478,7 +480,7 @@ def main() -> None:
 
     from vllm_readme.precision import machine_description, read_machine, resolve_precision
 
-    random_lens, chat_scale = (70, 128), 1.0
+    random_lens, chat_scale = RANDOM_LENS, 1.0
     if args.quick:
         args.concurrency, args.rate_fractions, args.prompts_per_rate = [1, 4], [0.5], 8
         random_lens, chat_scale, args.max_model_len = (16, 16), 0.1, min(args.max_model_len, 256)
@@ -487,7 +489,7 @@ def main() -> None:
     dense, readme = prepare_models(args.dense, args.readme)
     specs = [
         *([] if args.no_dense else [EngineSpec("dense (stock vLLM)", dense)]),
-        EngineSpec("Read-ME (plugin, FCFS, all experts resident)", readme),
+        EngineSpec(ALL_RESIDENT, readme),
     ]
     specs += [parse_engine(e.replace("{readme}", str(readme))) for e in args.engine]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -507,7 +507,7 @@ def _loader_thread_start() -> None:
         return
     mine = os.sched_getaffinity(0)
     spare = set(range(os.cpu_count() or 1)) - mine
-    if spare and LOADER_OFF_MODEL_CORES:
+    if spare:
         try:
             os.sched_setaffinity(0, spare)
         except OSError:  # CPUs outside this container's set: stay where we are
@@ -519,9 +519,6 @@ def _loader_thread_start() -> None:
 
 # How many layers ahead a layer's prefetch reaches (docs/expert_cache.md, "Prefetch depth").
 PREFETCH_LAYERS = 1
-
-# Whether the loader thread leaves the model's cores (a switch for the measurement).
-LOADER_OFF_MODEL_CORES = True
 
 
 def _pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -53,34 +53,20 @@ class PagePool:
         (slot, evicted page or None). ``loading``: the slot is being written
         until ``loaded(page)``. Raises PoolTooSmall when every page is pinned
         or loading."""
-        if page in self.slot_of:
-            raise ValueError(f"page {page} already has slot {self.slot_of[page]}.")
-        evicted = None
-        if self.free:
-            slot = self.free.pop()
-        else:
-            candidates = [p for p in self.slot_of if p not in self.loading]
-            try:
-                evicted = self.policy.victim(candidates, self.pinned, clock)
-            except RuntimeError as exc:
-                raise PoolTooSmall(str(exc)) from None
-            slot = self.slot_of.pop(evicted)
-            self.policy.forget(evicted)
-        self.slot_of[page] = slot
-        self.page_in[slot] = page
-        if loading:
-            self.loading.add(page)
+        got = self.allocate_many([page], clock, loading=loading)
+        if not got:
+            raise PoolTooSmall("every page in the pool is pinned or loading: the pool is smaller than one step needs")
+        _, slot, evicted = got[0]
         return slot, evicted
 
     def allocate_many(
         self, pages: list[Hashable], clock: int, loading: bool = False
     ) -> list[tuple[Hashable, int, Hashable | None]]:
         """Slots for ``pages`` (absent, in order): [(page, slot, evicted page
-        or None)], as ``allocate`` called for each in turn where the pages
-        are pinned or loading (never each other's victims), but with the
-        victims chosen in one pass over the pool instead of one per page
-        (the per-layer work on a step that loads; docs/expert_cache.md).
-        Fewer than asked when every other page is pinned or loading."""
+        or None)], free slots first, then victims chosen in one pass over the
+        pool (not one per page: the per-layer work on a step that loads,
+        docs/expert_cache.md); the pages asked for are never each other's
+        victims. Fewer than asked when every other page is pinned or loading."""
         for page in pages:
             if page in self.slot_of:
                 raise ValueError(f"page {page} already has slot {self.slot_of[page]}.")
