@@ -7,7 +7,8 @@ checkpoint with the page cache bypassed (O_DIRECT; backing store
 CPU grouped GEMM's layout; then what serving does (backing store "disk", the
 CPU default): the pages written packed to a page file, each read with one
 O_DIRECT preadv straight into a page-aligned slot, at random and in a
-layer's order; and, for comparison, a page copied within RAM. From these:
+layer's order, and by 1, 2 and 4 readers at once; and, for comparison, a
+page copied within RAM. From these:
 the load time of one expert across all layers, which is what a step pays per
 missed expert with no prefetch (the bound the serving figures are judged
 against). Results: benchmarks/results/expert_store.json.
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=120, help="random pages read per measurement")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="the pool's dtype")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of page-file reads (median and best)")
+    parser.add_argument(
+        "--readers", type=int, nargs="+", default=[1, 2, 4], help="concurrent page-file readers to compare"
+    )
     parser.add_argument("--isa", default="vec", help="the grouped GEMM's packing (the engine logs its isa)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_store.json")
     args = parser.parse_args()
@@ -98,6 +102,15 @@ def main() -> None:
     page_file_s = statistics.median(page_file_rounds)
     pages[:] = sorted(pages)
     page_file_layer_order_s = statistics.median(timed(read_page) for _ in range(args.rounds))
+    # More readers at once (the cache has one loader thread): an NVMe disk
+    # needs several requests in flight to reach its bandwidth; a virtual or
+    # throttled disk may not. Rounds interleave the reader counts.
+    readers_gb_s: dict[int, list[float]] = {n: [] for n in args.readers}
+    if direct_into:
+        rng.shuffle(pages)
+        for _ in range(args.rounds):
+            for n in args.readers:
+                readers_gb_s[n].append(page_file.record * len(pages) / concurrent_reads(page_file, pages, n) / 1e9)
     page_file.close()
     result = {
         "machine": machine_description(precision=precision),
@@ -124,9 +137,37 @@ def main() -> None:
         "page_file_read_ms_per_page_rounds": [1000 * t for t in page_file_rounds],
         "page_file_read_gb_per_s_best": page_file.record / min(page_file_rounds) / 1e9,
         "page_file_load_ms_per_expert_all_layers": 1000 * page_file_s * layers,
+        "page_file_read_gb_per_s_by_readers": {
+            n: {"median": statistics.median(v), "rounds": v} for n, v in readers_gb_s.items() if v
+        },
     }
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+
+
+def concurrent_reads(page_file, pages: list[tuple[int, int]], readers: int) -> float:
+    """Seconds for ``readers`` threads to read ``pages`` (split evenly), each
+    into its own page-aligned slot, as the loader reads."""
+    import threading
+
+    from vllm_readme.experts.cache import _pool_tensor, _writable_view
+
+    def slot_views():
+        w13 = _pool_tensor((1, *page_file.w13_shape), page_file.dtype, torch.device("cpu"))
+        w2 = _pool_tensor((1, *page_file.w2_shape), page_file.dtype, torch.device("cpu"))
+        return _writable_view(w13[0]), _writable_view(w2[0])
+
+    def read(share, views):
+        for page in share:
+            page_file.read_into(*page, views)
+
+    threads = [threading.Thread(target=read, args=(pages[i::readers], slot_views())) for i in range(readers)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

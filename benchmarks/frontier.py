@@ -93,12 +93,10 @@ def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
     done = folder / "point.json"
     if done.is_file():
         return json.loads(done.read_text())
+    # The budget is --tune-tokens unless an --axis or --set varies it (then
+    # it is part of the point's name, like any other option).
     options = RefactorOptions(
-        out=folder / "model",
-        stats_cache=args.root / "stats",
-        tune_tokens=args.tune_tokens,
-        **fixed,
-        **values,
+        out=folder / "model", stats_cache=args.root / "stats", **({"tune_tokens": args.tune_tokens} | fixed | values)
     )
     print(f"[frontier] building {point_name(values)}", flush=True)
     report = refactor(options)

@@ -34,8 +34,13 @@ print("RESULT " + json.dumps([
     ids=["resident", "pool-disk", "pool-checkpoint"],
 )
 def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
+    route_log = tmp_path / "routes.log"
     env = dict(
-        os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1"
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="1",
+        VLLM_CPU_OMP_THREADS_BIND="0|1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_README_ROUTE_LOG=str(route_log),
     )
     proc = subprocess.run(
         [
@@ -54,6 +59,7 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     reference = load_reference(tiny_gqa)
+    routes = []  # each sequence's expert per position, from the reference's router
     for result in json.loads(lines[0][len("RESULT ") :]):
         ids = list(result["prompt_ids"])
         logprobs = []
@@ -63,4 +69,24 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
                 ids.append(int(lp.argmax()))
                 logprobs.append(float(lp.max()))
         assert result["tokens"] == ids[len(result["prompt_ids"]) :]
+        routes.append((len(result["prompt_ids"]), reference.route(torch.tensor([ids]))[1][0].tolist()))
         assert max(abs(a - b) for a, b in zip(result["logprobs"], logprobs, strict=True)) < 5e-5
+    # Both ranks compute every step's routes; the route log (and the expert
+    # metrics) must count each step once. A sequence is prefilled in one step
+    # and decodes one token per step after it; the second prompt may reach
+    # the engine a step after the first, so each possible start is a schedule.
+    logged = [[int(e) for e in line.split()] for line in route_log.read_text().splitlines()]
+    schedules = [steps_of(routes, starts) for starts in ((0, 0), (0, 1), (1, 0))]
+    assert any(logged[-len(steps) :] == steps for steps in schedules), (logged, schedules)
+
+
+def steps_of(routes: list[tuple[int, list[int]]], starts: tuple[int, ...], new_tokens: int = 12) -> list[list[int]]:
+    """Each engine step's distinct experts when sequence i (prompt length n,
+    routes r) is prefilled at step starts[i]: its prompt's routes, then one
+    step per new token after the first, each reading the token before it."""
+    steps: dict[int, set[int]] = {}
+    for (n, r), start in zip(routes, starts, strict=True):
+        steps.setdefault(start, set()).update(r[:n])
+        for j in range(1, new_tokens):
+            steps.setdefault(start + j, set()).add(r[n + j - 1])
+    return [sorted(steps[k]) for k in sorted(steps)]

@@ -41,7 +41,11 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import get_act_and_mul_fn, get_act_fn
 from vllm.model_executor.layers.attention import Attention
@@ -112,7 +116,7 @@ class Routes(NamedTuple):
 class ReadMEMoE(nn.Module):
     """Shared MLP + the routed expert chosen by the decoupled router."""
 
-    def __init__(self, config: ReadMEConfig, prefix: str):
+    def __init__(self, config: ReadMEConfig, prefix: str, streamed: bool = False):
         super().__init__()
         self.prefix = prefix  # named in loading errors
         self.num_experts = config.num_experts
@@ -144,7 +148,7 @@ class ReadMEMoE(nn.Module):
         # checked against), and the cache reads every page from the
         # checkpoint (experts/cache.py). FusedMoE's [E, ...] allocation was
         # never written, so it never became resident; it is dropped here.
-        self.streamed = streams_experts()
+        self.streamed = streamed
         if self.streamed:
             for name in ("w13_weight", "w2_weight"):
                 param = getattr(self.experts.routed_experts, name)
@@ -240,7 +244,7 @@ class ReadMEAttention(nn.Module):
 
 
 class ReadMEDecoderLayer(nn.Module):
-    def __init__(self, config: ReadMEConfig, cache_config: CacheConfig | None, prefix: str):
+    def __init__(self, config: ReadMEConfig, cache_config: CacheConfig | None, prefix: str, streamed: bool):
         super().__init__()
         self.self_attn = ReadMEAttention(
             hidden_size=config.hidden_size,
@@ -254,7 +258,7 @@ class ReadMEDecoderLayer(nn.Module):
             cache_config=cache_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = ReadMEMoE(config, prefix=f"{prefix}.mlp")
+        self.mlp = ReadMEMoE(config, prefix=f"{prefix}.mlp", streamed=streamed)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -361,8 +365,9 @@ class ReadMEModel(nn.Module):
         # Identity while every expert is resident; an expert cache remaps it.
         slot_table = torch.arange(config.num_experts, dtype=torch.int32).repeat(config.num_hidden_layers, 1)
         self.register_buffer("slot_table", slot_table, persistent=False)
+        streamed = streams_experts(vllm_config)  # the options read once, not per layer
         self.layers = nn.ModuleList(
-            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}")
+            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}", streamed=streamed)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -425,17 +430,18 @@ class ReadMEForCausalLM(nn.Module):
         # Prometheus metrics (metrics.py) and whatever tools add through
         # LLM.apply_model (tests record routes this way).
         self.route_observers: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
-        if os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
+        # Every tensor-parallel rank computes the same routes: one rank
+        # counts them (Prometheus sums counters over processes) and writes
+        # the route log, or each step would be counted tp_size times.
+        first_rank = get_tensor_model_parallel_rank() == 0
+        if first_rank and os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
             self.route_observers.append(ExpertStepMetrics(config.num_experts))
         scheduler_options = SchedulerOptions.from_additional_config(vllm_config.additional_config)
         if scheduler_options.route_source == "model" and _expert_aware_scheduler(vllm_config):
-            from vllm.distributed import get_tensor_model_parallel_rank
-
             from vllm_readme.model_executor.route_publisher import MAX_PUBLISHED_EXPERTS, RoutePublisher
 
-            # Every rank computes the same routes; the scheduler refuses the
-            # channel for more experts than a byte holds.
-            if get_tensor_model_parallel_rank() == 0 and config.num_experts <= MAX_PUBLISHED_EXPERTS:
+            # The scheduler refuses the channel for more experts than a byte holds.
+            if first_rank and config.num_experts <= MAX_PUBLISHED_EXPERTS:
                 self.route_observers.append(RoutePublisher(config.num_experts))
         logger.info(
             "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
@@ -494,7 +500,6 @@ class ReadMEForCausalLM(nn.Module):
     def _start_expert_cache(self, options: ExpertCacheOptions, kernel: str) -> None:
         """Move the routed experts into a pool of slots (experts/cache.py);
         the layers' own expert weights are freed."""
-        from vllm.distributed import get_tensor_model_parallel_rank
 
         import vllm_readme.model_executor.expert_op  # noqa: F401 - registers torch.ops.vllm.readme_expert_slots
         from vllm_readme.experts.cache import ExpertCache, minimum_pages
@@ -543,15 +548,14 @@ class ReadMEForCausalLM(nn.Module):
         logger.info("Read-ME %s", cache.describe())
 
 
-def streams_experts() -> bool:
+def streams_experts(vllm_config: VllmConfig) -> bool:
     """Whether this engine's expert pool reads its pages from disk (the
     checkpoint, or a page file written from it), so that loading may skip
     all but one expert per layer: a pool below 100 % on a CPU, with a
     backing store other than "memory"."""
-    from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
 
-    options = ExpertCacheOptions.from_additional_config(get_current_vllm_config().additional_config)
+    options = ExpertCacheOptions.from_additional_config(vllm_config.additional_config)
     if options.pool_size() is None or not current_platform.is_cpu():
         return False
     return options.backing_store in ("auto", "disk", "checkpoint")
