@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_TUNE_TOKENS = 32768  # every point's budget unless varied (--tune-tokens, or an axis)
 DEFAULT_AXES = {"num_experts": [4, 8, 16], "keep": [0.5, 0.625, 0.75], "expert_cut": ["overlapping", "disjoint"]}
 
 
@@ -100,14 +101,24 @@ def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
     )
     print(f"[frontier] building {point_name(values)}", flush=True)
     report = refactor(options)
+    if args.skip_decode:  # e.g. points that differ only in training options: same shapes, same speed
+        decode = {"skipped": "--skip-decode"}
+    else:
+        decode = measure_decode(folder / "model", dense, folder / "decode.json", args.batches, args.rounds)
+    row = point_row(values | fixed, folder, report, dense, decode)
+    done.write_text(json.dumps(row, indent=1, default=str))
+    return row
+
+
+def point_row(options: dict, folder: Path, report: dict, dense: Path, decode: dict) -> dict:
+    """One point of frontier.json from its build's report (refactor.json)."""
     params, nbytes = count_parameters(folder / "model")
-    dense_params, dense_bytes = count_parameters(dense)
+    dense_params, _ = count_parameters(dense)
     ppl, ood, chat, routing = report["perplexity"], report.get("out_of_domain"), report.get("chat"), report["routing"]
-    readme_ppl = ppl.get("Read-ME (tuned)", ppl.get("Read-ME"))
-    row = {
-        "options": values | fixed,
+    return {
+        "options": options,
         "perplexity_in_domain": {
-            "Read-ME": readme_ppl,
+            "Read-ME": ppl.get("Read-ME (tuned)", ppl.get("Read-ME")),
             "dense": ppl["dense"],
             "pruned dense": ppl["pruned dense (same active size)"],
         },
@@ -120,33 +131,56 @@ def run_point(values: dict, fixed: dict, args, dense: Path) -> dict:
         "route_persistence": routing["same_expert_as_previous_token"],
         "route_persistence_out_of_domain": ood["routing"]["same_expert_as_previous_token"] if ood else None,
         "load_max_over_mean": routing["load_max_over_mean"],
+        "load_max_over_mean_out_of_domain": ood["routing"]["load_max_over_mean"] if ood else None,
         "chat_repetition_over_dense": (chat["repetition_readme"] / max(chat["repetition_dense"], 1e-9))
         if chat
         else None,
         "chat_token_f1_vs_dense": chat["token_f1_vs_dense"] if chat else None,
+        "tuning_curve_in_domain": report.get("tuning_curve"),
         "timings_s": report.get("timings_s"),
+        "decode_speedup_over_dense": decode,
     }
-    if args.skip_decode:  # e.g. points that differ only in training options: same shapes, same speed
-        row["decode_speedup_over_dense"] = {"skipped": "--skip-decode"}
-    else:
-        row["decode_speedup_over_dense"] = measure_decode(
-            folder / "model", dense, folder / "decode.json", args.batches, args.rounds
-        )
-    done.write_text(json.dumps(row, indent=1))
-    return row
+
+
+def refresh(rows: list[dict], root: Path, dense: Path) -> list[dict]:
+    """Every row re-derived from its point's folder (refactor.json, and
+    decode.json where the point measured decode): no build, no benchmark."""
+    out = []
+    for row in rows:
+        options = row["options"]
+        folder = root / point_name({k: v for k, v in options.items() if k != "dense"})
+        report = folder / "model" / "refactor.json"
+        if not report.is_file():
+            print(f"[frontier] --refresh: {folder.name}: no refactor.json, row kept as it was", flush=True)
+            out.append(row)
+            continue
+        decode = row["decode_speedup_over_dense"]
+        if (folder / "decode.json").is_file():
+            decode = measure_decode(folder / "model", dense, folder / "decode.json", [], 0)
+        fresh = point_row(options, folder, json.loads(report.read_text()), dense, decode)
+        (folder / "point.json").write_text(json.dumps(fresh, indent=1, default=str))
+        out.append(fresh)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--axis", action="append", default=[], help="NAME=V1,V2,...: an axis of the grid")
     parser.add_argument("--set", action="append", default=[], help="NAME=V: an option fixed for every point")
-    parser.add_argument("--tune-tokens", type=int, default=32768, help="the same reduced tuning budget per point")
+    parser.add_argument(
+        "--tune-tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="the same reduced tuning budget per point"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--skip-decode",
         action="store_true",
         help="no decode benchmark (for points whose shapes, hence speed, equal a measured point's)",
+    )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="re-derive every point of --out from its folder (after a change to what a point reports); builds nothing",
     )
     parser.add_argument(
         "--dense", type=Path, help="dense HF folder to refactor and compare with (default: SmolLM2-135M exported)"
@@ -179,6 +213,12 @@ def main() -> None:
     # Points accumulate across runs (each with its own axes and fixed
     # options): a point is replaced only by a point with the same options.
     rows = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
+    if args.refresh:
+        rows = refresh(rows, args.root, dense)
+        args.out.write_text(json.dumps({"points": rows}, indent=1, default=str))
+        plot(rows, args.out.with_suffix(".png"))
+        print(f"[frontier] refreshed {len(rows)} points in {args.out}")
+        return
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     for i, values in enumerate(points, 1):
         print(f"[frontier] point {i}/{len(points)}: {point_name(values)}", flush=True)
@@ -197,7 +237,9 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    budget_panel(rows, axes[2])
+    axes = axes[:2]
     for row in rows:
         label = ", ".join(f"{k}={v}" for k, v in row["options"].items())
         speed = row["decode_speedup_over_dense"]
@@ -222,6 +264,38 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def budget_panel(rows: list[dict], ax) -> None:
+    """Out-of-domain perplexity against the tuning budget, for points that
+    differ only in it (an --axis tune_tokens run and its 32k point)."""
+    groups: dict[str, list[tuple[int, float, float]]] = {}
+    for row in rows:
+        options = dict(row["options"])
+        tokens = int(options.pop("tune_tokens", DEFAULT_TUNE_TOKENS))
+        if row["ood_readme_over_dense"] is None:
+            continue
+        minutes = (row.get("timings_s") or {}).get("stages_total_s", 0) / 60
+        key = json.dumps(options, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((tokens, row["ood_readme_over_dense"], minutes))
+    for key, points in groups.items():
+        if len({tokens for tokens, _, _ in points}) < 2:
+            continue
+        points.sort()
+        options = json.loads(key)
+        label = f"{options.get('expert_cut', '?')} {options.get('num_experts', '?')} x keep {options.get('keep', '?')}"
+        ax.plot([t / 1024 for t, _, _ in points], [q for _, q, _ in points], marker="o", label=label)
+        for tokens, quality, minutes in points:
+            ax.annotate(f"build {minutes:.0f} min", (tokens / 1024, quality), fontsize=7)
+    ax.axhline(1.25, color="gray", ls=":", label="perplexity 1.25x dense")
+    ax.set(
+        xlabel="expert-tuning tokens (k)",
+        ylabel="out-of-domain perplexity over dense",
+        title="quality against the tuning budget",
+        xscale="log",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":
