@@ -1,5 +1,6 @@
 """Which kernel should compute a Read-ME MLP on CPU? One layer of SmolLM2's
-shapes (hidden 576; 640 shared channels; 8 experts of 128), timed per layer
+shapes (hidden 576; by default 640 shared channels and 8 experts of 128,
+decode.py's synthetic model; --shared/--experts for others), timed per layer
 over 30 layers' worth of distinct weights with the caches flushed between
 repetitions, so every weight comes from DRAM as in a real decode step.
 
@@ -11,11 +12,14 @@ Routed experts (top-1, random routes):
   * torch_bmm: tokens scattered into [experts, max tokens, hidden], two bmm.
   * torch_grouped_mm: torch._grouped_mm on tokens sorted by expert.
 Shared part: shared_onednn, two oneDNN GEMMs (the plugin's shared MLP).
-Fusion: fused_shared_as_experts, the shared part cut into five 128-channel
-"experts" every token uses plus its own expert, one grouped-GEMM call (top-6).
+Fusion: fused_shared_as_experts, the shared part cut into expert-sized
+"experts" every token uses plus its own expert, one grouped-GEMM call (with
+640 shared channels and experts of 128: five chunks, top-6).
 Reference: dense_mlp_onednn, SmolLM2's dense 1536-channel MLP.
 
     python benchmarks/moe_kernels.py [--dtype auto|bfloat16|float32]
+    python benchmarks/moe_kernels.py --shared 1024 --experts 4 \
+        --out benchmarks/results/moe_kernels_default.json   # the default's shape
 
 The default dtype is the machine's native one (vllm_readme/precision.py):
 bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere, where bf16 is emulated.
@@ -31,7 +35,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-H, IE, E, IS, ID, LAYERS = 576, 128, 8, 640, 1536, 30
+H, ID, LAYERS = 576, 1536, 30  # SmolLM2's hidden size, dense MLP channels, layers
+SHAPE = {"shared": 640, "experts": 8, "expert_channels": 128}  # the shapes of decode.py's synthetic model
 
 
 def main() -> None:
@@ -44,11 +49,20 @@ def main() -> None:
         choices=["auto", "bfloat16", "float32"],
         help="auto (default): bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32",
     )
+    parser.add_argument("--shared", type=int, default=SHAPE["shared"], help="shared channels (the default model: 1024)")
+    parser.add_argument("--experts", type=int, default=SHAPE["experts"], help="routed experts (the default model: 4)")
+    parser.add_argument(
+        "--expert-channels", type=int, default=SHAPE["expert_channels"], help="channels per routed expert"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe_kernels.json")
     args = parser.parse_args()
     from vllm_readme.precision import machine_description, resolve_precision
+
+    IE, E, IS = args.expert_channels, args.experts, args.shared  # noqa: N806 (matrix-shape names)
+    if IS % IE:
+        raise SystemExit(f"--shared {IS} must be a multiple of --expert-channels {IE} (it is cut into such chunks)")
 
     precision = resolve_precision(args.dtype, device="cpu")  # vLLM's CPU kernels
     args.dtype, dtype = precision.vllm_dtype, precision.dtype
@@ -92,7 +106,13 @@ def main() -> None:
         torch.ops._C.silu_and_mul(out, gate_up)
         return out
 
-    results = {"dtype": args.dtype, "machine": machine, "threads": torch.get_num_threads(), "us_per_layer": {}}
+    results = {
+        "dtype": args.dtype,
+        "machine": machine,
+        "threads": torch.get_num_threads(),
+        "shape": {"hidden": H, "shared": IS, "experts": E, "expert_channels": IE},
+        "us_per_layer": {},
+    }
 
     def bench_batch(m: int) -> dict[str, float]:
         x = rand(m, H) * 50
