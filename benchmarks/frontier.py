@@ -224,6 +224,8 @@ def main() -> None:
         print(f"[frontier] point {i}/{len(points)}: {point_name(values)}", flush=True)
         row = run_point(values, fixed, args, dense)
         key = json.dumps(row["options"], sort_keys=True, default=str)
+        # Re-read: another run (or --refresh) may have written since this one started.
+        rows = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
         rows = [r for r in rows if json.dumps(r["options"], sort_keys=True, default=str) != key] + [row]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"points": rows}, indent=1, default=str))
