@@ -139,6 +139,101 @@ def choose_routed_kernel(fused_moe: nn.Module) -> tuple[CPUGroupedGemm | None, s
     return CPUGroupedGemm(isa=impl.isa, activation=activation), f"CPU grouped GEMM (isa={impl.isa}) called directly"
 
 
+# Steps of at most this many tokens run the shared MLP folded into the
+# routed experts' grouped GEMM (fold_shared_mlp), by the dtype vLLM computes
+# in. Measured on the default model's shape (1,024 shared channels + 4
+# experts of 128; benchmarks/moe_kernels.py --shared 1024 --experts 4,
+# results/moe_kernels_default*.json, 2-core AMD EPYC): in bf16 the fold
+# takes 170-180 us per layer against 217-242 split at 1 token, ties at 4
+# and loses from 8; in fp32 it wins up to 128 tokens (280 vs 397 us at 1,
+# 2,636 vs 2,785 at 128), ties at 256 and loses at 512.
+FOLD_SHARED_MAX_TOKENS = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 128}
+
+
+def fold_shared_max_tokens(dtype: torch.dtype) -> int:
+    """The fold's token limit: ``VLLM_README_FOLD_SHARED_TOKENS`` (0 = never)
+    or the measured default for ``dtype``."""
+    text = os.environ.get("VLLM_README_FOLD_SHARED_TOKENS")
+    if text is None:
+        return FOLD_SHARED_MAX_TOKENS.get(dtype, 0)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"VLLM_README_FOLD_SHARED_TOKENS={text!r}: give a token count (0 = never fold the shared MLP into "
+            "the grouped GEMM); unset it for the measured default."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FoldedSharedMLP:
+    """A layer's shared MLP cut into expert-sized chunks and packed in front
+    of its routed experts, so that one grouped-GEMM call computes both: each
+    token takes every chunk plus ``chunks + its expert's slot``. An MLP is a
+    sum over its intermediate channels, so the chunks sum to the shared MLP
+    exactly (a short last chunk is zero-padded: silu(0) * 0 = 0)."""
+
+    w13: torch.Tensor  # [chunks + E, ...] prepacked, as FusedMoE's w13_weight
+    w2: torch.Tensor
+    chunk_ids: torch.Tensor  # [1, chunks] int32: 0 .. chunks - 1
+    kernel: CPUGroupedGemm
+    max_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        """What the fold adds to memory: the shared MLP's chunks (the routed
+        experts' weights became views into the stacked tensors)."""
+        chunks = self.chunk_ids.shape[1]
+        return (self.w13[:chunks].nbytes + self.w2[:chunks].nbytes) if chunks else 0
+
+    def __call__(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        tokens, chunks = hidden_states.shape[0], self.chunk_ids.shape[1]
+        ids = torch.cat([self.chunk_ids.expand(tokens, chunks), slots + chunks], dim=1)
+        weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        out = torch.empty_like(hidden_states)
+        torch.ops._C.cpu_fused_moe(
+            out,
+            hidden_states,
+            self.w13,
+            self.w2,
+            None,
+            None,
+            weights,
+            ids,
+            False,
+            self.kernel.activation,
+            self.kernel.isa,
+        )
+        return out
+
+
+def fold_shared_mlp(
+    gate_up: torch.Tensor, down: torch.Tensor, fused_moe: nn.Module, kernel: CPUGroupedGemm, max_tokens: int
+) -> FoldedSharedMLP:
+    """``gate_up`` ``[2S, H]`` (gate rows, then up rows) and ``down`` ``[H, S]``:
+    this rank's shared MLP as vLLM loaded it, before its linear layers
+    repacked it; packed chunk by chunk as expert pages (pack_expert_page)
+    and stacked in front of the layer's prepacked routed experts, whose
+    weights then become views into the stack (no second copy)."""
+    experts = fused_moe.routed_experts
+    w13_like, w2_like = experts.w13_weight, experts.w2_weight
+    width, channels = w13_like.shape[1] // 2, down.shape[1]
+    gate, up = gate_up[:channels], gate_up[channels:]
+    pages = [
+        pack_expert_page(gate[i : i + width], up[i : i + width], down[:, i : i + width], w13_like, w2_like, kernel.isa)
+        for i in range(0, channels, width)
+    ]
+    w13 = torch.cat([torch.stack([p[0] for p in pages]), w13_like])
+    w2 = torch.cat([torch.stack([p[1] for p in pages]), w2_like])
+    experts.w13_weight.data = w13[len(pages) :]
+    experts.w2_weight.data = w2[len(pages) :]
+    chunk_ids = torch.arange(len(pages), dtype=torch.int32, device=w13.device).unsqueeze(0)
+    return FoldedSharedMLP(w13, w2, chunk_ids, kernel, max_tokens)
+
+
 def pack_expert_page(
     gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w13_like: torch.Tensor, w2_like: torch.Tensor, isa: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
