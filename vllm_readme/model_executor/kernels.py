@@ -174,7 +174,11 @@ class FoldedSharedMLP:
     of its routed experts, so that one grouped-GEMM call computes both: each
     token takes every chunk plus ``chunks + its expert's slot``. An MLP is a
     sum over its intermediate channels, so the chunks sum to the shared MLP
-    exactly (a short last chunk is zero-padded: silu(0) * 0 = 0)."""
+    exactly (a short last chunk is zero-padded: silu(0) * 0 = 0).
+
+    Both kernels read the routed experts from this one stack (the layer's
+    own expert weights become views into it): the two branches of the
+    model's ``torch.cond`` must not read aliased inputs."""
 
     w13: torch.Tensor  # [chunks + E, ...] prepacked, as FusedMoE's w13_weight
     w2: torch.Tensor
@@ -184,28 +188,27 @@ class FoldedSharedMLP:
 
     @property
     def nbytes(self) -> int:
-        """What the fold adds to memory: the shared MLP's chunks (the routed
-        experts' weights became views into the stacked tensors)."""
+        """What the fold adds to memory: the shared MLP's chunks."""
         chunks = self.chunk_ids.shape[1]
-        return (self.w13[:chunks].nbytes + self.w2[:chunks].nbytes) if chunks else 0
+        return self.w13[:chunks].nbytes + self.w2[:chunks].nbytes
 
-    def __call__(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        tokens, chunks = hidden_states.shape[0], self.chunk_ids.shape[1]
-        ids = torch.cat([self.chunk_ids.expand(tokens, chunks), slots + chunks], dim=1)
+    def operands(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return hidden_states, slots, self.w13, self.w2, self.chunk_ids
+
+    def both(self, hidden_states, slots, w13, w2, chunk_ids) -> torch.Tensor:
+        """Shared chunks and the token's expert in one call."""
+        tokens, chunks = hidden_states.shape[0], chunk_ids.shape[1]
+        return self._call(hidden_states, torch.cat([chunk_ids.expand(tokens, chunks), slots + chunks], dim=1), w13, w2)
+
+    def routed(self, hidden_states, slots, w13, w2, chunk_ids) -> torch.Tensor:
+        """The token's expert only (the shared MLP runs apart)."""
+        return self._call(hidden_states, slots + chunk_ids.shape[1], w13, w2)
+
+    def _call(self, hidden_states, ids, w13, w2) -> torch.Tensor:
         weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
         out = torch.empty_like(hidden_states)
         torch.ops._C.cpu_fused_moe(
-            out,
-            hidden_states,
-            self.w13,
-            self.w2,
-            None,
-            None,
-            weights,
-            ids,
-            False,
-            self.kernel.activation,
-            self.kernel.isa,
+            out, hidden_states, w13, w2, None, None, weights, ids, False, self.kernel.activation, self.kernel.isa
         )
         return out
 

@@ -67,7 +67,6 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError, RouterConfig
 from vllm_readme.model_executor.kernels import (
@@ -165,9 +164,15 @@ class ReadMEMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.folded is not None:
-            # One opaque op: the step's token count picks the kernel when it
-            # runs (a graph traced once cannot branch on it).
-            out = torch.ops.vllm.readme_mlp(hidden_states, routes.slots, id(self))
+            # The step's token count picks the kernel when it runs: torch.cond
+            # keeps both branches in a graph traced once (a Python branch on
+            # the count would be decided once, at tracing).
+            out = torch.cond(
+                hidden_states.shape[0] <= self.folded.max_tokens,
+                self.folded.both,
+                self._unfolded,
+                self.folded.operands(hidden_states, routes.slots),
+            )
         else:
             if self.routed_kernel is None:
                 # FusedMoE hands router_logits to its routing function untouched,
@@ -181,13 +186,9 @@ class ReadMEMoE(nn.Module):
             out = tensor_model_parallel_all_reduce(out)
         return out
 
-    def mlp_by_token_count(self, hidden_states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The folded kernel for a step of few tokens, else the routed
-        experts' grouped GEMM plus the shared MLP's oneDNN GEMMs."""
-        if hidden_states.shape[0] <= self.folded.max_tokens:
-            return self.folded(hidden_states, slots)
-        weights = torch.ones(slots.shape, dtype=torch.float32, device=slots.device)
-        return self.routed_kernel(self.experts, hidden_states, slots, weights) + self.shared(hidden_states)
+    def _unfolded(self, hidden_states, slots, w13, w2, chunk_ids) -> torch.Tensor:
+        """The routed experts' grouped GEMM plus the shared MLP's oneDNN GEMMs."""
+        return self.folded.routed(hidden_states, slots, w13, w2, chunk_ids) + self.shared(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """``experts.{gate,up,down}_proj`` are stacked ``[E, ...]`` tensors,
@@ -215,20 +216,6 @@ class ReadMEMoE(nn.Module):
                 f"(shape {tuple(tensor.shape)}) but config.json says num_experts={self.num_experts}; "
                 "fix num_experts or re-export the checkpoint."
             )
-
-
-_FOLDED_LAYERS: dict[int, ReadMEMoE] = {}
-
-
-def _readme_mlp(hidden_states: torch.Tensor, slots: torch.Tensor, layer_key: int) -> torch.Tensor:
-    return _FOLDED_LAYERS[layer_key].mlp_by_token_count(hidden_states, slots)
-
-
-def _readme_mlp_fake(hidden_states: torch.Tensor, slots: torch.Tensor, layer_key: int) -> torch.Tensor:
-    return torch.empty_like(hidden_states)
-
-
-direct_register_custom_op("readme_mlp", _readme_mlp, fake_impl=_readme_mlp_fake)
 
 
 class ReadMEAttention(nn.Module):
@@ -556,7 +543,6 @@ class ReadMEForCausalLM(nn.Module):
             if mlp.shared_weights is None or not isinstance(mlp.routed_kernel, CPUGroupedGemm):
                 continue
             mlp.folded = fold_shared_mlp(*mlp.shared_weights, mlp.experts, mlp.routed_kernel, max_tokens)
-            _FOLDED_LAYERS[id(mlp)] = mlp
             added += mlp.folded.nbytes
         if added:
             logger.info(
