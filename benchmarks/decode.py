@@ -268,7 +268,6 @@ def plot(results: dict, path: Path) -> None:
             ("dense (stock vLLM)", "#4c72b0"),
             ("Read-ME (plugin)", "#dd8452"),
             ("Read-ME via FusedMoE", "#999999"),
-            ("Read-ME, shared MLP unfolded", "#55a868"),
         ):
             rows = results["runs"].get(f"{name} {dtype}")
             if not rows:
@@ -310,12 +309,6 @@ def main() -> None:
     parser.add_argument(
         "--no-fused-moe-baseline", action="store_true", help="skip the Read-ME engine forced onto vLLM's FusedMoE layer"
     )
-    parser.add_argument(
-        "--unfolded-baseline",
-        action="store_true",
-        help="add the Read-ME engine with its shared MLP never folded into the grouped GEMM "
-        "(VLLM_README_FOLD_SHARED_TOKENS=0): what the fold wins at small batches",
-    )
     parser.add_argument("--out", type=Path, default=RESULTS / "decode.json")
     args = parser.parse_args()
     if args.quick:
@@ -347,8 +340,6 @@ def main() -> None:
         # The same model through vLLM's FusedMoE layer: what the direct CPU
         # kernel call (vllm_readme/model_executor/kernels.py) wins.
         variants.append(("Read-ME via FusedMoE", readme, "readme", {"VLLM_README_ROUTED_KERNEL": "fused_moe"}))
-    if args.unfolded_baseline:
-        variants.append(("Read-ME, shared MLP unfolded", readme, "readme", {"VLLM_README_FOLD_SHARED_TOKENS": "0"}))
     max_len = args.prompt_tokens + args.new_tokens + 8
     for dtype in args.dtypes:
         width = 2 if dtype in ("bfloat16", "float16") else 4
@@ -381,17 +372,12 @@ def main() -> None:
         f = results["runs"].get(f"Read-ME via FusedMoE {dtype}")
         if f:
             results.setdefault("speedup_direct_kernel_over_fused_moe", {})[dtype] = paired_speedup(f, r)
-        u = results["runs"].get(f"Read-ME, shared MLP unfolded {dtype}")
-        if u:
-            results.setdefault("speedup_folded_over_unfolded", {})[dtype] = paired_speedup(u, r)
-            results.setdefault("speedup_unfolded_over_dense", {})[dtype] = paired_speedup(d, u)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.out.with_suffix(".png"))
     for key, what in (
         ("speedup_readme_over_dense", "Read-ME over dense"),
         ("speedup_direct_kernel_over_fused_moe", "direct kernel over FusedMoE"),
-        ("speedup_folded_over_unfolded", "shared MLP folded over unfolded"),
     ):
         for dtype, per_batch in results.get(key, {}).items():
             for batch, v in per_batch.items():

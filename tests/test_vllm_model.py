@@ -134,39 +134,6 @@ def test_both_routed_expert_paths_match_the_reference(tiny_mha, kernel, monkeypa
         assert max_logprob_error(output, ref_logprobs) < LOGPROB_ATOL
 
 
-def _shared_folds(model) -> list[int | None]:
-    return [None if layer.mlp.folded is None else layer.mlp.folded.max_tokens for layer in model.model.layers]
-
-
-@pytest.mark.skipif(not current_platform.is_cpu(), reason="the fold is the CPU grouped GEMM's")
-@pytest.mark.parametrize("fold_tokens", ["0", "1", "4096"], ids=["never", "one-token-steps-compiled", "always"])
-def test_shared_mlp_folded_into_the_grouped_gemm_matches_the_reference(tiny_gqa, fold_tokens, monkeypatch):
-    """Steps of at most VLLM_README_FOLD_SHARED_TOKENS tokens compute the
-    shared MLP inside the routed experts' grouped GEMM (kernels.py,
-    fold_shared_mlp). Never, always, and per step by the token count under
-    torch.compile (one sequence's decode steps folded, the batched steps
-    and prefills not): the reference's tokens and logprobs every time."""
-    monkeypatch.setenv("VLLM_README_FOLD_SHARED_TOKENS", fold_tokens)
-    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, prompt_logprobs=5, ignore_eos=True)
-    with vllm_engine(tiny_gqa, enforce_eager=fold_tokens != "1") as llm:
-        folds = llm.apply_model(_shared_folds)[0]
-        outputs = llm.generate(PROMPTS[:3], params) + llm.generate(PROMPTS[3:4], params)
-    assert set(folds) == ({None} if fold_tokens == "0" else {int(fold_tokens)})
-    reference = load_reference(tiny_gqa)
-    for output in outputs:
-        expected_tokens, ref_logprobs = reference_greedy(reference, output.prompt_token_ids, 8)
-        assert list(output.outputs[0].token_ids) == expected_tokens
-        assert max_logprob_error(output, ref_logprobs) < LOGPROB_ATOL
-
-
-def test_bad_fold_setting_is_named(monkeypatch):
-    from vllm_readme.model_executor.kernels import fold_shared_max_tokens
-
-    monkeypatch.setenv("VLLM_README_FOLD_SHARED_TOKENS", "many")
-    with pytest.raises(ValueError, match="VLLM_README_FOLD_SHARED_TOKENS='many'.*token count"):
-        fold_shared_max_tokens(torch.float32)
-
-
 def _routed_kernel_reasons(model) -> list[str]:
     from vllm_readme.model_executor.kernels import choose_routed_kernel
 

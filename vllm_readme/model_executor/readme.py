@@ -65,16 +65,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
-from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError, RouterConfig
 from vllm_readme.model_executor.kernels import (
     CPUGroupedGemm,
-    FoldedSharedMLP,
     choose_routed_kernel,
-    fold_shared_max_tokens,
-    fold_shared_mlp,
     load_stacked_experts,
     slots_as_given,
 )
@@ -128,10 +124,6 @@ class ReadMEMoE(nn.Module):
         # Set after loading, once FusedMoE has prepacked its weights; None:
         # FusedMoE's own forward.
         self.routed_kernel: CPUGroupedGemm | None = None
-        # Set after loading on CPU for steps of few tokens (kernels.py,
-        # fold_shared_mlp); the shared MLP's loaded weights wait here until then.
-        self.folded: FoldedSharedMLP | None = None
-        self.shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shared = None
         if config.shared_intermediate_size > 0:
             self.shared = ReadMESharedMLP(
@@ -163,32 +155,17 @@ class ReadMEMoE(nn.Module):
                 param.data = param.data[:1].clone()
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
-        if self.folded is not None:
-            # The step's token count picks the kernel when it runs: torch.cond
-            # keeps both branches in a graph traced once (a Python branch on
-            # the count would be decided once, at tracing).
-            out = torch.cond(
-                hidden_states.shape[0] <= self.folded.max_tokens,
-                self.folded.both,
-                self._unfolded,
-                self.folded.operands(hidden_states, routes.slots),
-            )
+        if self.routed_kernel is None:
+            # FusedMoE hands router_logits to its routing function untouched,
+            # and slots_as_given returns them: the slots are the routes.
+            out = self.experts(hidden_states=hidden_states, router_logits=routes.slots)
         else:
-            if self.routed_kernel is None:
-                # FusedMoE hands router_logits to its routing function untouched,
-                # and slots_as_given returns them: the slots are the routes.
-                out = self.experts(hidden_states=hidden_states, router_logits=routes.slots)
-            else:
-                out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights, routes.pool)
-            if self.shared is not None:
-                out = out + self.shared(hidden_states)
+            out = self.routed_kernel(self.experts, hidden_states, routes.slots, routes.weights, routes.pool)
+        if self.shared is not None:
+            out = out + self.shared(hidden_states)
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
-
-    def _unfolded(self, hidden_states, slots, w13, w2, chunk_ids) -> torch.Tensor:
-        """The routed experts' grouped GEMM plus the shared MLP's oneDNN GEMMs."""
-        return self.folded.routed(hidden_states, slots, w13, w2, chunk_ids) + self.shared(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """``experts.{gate,up,down}_proj`` are stacked ``[E, ...]`` tensors,
@@ -508,13 +485,6 @@ class ReadMEForCausalLM(nn.Module):
             )
         if missing:
             raise ReadMEConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}.")
-        # The shared MLPs' weights as loaded, before vLLM's CPU linear layers
-        # repack them (and drop these): the fold packs them after loading.
-        if current_platform.is_cpu() and fold_shared_max_tokens(self.vllm_config.model_config.dtype) > 0:
-            for layer in self.model.layers:
-                shared = layer.mlp.shared
-                if shared is not None:
-                    layer.mlp.shared_weights = (shared.gate_up_proj.weight.data, shared.down_proj.weight.data)
         return loaded
 
     def process_weights_after_loading(self) -> None:
@@ -526,31 +496,6 @@ class ReadMEForCausalLM(nn.Module):
         options = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config)
         if options.pool_size() is not None:
             self._start_expert_cache(options, why)
-        else:
-            self._fold_shared_mlps()
-        for layer in self.model.layers:
-            layer.mlp.shared_weights = None
-
-    def _fold_shared_mlps(self) -> None:
-        """On CPU, small steps run each layer's shared MLP inside the routed
-        experts' grouped-GEMM call (kernels.py, fold_shared_mlp): measured
-        faster than two oneDNN GEMMs at few tokens, slower at many, so both
-        stay and the token count chooses per step."""
-        max_tokens = fold_shared_max_tokens(self.vllm_config.model_config.dtype)
-        added = 0
-        for layer in self.model.layers:
-            mlp = layer.mlp
-            if mlp.shared_weights is None or not isinstance(mlp.routed_kernel, CPUGroupedGemm):
-                continue
-            mlp.folded = fold_shared_mlp(*mlp.shared_weights, mlp.experts, mlp.routed_kernel, max_tokens)
-            added += mlp.folded.nbytes
-        if added:
-            logger.info(
-                "Read-ME shared MLP: folded into the routed experts' grouped GEMM for steps of <= %d tokens "
-                "(VLLM_README_FOLD_SHARED_TOKENS; 0 = never), +%.1f MiB",
-                max_tokens,
-                added / 2**20,
-            )
 
     def _start_expert_cache(self, options: ExpertCacheOptions, kernel: str) -> None:
         """Move the routed experts into a pool of slots (experts/cache.py);
@@ -608,6 +553,7 @@ def streams_experts(vllm_config: VllmConfig) -> bool:
     checkpoint, or a page file written from it), so that loading may skip
     all but one expert per layer: a pool below 100 % on a CPU, with a
     backing store other than "memory"."""
+    from vllm.platforms import current_platform
 
     options = ExpertCacheOptions.from_additional_config(vllm_config.additional_config)
     if options.pool_size() is None or not current_platform.is_cpu():
