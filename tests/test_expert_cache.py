@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 
 import pytest
 import torch
@@ -164,8 +165,9 @@ def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs,
         {"backing_store": "checkpoint"},
         {"backing_store": "memory"},
         {"backing_store": "memory", "prefetch": False},
+        {"prefetch_layers": 2},
     ],
-    ids=["disk-no-prefetch", "checkpoint", "memory", "memory-no-prefetch"],
+    ids=["disk-no-prefetch", "checkpoint", "memory", "memory-no-prefetch", "prefetch-two-layers-ahead"],
 )
 def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, options):
     outputs, stats = generate(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": "50%", **options}})
@@ -270,6 +272,7 @@ def test_unequal_experts_and_compiled(tiny_mha):
         ({"eviction": "mru"}, "unknown policy 'mru'"),
         ({"backing_store": "nvme"}, "'nvme' is not one of"),
         ({"prefetch": "maybe"}, "prefetch: expected bool"),
+        ({"prefetch_layers": 0}, r"prefetch_layers must be >= 1 .* \"prefetch\": false"),
     ],
 )
 def test_bad_cache_options_fail_at_start(tiny_gqa, options, message):
@@ -363,6 +366,47 @@ def test_loads_are_charged_to_the_scheduler_only_while_the_pool_keeps_a_steps_pa
     assert cache.total.misses > 0 and cache.stall_per_load_ms > 0
     assert published[:2] == [0.0, 0.0]
     assert published[3] == pytest.approx(layers * cache.stall_per_load_ms) and published[3] > 0
+
+
+@pytest.mark.parametrize("prefetch_layers", [1, 2, 3])
+def test_deeper_prefetch_at_the_minimum_pool_reads_the_right_experts(prefetch_layers):
+    """A prefetch reaching several layers ahead holds slots while it loads;
+    at the minimum pool a layer whose experts were not predicted (the step's
+    experts changed) must still get slots (the loads land first) and every
+    token must read its own expert's weights in every layer."""
+    from vllm_readme.experts.cache import ExpertCache
+    from vllm_readme.options import ExpertCacheOptions
+
+    layers, experts = 3, 4
+    gen = torch.Generator().manual_seed(1)
+    w13 = [torch.randn(experts, 8, 16, generator=gen) for _ in range(layers)]
+    w2 = [torch.randn(experts, 16, 4, generator=gen) for _ in range(layers)]
+    options = ExpertCacheOptions(expert_pool="4", backing_store="memory", prefetch_layers=prefetch_layers)
+    cache = ExpertCache(
+        w13_layers=w13,
+        w2_layers=w2,
+        slot_table=torch.zeros((layers, experts), dtype=torch.int32),
+        pages=experts,  # the minimum: one layer's experts
+        options=options.validated(),
+        checkpoint=None,
+        isa="vec",
+        log_every=0,
+    )
+    read = cache.store.packed
+    cache.store.packed = lambda layer, expert: (time.sleep(0.003), read(layer, expert))[1]  # loads stay in flight
+    rng = random.Random(0)
+    try:
+        for _ in range(40):
+            expert_ids = torch.tensor([rng.randrange(experts) for _ in range(rng.choice([1, 2, 6]))])
+            for layer in range(layers):
+                slots = cache.layer_slots(layer, expert_ids).view(-1)
+                for expert, slot in zip(expert_ids.tolist(), slots.tolist(), strict=True):
+                    assert torch.equal(cache.w13[slot], w13[layer][expert]), (layer, expert, slot)
+                    assert torch.equal(cache.w2[slot], w2[layer][expert]), (layer, expert, slot)
+            cache.pool.check()
+    finally:
+        cache.close()
+    assert cache.total.prefetched > 0
 
 
 def test_route_log_records_every_step_as_the_model_routed_it(tiny_gqa, tmp_path, monkeypatch):

@@ -162,6 +162,11 @@ class ExpertCacheOptions(PluginOptions):
     expert_pool: str | None = None
     eviction: str = "belady"
     prefetch: bool = True
+    # How many layers ahead a layer's prefetch reaches (past the last layer:
+    # the next step's first layers). 1 measured best on this machine's disk
+    # (docs/expert_cache.md, "Prefetch depth"); a disk slower than compute
+    # may gain from more slack.
+    prefetch_layers: int = 1
     # disk: a file of packed pages written at start-up, read with O_DIRECT;
     # checkpoint: the checkpoint's safetensors, read (O_DIRECT), converted
     # and packed per load; memory: a host copy (on GPU: pinned). auto: disk
@@ -176,6 +181,11 @@ class ExpertCacheOptions(PluginOptions):
         if self.backing_store not in BACKING_STORES:
             raise ReadMEOptionsError(
                 f"{WHERE}.backing_store: {self.backing_store!r} is not one of {list(BACKING_STORES)}."
+            )
+        if self.prefetch_layers < 1:
+            raise ReadMEOptionsError(
+                f"{WHERE}.prefetch_layers must be >= 1 (layers ahead a prefetch reaches), got {self.prefetch_layers}; "
+                'to turn prefetching off give "prefetch": false.'
             )
         self.pool_size()
         return self

@@ -451,10 +451,10 @@ class ExpertCache:
         return event
 
     def _prefetch(self, layer: int, clock: int) -> None:
-        """Start loading the pages of the next ``PREFETCH_LAYERS`` layers
+        """Start loading the pages of the next ``prefetch_layers`` layers
         (past the last layer: the next step's, for its predicted experts)."""
         pages = []
-        for target in range(layer + 1, layer + 1 + PREFETCH_LAYERS):
+        for target in range(layer + 1, layer + 1 + min(self.options.prefetch_layers, self.num_layers)):
             if target < self.num_layers:
                 pages += [(target, e) for e in self.step_order]
             else:
@@ -515,10 +515,6 @@ def _loader_thread_start() -> None:
         logger.info(
             "expert cache: the loader thread runs on CPUs %s (the model computes on %s)", sorted(spare), sorted(mine)
         )
-
-
-# How many layers ahead a layer's prefetch reaches (docs/expert_cache.md, "Prefetch depth").
-PREFETCH_LAYERS = 1
 
 
 def _pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
