@@ -163,10 +163,9 @@ class ExpertCacheOptions(PluginOptions):
     eviction: str = "belady"
     prefetch: bool = True
     # How many layers ahead a layer's prefetch reaches (past the last layer:
-    # the next step's first layers). 1 measured best on this machine's disk
-    # (docs/expert_cache.md, "Prefetch depth"); a disk slower than compute
-    # may gain from more slack.
-    prefetch_layers: int = 1
+    # the next step's first layers). 2 measured best where loads take about
+    # as long as compute (docs/expert_cache.md, "Prefetch depth").
+    prefetch_layers: int = 2
     # disk: a file of packed pages written at start-up, read with O_DIRECT;
     # checkpoint: the checkpoint's safetensors, read (O_DIRECT), converted
     # and packed per load; memory: a host copy (on GPU: pinned). auto: disk
