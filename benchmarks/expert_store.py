@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--isa", default="vec", help="the grouped GEMM's packing (the engine logs its isa)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_store.json")
     args = parser.parse_args()
+    if min(args.readers) < 1:
+        parser.error(f"--readers {args.readers}: every count of concurrent readers must be >= 1")
 
     from vllm_readme.checkpoint.io import load_readme_config
     from vllm_readme.experts.cache import _pool_tensor, _writable_view
@@ -106,7 +108,9 @@ def main() -> None:
     # needs several requests in flight to reach its bandwidth; a virtual or
     # throttled disk may not. Rounds interleave the reader counts.
     readers_gb_s: dict[int, list[float]] = {n: [] for n in args.readers}
-    if direct_into:
+    if not direct_into:
+        print("[expert_store] pages cannot be read straight into slots here: no concurrent-reader comparison")
+    else:
         rng.shuffle(pages)
         for _ in range(args.rounds):
             for n in args.readers:

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,10 +155,11 @@ def refresh(rows: list[dict], root: Path, dense: Path) -> list[dict]:
             print(f"[frontier] --refresh: {folder.name}: no refactor.json, row kept as it was", flush=True)
             out.append(row)
             continue
+        row_dense = Path(options.get("dense", dense))  # a point built against another --dense keeps it
         decode = row["decode_speedup_over_dense"]
         if (folder / "decode.json").is_file():
-            decode = measure_decode(folder / "model", dense, folder / "decode.json", [], 0)
-        fresh = point_row(options, folder, json.loads(report.read_text()), dense, decode)
+            decode = measure_decode(folder / "model", row_dense, folder / "decode.json", [], 0)
+        fresh = point_row(options, folder, json.loads(report.read_text()), row_dense, decode)
         (folder / "point.json").write_text(json.dumps(fresh, indent=1, default=str))
         out.append(fresh)
     return out
@@ -199,7 +201,9 @@ def main() -> None:
             raise SystemExit(f"--axis {name}: not a refactor option; options: {sorted(fields)}")
         axes[name] = [parse_value(fields[name], v) for v in values.split(",")]
     axes = axes or DEFAULT_AXES
-    fixed = {}
+    # A budget other than the default is an option of every point (in its
+    # name and its row), as if given with --set tune_tokens=N.
+    fixed = {"tune_tokens": args.tune_tokens} if args.tune_tokens != DEFAULT_TUNE_TOKENS else {}
     for text in args.set:
         name, _, value = text.partition("=")
         if name not in fields:
@@ -212,10 +216,9 @@ def main() -> None:
         export_dense(None, dense)
     # Points accumulate across runs (each with its own axes and fixed
     # options): a point is replaced only by a point with the same options.
-    rows = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
     if args.refresh:
-        rows = refresh(rows, args.root, dense)
-        args.out.write_text(json.dumps({"points": rows}, indent=1, default=str))
+        rows = refresh(json.loads(args.out.read_text())["points"], args.root, dense)
+        write_atomically(args.out, json.dumps({"points": rows}, indent=1, default=str))
         plot(rows, args.out.with_suffix(".png"))
         print(f"[frontier] refreshed {len(rows)} points in {args.out}")
         return
@@ -227,8 +230,7 @@ def main() -> None:
         # Re-read: another run (or --refresh) may have written since this one started.
         rows = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
         rows = [r for r in rows if json.dumps(r["options"], sort_keys=True, default=str) != key] + [row]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"points": rows}, indent=1, default=str))
+        write_atomically(args.out, json.dumps({"points": rows}, indent=1, default=str))
         plot(rows, args.out.with_suffix(".png"))
     print(f"[frontier] wrote {args.out} and {args.out.with_suffix('.png')}")
 
@@ -266,6 +268,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (a concurrent run re-reading the results) never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def budget_panel(rows: list[dict], ax) -> None:

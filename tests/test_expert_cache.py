@@ -165,9 +165,9 @@ def test_greedy_outputs_identical_at_every_pool_size(tiny_gqa, resident_outputs,
         {"backing_store": "checkpoint"},
         {"backing_store": "memory"},
         {"backing_store": "memory", "prefetch": False},
-        {"prefetch_layers": 2},
+        {"prefetch_layers": 1},
     ],
-    ids=["disk-no-prefetch", "checkpoint", "memory", "memory-no-prefetch", "prefetch-two-layers-ahead"],
+    ids=["disk-no-prefetch", "checkpoint", "memory", "memory-no-prefetch", "prefetch-one-layer-ahead"],
 )
 def test_greedy_outputs_identical_other_stores(tiny_gqa, resident_outputs, options):
     outputs, stats = generate(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": "50%", **options}})
@@ -368,20 +368,25 @@ def test_loads_are_charged_to_the_scheduler_only_while_the_pool_keeps_a_steps_pa
     assert published[3] == pytest.approx(layers * cache.stall_per_load_ms) and published[3] > 0
 
 
-@pytest.mark.parametrize("prefetch_layers", [1, 2, 3])
-def test_deeper_prefetch_at_the_minimum_pool_reads_the_right_experts(prefetch_layers):
-    """A prefetch reaching several layers ahead holds slots while it loads;
-    at the minimum pool a layer whose experts were not predicted (the step's
-    experts changed) must still get slots (the loads land first) and every
-    token must read its own expert's weights in every layer."""
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+@pytest.mark.parametrize("prefetch_layers", [1, 2, 5, 9])
+def test_deeper_prefetch_at_the_minimum_pool_reads_the_right_experts(prefetch_layers, policy):
+    """A prefetch reaching past the next layer holds slots while it loads:
+    the last layer's prefetch loads the next step's first layers for the
+    experts it expected. When the step routes elsewhere, layer 0 at the
+    minimum pool must still get its slots (the loads land first), and every
+    token must read its own expert's weights in every layer. Slow loads
+    keep the prefetches in flight; steps switch between one expert and all."""
     from vllm_readme.experts.cache import ExpertCache
     from vllm_readme.options import ExpertCacheOptions
 
-    layers, experts = 3, 4
+    layers, experts = 6, 4
     gen = torch.Generator().manual_seed(1)
     w13 = [torch.randn(experts, 8, 16, generator=gen) for _ in range(layers)]
     w2 = [torch.randn(experts, 16, 4, generator=gen) for _ in range(layers)]
-    options = ExpertCacheOptions(expert_pool="4", backing_store="memory", prefetch_layers=prefetch_layers)
+    options = ExpertCacheOptions(
+        expert_pool=str(experts), eviction=policy, backing_store="memory", prefetch_layers=prefetch_layers
+    )
     cache = ExpertCache(
         w13_layers=w13,
         w2_layers=w2,
@@ -393,11 +398,12 @@ def test_deeper_prefetch_at_the_minimum_pool_reads_the_right_experts(prefetch_la
         log_every=0,
     )
     read = cache.store.packed
-    cache.store.packed = lambda layer, expert: (time.sleep(0.003), read(layer, expert))[1]  # loads stay in flight
+    cache.store.packed = lambda layer, expert: (time.sleep(0.004), read(layer, expert))[1]  # loads stay in flight
     rng = random.Random(0)
     try:
-        for _ in range(40):
-            expert_ids = torch.tensor([rng.randrange(experts) for _ in range(rng.choice([1, 2, 6]))])
+        for step in range(16):
+            one = rng.randrange(experts)
+            expert_ids = torch.tensor([one] * 3 if step % 2 == 0 else list(range(experts)) * 2)
             for layer in range(layers):
                 slots = cache.layer_slots(layer, expert_ids).view(-1)
                 for expert, slot in zip(expert_ids.tolist(), slots.tolist(), strict=True):

@@ -13,8 +13,8 @@ Per layer, before its experts run, ``layer_slots`` (called through the
 custom op ``vllm::readme_expert_slots``, which torch.compile keeps as one
 opaque call) makes the step's pages of that layer resident and pins them,
 loading misses on demand (counted: correctness never depends on a
-prediction), then starts prefetching the next layer's pages (the next
-step's first layer after the last) on a background thread. The op takes
+prediction), then starts prefetching the pages of the next ``prefetch_layers`` layers
+(past the last layer: the next step's first layers) on a background thread. The op takes
 the layer's input hidden states only to be ordered after the previous
 layer's experts ran: a slot is never rewritten while a kernel may read it.
 
@@ -109,6 +109,7 @@ class ExpertCache:
         streamed its experts: expert 0 only, as the layout reference), every
         other page comes from the checkpoint and never from memory."""
         self.num_layers = len(w13_layers)
+        self.tp_rank = tp_rank
         self.num_experts = num_experts or w13_layers[0].shape[0]
         self.streamed = w13_layers[0].shape[0] < self.num_experts
         self.page_bytes = w13_layers[0][0].nbytes + w2_layers[0][0].nbytes
@@ -243,7 +244,8 @@ class ExpertCache:
         return (
             f"expert cache: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
             f"of {total * self.page_bytes / 2**20:.1f} MiB), page {self.page_bytes / 2**10:.0f} KiB, eviction "
-            f"{self.options.eviction}, prefetch {'on' if self.executor else 'off'}, backing store {store}"
+            f"{self.options.eviction}, prefetch {f'{self.options.prefetch_layers} layers ahead' if self.executor else 'off'}, "
+            f"backing store {store}"
             + (", experts read from the checkpoint at load (never all in memory)" if self.streamed else "")
         )
 
@@ -270,6 +272,16 @@ class ExpertCache:
         if missing:
             self.now.misses += len(missing)
             slots = self._allocate(missing, clock)
+            if len(slots) < len(missing) and self.inflight:
+                # A prefetch reaching past this layer holds slots while it
+                # loads (with prefetch_layers > 1 the last layer's prefetch
+                # loads the next step's layers 0 and 1 for the experts it
+                # expected): let every load land, so that its pages become
+                # evictable, and ask again.
+                for page, _ in slots:
+                    self.pool.cancel(page)
+                self._harvest(wait_for=list(self.inflight))
+                slots = self._allocate(missing, clock)
             if len(slots) < len(missing):
                 for page, _ in slots:
                     self.pool.cancel(page)
@@ -358,7 +370,8 @@ class ExpertCache:
         self.plan.publish_residency(self.resident_experts(), load_ms)
         self.now.steps = 1
         self.total.add(self.now)
-        self.counters.record(self.now)
+        if self.tp_rank == 0:  # every rank's cache decides the same: count once (Prometheus sums processes)
+            self.counters.record(self.now)
         if self.log_every and self.total.steps % self.log_every == 0:
             t = self.total
             logger.info(

@@ -116,7 +116,7 @@ class Routes(NamedTuple):
 class ReadMEMoE(nn.Module):
     """Shared MLP + the routed expert chosen by the decoupled router."""
 
-    def __init__(self, config: ReadMEConfig, prefix: str, streamed: bool = False):
+    def __init__(self, config: ReadMEConfig, prefix: str, streamed: bool):
         super().__init__()
         self.prefix = prefix  # named in loading errors
         self.num_experts = config.num_experts
@@ -500,7 +500,6 @@ class ReadMEForCausalLM(nn.Module):
     def _start_expert_cache(self, options: ExpertCacheOptions, kernel: str) -> None:
         """Move the routed experts into a pool of slots (experts/cache.py);
         the layers' own expert weights are freed."""
-
         import vllm_readme.model_executor.expert_op  # noqa: F401 - registers torch.ops.vllm.readme_expert_slots
         from vllm_readme.experts.cache import ExpertCache, minimum_pages
 
