@@ -13,6 +13,7 @@ import torch
 from conftest import PROMPTS, load_reference
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
+NEW_TOKENS = 12
 
 SCRIPT = r"""
 import json, sys
@@ -20,7 +21,8 @@ from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], tensor_parallel_size=2, dtype="float32", enforce_eager=True,
           max_model_len=512, kv_cache_memory_bytes=32 << 20, max_num_seqs=4,
           additional_config=json.loads(sys.argv[3]))
-outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1))
+outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0,
+                    ignore_eos=True, logprobs=1))
 print("RESULT " + json.dumps([
     {"prompt_ids": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids),
      "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
@@ -41,6 +43,7 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
         VLLM_CPU_OMP_THREADS_BIND="0|1",
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_README_ROUTE_LOG=str(route_log),
+        VLLM_README_EXPERT_METRICS="1",  # the route log is written by the metrics observer
     )
     proc = subprocess.run(
         [
@@ -50,6 +53,7 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
             str(tiny_gqa),
             json.dumps(PROMPTS[:2]),
             json.dumps({"vllm_readme": plugin_options}),
+            str(NEW_TOKENS),
         ],
         capture_output=True,
         text=True,
@@ -64,7 +68,7 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
         ids = list(result["prompt_ids"])
         logprobs = []
         with torch.no_grad():
-            for _ in range(12):
+            for _ in range(NEW_TOKENS):
                 lp = reference(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
                 ids.append(int(lp.argmax()))
                 logprobs.append(float(lp.max()))
@@ -80,7 +84,9 @@ def test_tp2_matches_the_reference(tiny_gqa, tmp_path, plugin_options):
     assert any(logged[-len(steps) :] == steps for steps in schedules), (logged, schedules)
 
 
-def steps_of(routes: list[tuple[int, list[int]]], starts: tuple[int, ...], new_tokens: int = 12) -> list[list[int]]:
+def steps_of(
+    routes: list[tuple[int, list[int]]], starts: tuple[int, ...], new_tokens: int = NEW_TOKENS
+) -> list[list[int]]:
     """Each engine step's distinct experts when sequence i (prompt length n,
     routes r) is prefilled at step starts[i]: its prompt's routes, then one
     step per new token after the first, each reading the token before it."""
