@@ -235,17 +235,35 @@ def main() -> None:
     print(f"[frontier] wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+def short_label(options: dict, common: dict) -> str:
+    """``disjoint 4 x 0.75`` plus the options where a point differs from
+    what most points use (e.g. ``tune_tokens=131072``)."""
+    label = f"{options.get('expert_cut', 'overlapping')} {options.get('num_experts', '?')} x {options.get('keep', '?')}"
+    extras = [
+        f"{k}={v}"
+        for k, v in options.items()
+        if k not in ("expert_cut", "num_experts", "keep", "calib", "dense") and common.get(k) != v
+    ]
+    return label + (" (" + ", ".join(extras) + ")" if extras else "")
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    import collections
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    counts = collections.Counter((k, json.dumps(v, default=str)) for row in rows for k, v in row["options"].items())
+    common = {}
+    for (k, v), _ in counts.most_common():
+        common.setdefault(k, json.loads(v))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 7))
     budget_panel(rows, axes[2])
     axes = axes[:2]
     for row in rows:
-        label = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        label = short_label(row["options"], common)
         speed = row["decode_speedup_over_dense"]
         quality = (
             row["ood_readme_over_dense"]
@@ -255,17 +273,17 @@ def plot(rows: list[dict], path: Path) -> None:
         for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
             if isinstance(speed.get(batch), float):
                 ax.scatter(speed[batch], quality, s=size, alpha=0.7)
-                ax.annotate(label, (speed[batch], quality), fontsize=6)
+                ax.annotate(label, (speed[batch], quality), fontsize=7, xytext=(4, 2), textcoords="offset points")
     for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
-        ax.axhline(1.25, color="gray", ls=":", label="perplexity 1.25x dense")
-        ax.axvline(1.0, color="gray", ls="--")
+        ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
+        ax.axvline(1.0, color="gray", ls="--", label="dense speed")
         ax.set(
             xlabel=f"decode tok/s over dense, {batch}",
             ylabel="out-of-domain perplexity over dense",
             title=f"frontier ({batch}); marker area ~ parameters",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -297,8 +315,10 @@ def budget_panel(rows: list[dict], ax) -> None:
         options = json.loads(key)
         label = f"{options.get('expert_cut', '?')} {options.get('num_experts', '?')} x keep {options.get('keep', '?')}"
         ax.plot([t / 1024 for t, _, _ in points], [q for _, q, _ in points], marker="o", label=label)
-        for tokens, quality, minutes in points:
-            ax.annotate(f"build {minutes:.0f} min", (tokens / 1024, quality), fontsize=7)
+        for tokens, quality, _ in points:
+            ax.annotate(
+                f"{quality:.3f}x", (tokens / 1024, quality), fontsize=7, xytext=(4, 2), textcoords="offset points"
+            )
     ax.axhline(1.25, color="gray", ls=":", label="perplexity 1.25x dense")
     ax.set(
         xlabel="expert-tuning tokens (k)",
@@ -306,6 +326,9 @@ def budget_panel(rows: list[dict], ax) -> None:
         title="quality against the tuning budget",
         xscale="log",
     )
+    ax.minorticks_off()
+    ax.set_xticks([t / 1024 for t in sorted({t for pts in groups.values() for t, _, _ in pts})])
+    ax.set_xticklabels([f"{t // 1024}k" for t in sorted({t for pts in groups.values() for t, _, _ in pts})])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
