@@ -48,7 +48,7 @@ def main() -> None:
         parser.error(f"--readers {args.readers}: every count of concurrent readers must be >= 1")
 
     from vllm_readme.checkpoint.io import load_readme_config
-    from vllm_readme.experts.cache import _pool_tensor, _writable_view
+    from vllm_readme.experts.cache import _writable_view
     from vllm_readme.experts.store import DiskExpertStore, PageFileStore
     from vllm_readme.model_executor.kernels import pack_expert_page
     from vllm_readme.precision import machine_description, resolve_precision
@@ -91,12 +91,9 @@ def main() -> None:
         layers,
         experts,
     )
-    slot_w13, slot_w2 = (
-        _pool_tensor((1, *w13_like.shape[1:]), dtype, torch.device("cpu")),
-        _pool_tensor((1, *w2_like.shape[1:]), dtype, torch.device("cpu")),
-    )
-    direct_into = page_file.reads_into(slot_w13[0], slot_w2[0])
-    buffers = (_writable_view(slot_w13[0]), _writable_view(slot_w2[0]))
+    slot_w13, slot_w2 = page_slot(page_file)
+    direct_into = page_file.reads_into(slot_w13, slot_w2)
+    buffers = (_writable_view(slot_w13), _writable_view(slot_w2))
     read_page = (lambda p: page_file.read_into(*p, buffers)) if direct_into else (lambda p: page_file.packed(*p))
     # This machine's disk moves by up to 2x between runs a minute apart:
     # several rounds, the median and the best (the best is what a bound uses).
@@ -149,23 +146,31 @@ def main() -> None:
     print(json.dumps(result, indent=1))
 
 
+def page_slot(page_file) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot's (w13, w2) in page-aligned memory, as the cache's pool holds them."""
+    from vllm_readme.experts.cache import _pool_tensor
+
+    cpu = torch.device("cpu")
+    return (
+        _pool_tensor((1, *page_file.w13_shape), page_file.dtype, cpu)[0],
+        _pool_tensor((1, *page_file.w2_shape), page_file.dtype, cpu)[0],
+    )
+
+
 def concurrent_reads(page_file, pages: list[tuple[int, int]], readers: int) -> float:
     """Seconds for ``readers`` threads to read ``pages`` (split evenly), each
     into its own page-aligned slot, as the loader reads."""
     import threading
 
-    from vllm_readme.experts.cache import _pool_tensor, _writable_view
-
-    def slot_views():
-        w13 = _pool_tensor((1, *page_file.w13_shape), page_file.dtype, torch.device("cpu"))
-        w2 = _pool_tensor((1, *page_file.w2_shape), page_file.dtype, torch.device("cpu"))
-        return _writable_view(w13[0]), _writable_view(w2[0])
+    from vllm_readme.experts.cache import _writable_view
 
     def read(share, views):
         for page in share:
             page_file.read_into(*page, views)
 
-    threads = [threading.Thread(target=read, args=(pages[i::readers], slot_views())) for i in range(readers)]
+    slots = [page_slot(page_file) for _ in range(readers)]
+    views = [(_writable_view(w13), _writable_view(w2)) for w13, w2 in slots]
+    threads = [threading.Thread(target=read, args=(pages[i::readers], views[i])) for i in range(readers)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()

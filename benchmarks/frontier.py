@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -62,6 +63,7 @@ def point_name(values: dict) -> str:
     return "_".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in values.items())
 
 
+@functools.cache  # the dense model's, once per run rather than once per row
 def count_parameters(model_dir: Path) -> tuple[int, int]:
     from safetensors import safe_open
 
@@ -83,6 +85,11 @@ def measure_decode(readme: Path, dense: Path, out: Path, batches: list[int], rou
         cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--readme", str(readme), "--dense", str(dense)]
         cmd += ["--batches", *map(str, batches), "--rounds", str(rounds), "--no-fused-moe-baseline", "--out", str(out)]
         subprocess.run(cmd, check=True)
+    return read_decode(out)
+
+
+def read_decode(out: Path) -> dict:
+    """A point's decode.json as a row holds it: the best ratio per batch."""
     data = json.loads(out.read_text())
     (dtype, per_batch), *_ = data["speedup_readme_over_dense"].items()
     return {"dtype": dtype, **{f"batch {b}": v["best"] for b, v in per_batch.items()}}
@@ -158,7 +165,7 @@ def refresh(rows: list[dict], root: Path, dense: Path) -> list[dict]:
         row_dense = Path(options.get("dense", dense))  # a point built against another --dense keeps it
         decode = row["decode_speedup_over_dense"]
         if (folder / "decode.json").is_file():
-            decode = measure_decode(folder / "model", row_dense, folder / "decode.json", [], 0)
+            decode = read_decode(folder / "decode.json")
         fresh = point_row(options, folder, json.loads(report.read_text()), row_dense, decode)
         (folder / "point.json").write_text(json.dumps(fresh, indent=1, default=str))
         out.append(fresh)
@@ -260,7 +267,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for (k, v), _ in counts.most_common():
         common.setdefault(k, json.loads(v))
     fig, axes = plt.subplots(1, 3, figsize=(20, 7))
-    budget_panel(rows, axes[2])
+    budget_panel(rows, axes[2], common)
     axes = axes[:2]
     for row in rows:
         label = short_label(row["options"], common)
@@ -296,26 +303,25 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def budget_panel(rows: list[dict], ax) -> None:
+def budget_panel(rows: list[dict], ax, common: dict) -> None:
     """Out-of-domain perplexity against the tuning budget, for points that
     differ only in it (an --axis tune_tokens run and its 32k point)."""
-    groups: dict[str, list[tuple[int, float, float]]] = {}
+    groups: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         options = dict(row["options"])
         tokens = int(options.pop("tune_tokens", DEFAULT_TUNE_TOKENS))
-        if row["ood_readme_over_dense"] is None:
-            continue
-        minutes = (row.get("timings_s") or {}).get("stages_total_s", 0) / 60
-        key = json.dumps(options, sort_keys=True, default=str)
-        groups.setdefault(key, []).append((tokens, row["ood_readme_over_dense"], minutes))
+        if row["ood_readme_over_dense"] is not None:
+            key = json.dumps(options, sort_keys=True, default=str)
+            groups.setdefault(key, []).append((tokens, row["ood_readme_over_dense"]))
+    budgets = set()
     for key, points in groups.items():
-        if len({tokens for tokens, _, _ in points}) < 2:
+        if len({tokens for tokens, _ in points}) < 2:
             continue
         points.sort()
-        options = json.loads(key)
-        label = f"{options.get('expert_cut', '?')} {options.get('num_experts', '?')} x keep {options.get('keep', '?')}"
-        ax.plot([t / 1024 for t, _, _ in points], [q for _, q, _ in points], marker="o", label=label)
-        for tokens, quality, _ in points:
+        budgets.update(tokens for tokens, _ in points)
+        label = short_label(json.loads(key), common)
+        ax.plot([t / 1024 for t, _ in points], [q for _, q in points], marker="o", label=label)
+        for tokens, quality in points:
             ax.annotate(
                 f"{quality:.3f}x", (tokens / 1024, quality), fontsize=7, xytext=(4, 2), textcoords="offset points"
             )
@@ -327,8 +333,7 @@ def budget_panel(rows: list[dict], ax) -> None:
         xscale="log",
     )
     ax.minorticks_off()
-    ax.set_xticks([t / 1024 for t in sorted({t for pts in groups.values() for t, _, _ in pts})])
-    ax.set_xticklabels([f"{t // 1024}k" for t in sorted({t for pts in groups.values() for t, _, _ in pts})])
+    ax.set_xticks([t / 1024 for t in sorted(budgets)], [f"{t // 1024}k" for t in sorted(budgets)])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 

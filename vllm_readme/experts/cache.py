@@ -277,11 +277,9 @@ class ExpertCache:
                 # loads (with prefetch_layers > 1 the last layer's prefetch
                 # loads the next step's layers 0 and 1 for the experts it
                 # expected): let every load land, so that its pages become
-                # evictable, and ask again.
-                for page, _ in slots:
-                    self.pool.cancel(page)
+                # evictable, and ask for the rest.
                 self._harvest(wait_for=list(self.inflight))
-                slots = self._allocate(missing, clock)
+                slots += self._allocate(missing[len(slots) :], clock)
             if len(slots) < len(missing):
                 for page, _ in slots:
                     self.pool.cancel(page)
