@@ -337,3 +337,55 @@ def test_disjoint_experts_partition_the_channels_beside_the_shared_part():
         assert int(own_parts.sum(0).max()) == 1, "an own channel belongs to one expert only"
         means = torch.stack([a.abs() / a.abs().sum(-1, keepdim=True) for a in acts[:, layer]]).mean(0)
         assert torch.equal(layout.shared[layer], top_channels(means, shared_size))
+
+
+def test_dense_chat_answers_are_the_dense_models_own_greedy_answers(tiny_dense):
+    """--tune-chat-answers dense: each exchange's assistant turn is what the
+    dense model answers greedily to that request alone (the batch's left
+    padding changes nothing), and a turn is closed only where the dense model
+    closed it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_readme.refactor.data import CHAT_QUESTIONS, chat_requests
+    from vllm_readme.refactor.evaluate import greedy_answers
+    from vllm_readme.refactor.tune import dense_chat_exchanges
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    calib, _ = split_domains(load_domains(["python-docs", "stdlib-docstrings"]), 0.15)
+    requests = chat_requests(calib, 6, seed=0)
+    assert len(requests) == len(set(requests)) == 6
+    assert all(r.split("\n\n")[0] in CHAT_QUESTIONS for r in requests)
+    assert chat_requests(calib, 6, seed=0) == requests and chat_requests(calib, 6, seed=1) != requests
+    # Requests of very different lengths in one batch: padding on the left.
+    exchanges = dense_chat_exchanges(dense, tokenizer, requests, token_budget=10**6, max_new_tokens=24, batch_size=4)
+    assert len(exchanges) == len(requests)
+    alone = greedy_answers(dense, tokenizer, requests, max_new_tokens=24)
+    for request, exchange, answer in zip(requests, exchanges, alone, strict=True):
+        opening = tokenizer.apply_chat_template(
+            [{"role": "user", "content": request}], add_generation_prompt=True, tokenize=False
+        )
+        assert exchange.startswith(opening)
+        written = exchange[len(opening) :].removesuffix("</s>").strip()
+        assert written == tokenizer.decode(answer, skip_special_tokens=True).strip()
+        assert exchange.endswith("</s>") == (len(answer) < 24)  # closed iff the dense model ended its answer
+    # The budget stops generation after the batch that reaches it.
+    assert len(dense_chat_exchanges(dense, tokenizer, requests, token_budget=1, max_new_tokens=4, batch_size=2)) == 2
+
+
+def test_tuning_on_dense_chat_answers_is_its_own_stage(tiny_dense, tiny_build, tmp_path, capsys):
+    """A build with --tune-chat-answers dense reuses the experts and the
+    router but tunes again, on the dense model's exchanges (kept to read)."""
+    import shutil
+
+    out = tmp_path / "readme"
+    shutil.copytree(tiny_build[0], out)
+    capsys.readouterr()
+    refactor(RefactorOptions(out=out, dense=tiny_dense, tune_chat_answers="dense", **TINY))
+    log = capsys.readouterr().out
+    assert "experts: cached" in log and "router: cached" in log
+    assert "expert tuning: cached" not in log
+    assert "chat exchanges answered by the dense model" in log
+    lines = (out / ".refactor" / "tune_chat.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["text"].startswith("<|user|>") for line in lines)
+    validate_checkpoint(out)

@@ -218,6 +218,40 @@ def chat_formatted(tokenizer, domains: list[Domain], share: float, seed: int) ->
     return out
 
 
+# User turns of the chat exchanges whose answers the dense model writes
+# (``--tune-chat-answers dense``): requests about a calibration passage, some
+# answered in a sentence and some at length, so the experts learn what the
+# dense model says in a chat turn and where it ends the turn.
+CHAT_QUESTIONS = (
+    "Continue this text:",
+    "Summarize this in one sentence:",
+    "What is this passage about?",
+    "Explain this in simple words:",
+)
+
+
+def chat_requests(domains: list[Domain], count: int, seed: int, max_chars: int = 400) -> list[str]:
+    """``count`` user turns, each a question from ``CHAT_QUESTIONS`` about the
+    opening (at most ``max_chars``, cut at a sentence end) of one calibration
+    document. Documents are taken round-robin over the domains, each domain
+    in an order fixed by the seed, so every domain is asked about."""
+    digest = lambda doc: hashlib.sha256(f"{seed}:{doc}".encode("utf-8", errors="replace")).digest()  # noqa: E731
+    orders = [sorted(d.documents, key=digest) for d in domains]
+    requests: list[str] = []
+    for i in range(max((len(o) for o in orders), default=0)):
+        for order in orders:
+            if len(requests) == count:
+                return requests
+            if i < len(order):
+                doc = order[i]
+                head = doc[:max_chars]
+                ends = [j + 1 for j, ch in enumerate(head) if ch in ".!?\n" and j > 20]
+                passage = head[: ends[-1]] if ends else head
+                question = CHAT_QUESTIONS[digest(doc)[8] % len(CHAT_QUESTIONS)]
+                requests.append(f"{question}\n\n{passage.strip()}")
+    return requests
+
+
 def _opening_end(doc: str, max_chars: int = 300) -> int:
     """Where a passage's opening ends: after its first sentence or line,
     at most ``max_chars`` in."""

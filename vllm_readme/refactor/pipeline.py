@@ -152,6 +152,14 @@ class RefactorOptions:
         "wrapped as chat turns (a user asks to continue a passage, the assistant's turn holds the rest), so the "
         "dense model's chat behaviour is what the experts learn to reproduce (default {default})",
     )
+    tune_chat_answers: str = _option(
+        "text",
+        "who writes the assistant's turns of the chat tuning text: text = the rest of the passage; dense = the "
+        "dense model, greedy, asked to continue, summarize or explain the passage (sequence-level distillation: "
+        "the experts learn the dense model's own answers and where it ends its turn; ~1 min of generation) "
+        "(default {default})",
+        choices=["text", "dense"],
+    )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(
         False,
@@ -197,7 +205,7 @@ class RefactorOptions:
                 "router_persistence",
                 "router_smoothing",
             ],
-            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective", "tune_chat"],
+            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective", "tune_chat", "tune_chat_answers"],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
         }
         if stage == "baselines":
@@ -224,6 +232,8 @@ def _saved_key(path: Path) -> dict:
     if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
         key.setdefault("tune_objective", "lm")
         key.setdefault("tune_chat", "0.5")  # only read with distillation, which had no chat text before
+    if "tune_chat" in key:  # tune keys from before the dense model wrote chat answers
+        key.setdefault("tune_chat_answers", "text")
     return key
 
 
@@ -445,7 +455,7 @@ class Refactor:
             return json.loads((self.work / "tuning_curve.json").read_text())
         t = time.time()
         tune_dir = self._fresh_training_dir("tune")
-        blocks, settings = self._tuning_run()
+        blocks, settings = self._tuning_run(dense)
         steps = settings.steps
         tokens_per_step = opts.tune_batch * opts.block_len
         marks = sorted({round(steps * i / opts.tune_eval_points) for i in range(1, opts.tune_eval_points + 1)})
@@ -478,18 +488,43 @@ class Refactor:
         self.timings["tune_s"] = time.time() - t
         return curve
 
-    def _tuning_run(self) -> tuple[torch.Tensor, TrainSettings]:
+    def _tuning_run(self, dense) -> tuple[torch.Tensor, TrainSettings]:
         """Expert tuning's blocks and schedule; the tuned baselines get the same."""
         opts = self.options
-        domains = self.calib
+        domains, budget, chat = self.calib, opts.tune_tokens, []
         if opts.tune_objective == "distill" and opts.tune_chat > 0 and getattr(self.tokenizer, "chat_template", None):
-            domains = data_mod.chat_formatted(self.tokenizer, domains, opts.tune_chat, opts.seed)
-        blocks = torch.cat(data_mod.domain_blocks(self.tokenizer, domains, opts.block_len, opts.tune_tokens))
+            if opts.tune_chat_answers == "dense":
+                chat = self._dense_chat_blocks(dense, int(opts.tune_tokens * opts.tune_chat))
+                budget -= chat.numel()
+            else:
+                domains = data_mod.chat_formatted(self.tokenizer, domains, opts.tune_chat, opts.seed)
+        text = data_mod.domain_blocks(self.tokenizer, domains, opts.block_len, budget) if budget > 0 else []
+        blocks = torch.cat(text + ([chat] if len(chat) else []))
         steps = max(1, opts.tune_tokens // (opts.tune_batch * opts.block_len))
         settings = TrainSettings(
             steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
         )
         return blocks, settings
+
+    def _dense_chat_blocks(self, dense, tokens: int) -> torch.Tensor:
+        """About ``tokens`` tokens of chat exchanges the dense model answered,
+        in blocks; the exchanges are kept in .refactor/tune_chat.jsonl to read."""
+        from vllm_readme.refactor.tune import dense_chat_exchanges
+
+        opts = self.options
+        # A request and its answer take ~150-250 tokens; ask for twice what the budget needs.
+        requests = data_mod.chat_requests(self.calib, max(16, 2 * tokens // 150), opts.seed)
+        t = time.time()
+        exchanges = dense_chat_exchanges(dense, self.tokenizer, requests, tokens)
+        with open(self.work / "tune_chat.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": text}) + "\n" for text in exchanges)
+        # Packed in order, as one text: an exchange longer than a block continues in the next.
+        blocks = data_mod.token_blocks(self.tokenizer, ["".join(exchanges)], opts.block_len, tokens)
+        log(
+            f"expert tuning: {len(exchanges)} chat exchanges answered by the dense model "
+            f"({blocks.numel()} tokens, {time.time() - t:.0f} s; .refactor/tune_chat.jsonl)"
+        )
+        return blocks
 
     def _moe_ppl(self, model, held_blocks) -> float:
         return perplexity(
@@ -504,7 +539,7 @@ class Refactor:
         if self._cached("baselines") and cache.is_file():
             return json.loads(cache.read_text())
         t = time.time()
-        blocks, settings = self._tuning_run()
+        blocks, settings = self._tuning_run(dense)
         results = {}
         for label, masks, folder in (
             ("dense (tuned, same tokens)", None, "baseline_dense"),

@@ -10,12 +10,55 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.precision import autocast
 from vllm_readme.refactor.activations import model_device
 from vllm_readme.refactor.router import predicted_experts
 from vllm_readme.refactor.training import TrainSettings, train
+
+
+@torch.no_grad()
+def dense_chat_exchanges(
+    teacher, tokenizer, requests: list[str], token_budget: int, max_new_tokens: int = 128, batch_size: int = 16
+) -> list[str]:
+    """Chat exchanges whose assistant turns the dense model writes: greedy
+    answers to ``requests``, each exchange in the tokenizer's chat template,
+    generated batch by batch until they hold ``token_budget`` tokens. Tuning
+    on them is sequence-level distillation: the experts see the dense model's
+    own answers, their length and their end of turn, not documentation text
+    in an assistant's turn (a source of answers that never stop)."""
+    device = model_device(teacher)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    exchanges: list[str] = []
+    total = 0
+    for start in tqdm(range(0, len(requests), batch_size), desc="dense chat answers", unit="batch"):
+        prompts = []
+        for request in requests[start : start + batch_size]:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": request}], add_generation_prompt=True, tokenize=True
+            )
+            prompts.append(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        width = max(len(ids) for ids in prompts)  # left padding: every prompt ends where generation starts
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+        out = teacher.generate(
+            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+        for request, row in zip(requests[start : start + batch_size], out[:, width:].tolist(), strict=True):
+            ended = tokenizer.eos_token_id in row
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            user = [{"role": "user", "content": request}]
+            if ended:  # the dense model closed its turn: so does the exchange
+                text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+            else:  # cut at max_new_tokens: no end of turn the dense model did not write
+                text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False) + answer
+            exchanges.append(text)
+            total += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if total >= token_budget:
+            break
+    return exchanges
 
 
 def tune_experts(
