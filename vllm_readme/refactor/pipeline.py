@@ -254,6 +254,7 @@ class Refactor:
         self.timings: dict[str, float] = (
             json.loads(self.timings_path.read_text()) if self.timings_path.is_file() else {}
         )
+        self._chat_blocks: torch.Tensor | None = None  # --tune-chat-answers dense: generated once per build
 
     def _cached(self, stage: str) -> Path | None:
         marker = self.work / f"{stage}.json"
@@ -511,6 +512,8 @@ class Refactor:
         in blocks; the exchanges are kept in .refactor/tune_chat.jsonl to read."""
         from vllm_readme.refactor.tune import dense_chat_exchanges
 
+        if self._chat_blocks is not None:  # the tuned baselines reuse expert tuning's
+            return self._chat_blocks
         opts = self.options
         # A request and its answer take ~150-250 tokens; ask for twice what the budget needs.
         requests = data_mod.chat_requests(self.calib, max(16, 2 * tokens // 150), opts.seed)
@@ -524,6 +527,7 @@ class Refactor:
             f"expert tuning: {len(exchanges)} chat exchanges answered by the dense model "
             f"({blocks.numel()} tokens, {time.time() - t:.0f} s; .refactor/tune_chat.jsonl)"
         )
+        self._chat_blocks = blocks
         return blocks
 
     def _moe_ppl(self, model, held_blocks) -> float:
