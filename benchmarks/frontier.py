@@ -281,9 +281,12 @@ def plot(rows: list[dict], path: Path) -> None:
             if isinstance(speed.get(batch), float):
                 ax.scatter(speed[batch], quality, s=size, alpha=0.7)
                 ax.annotate(label, (speed[batch], quality), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
+    for ax in axes:
         ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
         ax.axvline(1.0, color="gray", ls="--", label="dense speed")
+    axes[0].axvline(1.15, color="tab:red", ls=":", label="target: 1.15x dense at batch 1")
+    speed_ceilings(axes[0], sorted({row["options"].get("keep", common.get("keep")) for row in rows}))
+    for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
         ax.set(
             xlabel=f"decode tok/s over dense, {batch}",
             ylabel="out-of-domain perplexity over dense",
@@ -293,6 +296,29 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def speed_ceilings(ax, keeps: list[float]) -> None:
+    """The batch-1 speed-up a perfect MoE kernel allows at each active
+    fraction, 1 / (1 - share x (1 - keep)), from the MLP's measured share of
+    a dense decode step (results/decode_profile.json, benchmarks/decode_profile.py)."""
+    profile = RESULTS / "decode_profile.json"
+    if not profile.is_file():
+        return
+    share = json.loads(profile.read_text())["ceilings"]["1"]["dense_mlp_share"]
+    for keep in keeps:
+        ceiling = 1 / (1 - share * (1 - keep))
+        ax.axvline(ceiling, color="tab:green", ls="-.", lw=0.8)
+        ax.annotate(
+            f"ceiling at keep {keep:g}: {ceiling:.2f}x",
+            (ceiling, 1.0),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            rotation=90,
+            ha="right",
+            va="top",
+            color="tab:green",
+        )
 
 
 def write_atomically(path: Path, text: str) -> None:
