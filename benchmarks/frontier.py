@@ -281,12 +281,11 @@ def plot(rows: list[dict], path: Path) -> None:
             if isinstance(speed.get(batch), float):
                 ax.scatter(speed[batch], quality, s=size, alpha=0.7)
                 ax.annotate(label, (speed[batch], quality), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    for ax in axes:
-        ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
-        ax.axvline(1.0, color="gray", ls="--", label="dense speed")
     axes[0].axvline(1.15, color="tab:red", ls=":", label="target: 1.15x dense at batch 1")
     speed_ceilings(axes[0], sorted({row["options"].get("keep", common.get("keep")) for row in rows}))
     for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
+        ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
+        ax.axvline(1.0, color="gray", ls="--", label="dense speed")
         ax.set(
             xlabel=f"decode tok/s over dense, {batch}",
             ylabel="out-of-domain perplexity over dense",

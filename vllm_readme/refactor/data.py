@@ -203,7 +203,7 @@ def chat_formatted(tokenizer, domains: list[Domain], share: float, seed: int) ->
     for domain in domains:
         docs = []
         for doc in domain.documents:
-            digest = hashlib.sha256(f"{seed}:{doc}".encode("utf-8", errors="replace")).digest()
+            digest = _digest(seed, doc)
             if int.from_bytes(digest[:8], "big") / 2**64 >= share:
                 docs.append(doc)
                 continue
@@ -235,8 +235,7 @@ def chat_requests(domains: list[Domain], count: int, seed: int, max_chars: int =
     opening (at most ``max_chars``, cut at a sentence end) of one calibration
     document. Documents are taken round-robin over the domains, each domain
     in an order fixed by the seed, so every domain is asked about."""
-    digest = lambda doc: hashlib.sha256(f"{seed}:{doc}".encode("utf-8", errors="replace")).digest()  # noqa: E731
-    orders = [sorted(d.documents, key=digest) for d in domains]
+    orders = [sorted(d.documents, key=lambda doc: _digest(seed, doc)) for d in domains]
     requests: list[str] = []
     for i in range(max((len(o) for o in orders), default=0)):
         for order in orders:
@@ -244,10 +243,9 @@ def chat_requests(domains: list[Domain], count: int, seed: int, max_chars: int =
                 return requests
             if i < len(order):
                 doc = order[i]
-                head = doc[:max_chars]
-                ends = [j + 1 for j, ch in enumerate(head) if ch in ".!?\n" and j > 20]
-                passage = head[: ends[-1]] if ends else head
-                question = CHAT_QUESTIONS[digest(doc)[8] % len(CHAT_QUESTIONS)]
+                ends = _sentence_ends(doc[:max_chars])
+                passage = doc[: ends[-1] if ends else max_chars]
+                question = CHAT_QUESTIONS[_digest(seed, doc)[8] % len(CHAT_QUESTIONS)]
                 requests.append(f"{question}\n\n{passage.strip()}")
     return requests
 
@@ -255,9 +253,18 @@ def chat_requests(domains: list[Domain], count: int, seed: int, max_chars: int =
 def _opening_end(doc: str, max_chars: int = 300) -> int:
     """Where a passage's opening ends: after its first sentence or line,
     at most ``max_chars`` in."""
-    head = doc[:max_chars]
-    ends = [i + 1 for i, ch in enumerate(head) if ch in ".!?\n" and i > 20]
+    ends = _sentence_ends(doc[:max_chars])
     return ends[0] if ends else min(len(doc) // 4, max_chars)
+
+
+def _sentence_ends(text: str) -> list[int]:
+    """Offsets just after each sentence or line end of ``text`` (past its first 20 characters)."""
+    return [i + 1 for i, ch in enumerate(text) if ch in ".!?\n" and i > 20]
+
+
+def _digest(seed: int, doc: str) -> bytes:
+    """A document's seeded hash: which documents a seed picks, and how."""
+    return hashlib.sha256(f"{seed}:{doc}".encode("utf-8", errors="replace")).digest()
 
 
 def token_blocks(tokenizer, documents: list[str], block_len: int, max_tokens: int) -> torch.Tensor:

@@ -163,6 +163,14 @@ def token_f1(answer: list[int], reference: list[int]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``prompt`` as a user turn in the chat template, up to where the assistant's answer starts."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return ids["input_ids"] if hasattr(ids, "keys") else ids
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, device="cpu") -> list[list[int]]:
     """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
@@ -170,10 +178,7 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, device="
     answers = []
     for prompt in prompts:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            ids = chat_prompt_ids(tokenizer, prompt)
         else:
             ids = tokenizer(f"Question: {prompt}\nAnswer:", add_special_tokens=False)["input_ids"]
         input_ids = torch.tensor([ids], device=device)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.precision import autocast
 from vllm_readme.refactor.activations import model_device
+from vllm_readme.refactor.evaluate import chat_prompt_ids
 from vllm_readme.refactor.router import predicted_experts
 from vllm_readme.refactor.training import TrainSettings, train
 
@@ -34,12 +35,7 @@ def dense_chat_exchanges(
     exchanges: list[str] = []
     total = 0
     for start in tqdm(range(0, len(requests), batch_size), desc="dense chat answers", unit="batch"):
-        prompts = []
-        for request in requests[start : start + batch_size]:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": request}], add_generation_prompt=True, tokenize=True
-            )
-            prompts.append(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        prompts = [chat_prompt_ids(tokenizer, request) for request in requests[start : start + batch_size]]
         width = max(len(ids) for ids in prompts)  # left padding: every prompt ends where generation starts
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
