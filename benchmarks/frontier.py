@@ -144,6 +144,14 @@ def point_row(options: dict, folder: Path, report: dict, dense: Path, decode: di
         if chat
         else None,
         "chat_token_f1_vs_dense": chat["token_f1_vs_dense"] if chat else None,
+        # The check grew from 16 questions to 48; the first 16 compare with rows from before.
+        "chat_prompts": chat.get("prompts", 16) if chat else None,
+        "chat_repetition_over_dense_first16": (
+            chat["repetition_readme_first16"] / max(chat["repetition_dense_first16"], 1e-9)
+        )
+        if chat and "repetition_readme_first16" in chat
+        else None,
+        "machine": report.get("precision", {}).get("machine"),
         "tuning_curve_in_domain": report.get("tuning_curve"),
         "timings_s": report.get("timings_s"),
         "decode_speedup_over_dense": decode,

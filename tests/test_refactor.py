@@ -71,7 +71,9 @@ def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
     assert set(ood["perplexity"]) == {"dense", "pruned dense (same active size)", "Read-ME"}
     assert ood["Read-ME / dense"] == pytest.approx(ood["perplexity"]["Read-ME"] / ood["perplexity"]["dense"])
     chat = results["chat"]
-    assert chat["prompts"] == 16 and 0 <= chat["repetition_readme"] <= 1 and 0 <= chat["token_f1_vs_dense"] <= 1
+    assert chat["prompts"] == 48 and 0 <= chat["repetition_readme"] <= 1 and 0 <= chat["token_f1_vs_dense"] <= 1
+    first16 = [row["repetition_readme"] for row in chat["per_prompt"][:16]]
+    assert chat["repetition_readme_first16"] == pytest.approx(sum(first16) / 16)
     with vllm_engine(out, max_model_len=256) as llm:
         result = llm.generate(["The logging module"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     reference = load_reference(out)
@@ -360,7 +362,7 @@ def test_dense_chat_answers_are_the_dense_models_own_greedy_answers(tiny_dense):
     # Requests of very different lengths in one batch: padding on the left.
     exchanges = dense_chat_exchanges(dense, tokenizer, requests, token_budget=10**6, max_new_tokens=24, batch_size=4)
     assert len(exchanges) == len(requests)
-    alone = greedy_answers(dense, tokenizer, requests, max_new_tokens=24)
+    alone = greedy_answers(dense, tokenizer, requests, max_new_tokens=24, batch_size=1)
     for request, exchange, answer in zip(requests, exchanges, alone, strict=True):
         opening = tokenizer.apply_chat_template(
             [{"role": "user", "content": request}], add_generation_prompt=True, tokenize=False
@@ -389,3 +391,79 @@ def test_tuning_on_dense_chat_answers_is_its_own_stage(tiny_dense, tiny_build, t
     lines = (out / ".refactor" / "tune_chat.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["text"].startswith("<|user|>") for line in lines)
     validate_checkpoint(out)
+
+
+def test_batched_greedy_answers_of_the_moe_equal_its_answers_alone(tiny_dense, tiny_build):
+    """The chat check and on-policy tuning generate in batches, left-padded:
+    through the router (positions counted over real tokens) and the backbone
+    each answer is the one the prompt gets alone."""
+    from transformers import AutoTokenizer
+
+    from vllm_readme.refactor.evaluate import CHAT_PROMPTS, greedy_answers
+
+    model = load_reference(tiny_build[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    prompts = [CHAT_PROMPTS[0], CHAT_PROMPTS[9] + " And why? Tell me everything, at length.", CHAT_PROMPTS[3]]
+    batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=20, batch_size=3)
+    alone = greedy_answers(model, tokenizer, prompts, max_new_tokens=20, batch_size=1)
+    assert batched == alone and all(batched)
+
+
+def test_on_policy_tuning_scores_the_students_own_answers_and_learns_from_them(tiny_dense, tiny_build, tmp_path):
+    """--tune-on-policy: a step's loss is KL(dense || student) over the tokens
+    of the student's own greedy answers, each prompt taken alone (right
+    padding and the answer mask change nothing), and training on it brings
+    the student's answers towards the dense model's judgement."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_readme.refactor.data import chat_requests
+    from vllm_readme.refactor.evaluate import chat_prompt_ids, greedy_generate, pad_and_eos
+    from vllm_readme.refactor.training import batch_rows
+    from vllm_readme.refactor.tune import OnPolicy, _on_policy_loss, tune_experts
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    student = load_reference(tiny_build[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    calib, _ = split_domains(load_domains(["python-docs", "stdlib-docstrings"]), 0.15)
+    prompts = [chat_prompt_ids(tokenizer, r) for r in chat_requests(calib, 12, seed=0)]
+    on_policy = OnPolicy(prompts, 1, 16, *pad_and_eos(tokenizer))
+    settings = TrainSettings(30, 4, 3e-3, seed=0, checkpoint_every=1000)
+
+    # Step 0's loss, batched, against each prompt alone.
+    with torch.no_grad():
+        batched = float(_on_policy_loss(student, teacher, on_policy, settings, 0, torch.float32))
+        total, count = 0.0, 0
+        for i in batch_rows(len(prompts), 4, 0, seed=1).tolist():
+            ((answer, _ended),) = greedy_generate(student, [prompts[i]], 16, *pad_and_eos(tokenizer))
+            ids = torch.tensor([prompts[i] + answer])
+            span = slice(len(prompts[i]) - 1, len(prompts[i]) - 1 + len(answer))
+            target = teacher(ids).logits[0, span].log_softmax(-1)
+            own = student(ids).logits[0, span].log_softmax(-1)
+            total += float((target.exp() * (target - own)).sum())
+            count += len(answer)
+    assert batched == pytest.approx(total / count, rel=1e-4)
+
+    blocks = torch.randint(0, teacher.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    history = tune_experts(student, blocks, settings, tmp_path, torch.float32, teacher=teacher, on_policy=on_policy)
+    first = sum(loss for _, loss in history[:5]) / 5
+    last = sum(loss for _, loss in history[-5:]) / 5
+    print(f"\nKL(dense || Read-ME) on the student's own answers: {first:.3f} -> {last:.3f}")
+    assert last < 0.7 * first
+
+
+def test_on_policy_tuning_is_its_own_stage_and_checks_its_options(tiny_dense, tiny_build, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "readme"
+    shutil.copytree(tiny_build[0], out)
+    capsys.readouterr()
+    refactor(RefactorOptions(out=out, dense=tiny_dense, tune_on_policy=0.5, **TINY), evaluate=False)
+    log = capsys.readouterr().out
+    assert "experts: cached" in log and "router: cached" in log and "expert tuning: cached" not in log
+    assert "2 of 4 steps (every 2) on the student's own greedy answers" in log
+    validate_checkpoint(out)
+    args = ("--dense", str(tiny_dense), "--out", str(tmp_path / "o"))
+    err = _cli_error(capsys, *args, "--tune-on-policy", "1.5")
+    assert "--tune-on-policy is a share of the tuning steps, between 0 and 1; got 1.5" in err
+    err = _cli_error(capsys, *args, "--tune-on-policy", "0.25", "--tune-objective", "lm")
+    assert "--tune-on-policy needs --tune-objective distill" in err

@@ -38,7 +38,7 @@ def tune_dense(
         param.requires_grad = "embed_tokens" not in name and name != "lm_head.weight"
     forward = pruned_forward(model, keep_masks) if keep_masks is not None else (lambda b: model(b).logits)
 
-    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+    def loss_fn(rows: torch.Tensor, _step: int) -> torch.Tensor:
         batch = blocks[rows].to(device)
         with autocast(device, dtype):
             logits = forward(batch)

@@ -126,6 +126,8 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
 
 # Short chat questions for the chat check: greedy answers of the Read-ME model
 # against the dense model's (does the refactor keep the instruct behaviour?).
+# The first 16 are the check's original set (frontier rows before the check
+# grew report those alone: ``repetition_*_first16`` keeps them comparable).
 CHAT_PROMPTS = (
     "How many days are in a week?",
     "What is the capital of France?",
@@ -143,7 +145,40 @@ CHAT_PROMPTS = (
     "Suggest a name for a pet dog.",
     "What is the boiling point of water in Celsius?",
     "Say hello in Spanish.",
+    "What is the largest planet in our solar system?",
+    "How do I make a cup of tea?",
+    "What is a noun?",
+    "Give me a word that rhymes with cat.",
+    "Why do leaves change colour in the fall?",
+    "What is the tallest animal?",
+    "How many legs does a spider have?",
+    "Write a short greeting for a birthday card.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Name a fruit that is yellow.",
+    "How can I stay focused while studying?",
+    "What does a doctor do?",
+    "Tell me a fun fact about the ocean.",
+    "What is ten minus four?",
+    "Describe the moon in one sentence.",
+    "What language is spoken in Brazil?",
+    "Why do we need to drink water?",
+    "Suggest a healthy breakfast.",
+    "What is the main ingredient of bread?",
+    "How many hours are in a day?",
+    "What is a mammal?",
+    "Give me a tip for saving money.",
+    "What colour do you get by mixing blue and yellow?",
+    "Who wrote Romeo and Juliet?",
+    "What is the sun made of?",
+    "Name two musical instruments.",
+    "How do birds fly?",
+    "What is the plural of mouse?",
+    "Write one sentence about the sea.",
+    "What should I do if I feel tired?",
+    "What is the capital of Japan?",
+    "Explain what a computer is in one sentence.",
 )
+ORIGINAL_CHAT_PROMPTS = 16
 
 
 def repeated_ngram_fraction(tokens: list[int], n: int = 4) -> float:
@@ -172,42 +207,70 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, device="cpu") -> list[list[int]]:
-    """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
-    the tokenizer has a chat template."""
-    answers = []
-    for prompt in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = chat_prompt_ids(tokenizer, prompt)
-        else:
-            ids = tokenizer(f"Question: {prompt}\nAnswer:", add_special_tokens=False)["input_ids"]
-        input_ids = torch.tensor([ids], device=device)
+def greedy_generate(
+    model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int, batch_size: int = 16
+) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of token-id ``prompts``, batch by batch with left
+    padding (every prompt ends where generation starts; each answer equals the
+    prompt's answer alone). Each answer is cut after its EOS, if it has one:
+    (answer ids, whether the model ended it)."""
+    device = next(model.parameters()).device
+    answers: list[tuple[list[int], bool]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
         )
-        answer = out[0, len(ids) :].tolist()
-        if tokenizer.eos_token_id in answer:
-            answer = answer[: answer.index(tokenizer.eos_token_id)]
-        answers.append(answer)
+        for row in out[:, width:].tolist():
+            ended = eos_id in row
+            answers.append((row[: row.index(eos_id) + 1] if ended else row, ended))
     return answers
 
 
-def chat_check(dense, model, tokenizer, device="cpu", prompts=CHAT_PROMPTS, max_new_tokens: int = 80) -> dict:
+def pad_and_eos(tokenizer) -> tuple[int, int]:
+    """The ids that batched generation pads with and stops at."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad, tokenizer.eos_token_id
+
+
+def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, batch_size: int = 16) -> list[list[int]]:
+    """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
+    the tokenizer has a chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    else:
+        ids = [tokenizer(f"Question: {p}\nAnswer:", add_special_tokens=False)["input_ids"] for p in prompts]
+    answers = greedy_generate(model, ids, max_new_tokens, *pad_and_eos(tokenizer), batch_size=batch_size)
+    return [answer[:-1] if ended else answer for answer, ended in answers]
+
+
+def chat_check(dense, model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 80) -> dict:
     """Repetition (repeated 4-gram fraction) of dense and Read-ME answers and
-    the Read-ME answers' token F1 against the dense ones."""
-    dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens, device)
-    readme_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, device)
+    the Read-ME answers' token F1 against the dense ones, over all ``prompts``
+    and over the original 16 (comparable with reports from before the set grew)."""
+    dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens)
+    readme_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    rep_dense = [repeated_ngram_fraction(a) for a in dense_answers]
+    rep_readme = [repeated_ngram_fraction(a) for a in readme_answers]
+    f1 = [token_f1(r, d) for r, d in zip(readme_answers, dense_answers, strict=True)]
+    first = min(ORIGINAL_CHAT_PROMPTS, len(prompts))
     return {
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
-        "repetition_dense": mean([repeated_ngram_fraction(a) for a in dense_answers]),
-        "repetition_readme": mean([repeated_ngram_fraction(a) for a in readme_answers]),
-        "token_f1_vs_dense": mean([token_f1(r, d) for r, d in zip(readme_answers, dense_answers, strict=True)]),
+        "repetition_dense": mean(rep_dense),
+        "repetition_readme": mean(rep_readme),
+        "token_f1_vs_dense": mean(f1),
+        "repetition_dense_first16": mean(rep_dense[:first]),
+        "repetition_readme_first16": mean(rep_readme[:first]),
+        "token_f1_vs_dense_first16": mean(f1[:first]),
+        "per_prompt": [
+            {"repetition_dense": d, "repetition_readme": r, "token_f1": f}
+            for d, r, f in zip(rep_dense, rep_readme, f1, strict=True)
+        ],
         "examples": [
             {"prompt": p, "dense": tokenizer.decode(d), "readme": tokenizer.decode(r)}
             for p, d, r in list(zip(prompts, dense_answers, readme_answers, strict=True))[:4]

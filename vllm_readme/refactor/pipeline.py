@@ -24,7 +24,15 @@ from vllm_readme.refactor import data as data_mod
 from vllm_readme.refactor.activations import collect_activations
 from vllm_readme.refactor.build import build_readme_model
 from vllm_readme.refactor.dense import default_dense_model, load_dense, load_dense_config, save_dense_hf
-from vllm_readme.refactor.evaluate import chat_check, perplexity, pruned_forward, routing_statistics, write_report
+from vllm_readme.refactor.evaluate import (
+    chat_check,
+    chat_prompt_ids,
+    pad_and_eos,
+    perplexity,
+    pruned_forward,
+    routing_statistics,
+    write_report,
+)
 from vllm_readme.refactor.experts import (
     ExpertLayout,
     disjoint_sizes,
@@ -44,7 +52,10 @@ from vllm_readme.refactor.router import (
     train_router,
 )
 from vllm_readme.refactor.training import TrainSettings, limit_heap_growth
-from vllm_readme.refactor.tune import tune_experts
+from vllm_readme.refactor.tune import OnPolicy, tune_experts
+
+# Longest answer an on-policy step lets the student write (its loops show well within it).
+ON_POLICY_NEW_TOKENS = 96
 
 
 def _option(default: Any, help: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -114,7 +125,7 @@ class RefactorOptions:
         "tokens of out-of-domain English prose (Brown: romance, humor) for perplexity, 0 = skip (default {default})",
     )
     chat_check: bool = _option(
-        True, "evaluate greedy answers to 16 chat questions against the dense model's (repetition, agreement)"
+        True, "evaluate greedy answers to 48 chat questions against the dense model's (repetition, agreement)"
     )
     cluster_iterations: int = _option(10)
     router_hidden: int = _option(512, "router width (default {default}, as the paper)")
@@ -161,6 +172,14 @@ class RefactorOptions:
         "(docs/refactoring_default.md) (default {default})",
         choices=["text", "dense"],
     )
+    tune_on_policy: float = _option(
+        0.0,
+        "with --tune-objective distill and a chat template: the share of expert-tuning steps that train on the "
+        "student's own greedy answers to chat requests about calibration passages, scored token by token by the "
+        "dense model (on-policy distillation: the experts learn what to say in the states their own answers "
+        "reach, loops included, not only in the dense model's). Each such step generates its batch first "
+        "(default {default}: off)",
+    )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(
         False,
@@ -206,7 +225,15 @@ class RefactorOptions:
                 "router_persistence",
                 "router_smoothing",
             ],
-            "tune": ["tune_tokens", "tune_batch", "tune_lr", "tune_objective", "tune_chat", "tune_chat_answers"],
+            "tune": [
+                "tune_tokens",
+                "tune_batch",
+                "tune_lr",
+                "tune_objective",
+                "tune_chat",
+                "tune_chat_answers",
+                "tune_on_policy",
+            ],
             "baselines": ["tune_tokens", "tune_batch", "tune_lr"],
         }
         if stage == "baselines":
@@ -233,8 +260,9 @@ def _saved_key(path: Path) -> dict:
     if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
         key.setdefault("tune_objective", "lm")
         key.setdefault("tune_chat", "0.5")  # only read with distillation, which had no chat text before
-    if "tune_chat" in key:  # tune keys from before the dense model wrote chat answers
+    if "tune_chat" in key:  # tune keys from before the dense model wrote chat answers, or the student did
         key.setdefault("tune_chat_answers", "text")
+        key.setdefault("tune_on_policy", "0.0")
     return key
 
 
@@ -295,6 +323,7 @@ class Refactor:
         (self.work / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1, default=str))
         (self.work / "precision.json").write_text(json.dumps(self.precision_record(), indent=1))
         # Cheap checks first: bad input fails before any weight is loaded.
+        self._check_options()
         domains = data_mod.load_domains(opts.calib)
         inter = load_dense_config(self.dense_path).intermediate_size
         keep = kept_channels(inter, opts.keep, opts.num_experts)
@@ -327,6 +356,17 @@ class Refactor:
         if evaluate:
             results = self.evaluate(dense, model, layout, means, held_blocks, curve)
         return results
+
+    def _check_options(self) -> None:
+        opts = self.options
+        if not 0 <= opts.tune_on_policy <= 1:
+            raise ReadMEConfigError(
+                f"--tune-on-policy is a share of the tuning steps, between 0 and 1; got {opts.tune_on_policy}."
+            )
+        if opts.tune_on_policy > 0 and opts.tune_objective != "distill":
+            raise ReadMEConfigError(
+                "--tune-on-policy needs --tune-objective distill: the dense model scores the student's answers."
+            )
 
     def precision_record(self) -> dict:
         """How the precision was chosen, for precision.json and the report."""
@@ -483,7 +523,18 @@ class Refactor:
         if teacher is not None:
             teacher.eval()
             log("expert tuning: distillation from the dense model (KL to its next-token distribution)")
-        tune_experts(model, blocks, settings, tune_dir, self.precision.dtype, log, on_step=evaluate_at, teacher=teacher)
+        on_policy = self._on_policy(settings) if teacher is not None else None
+        tune_experts(
+            model,
+            blocks,
+            settings,
+            tune_dir,
+            self.precision.dtype,
+            log,
+            on_step=evaluate_at,
+            teacher=teacher,
+            on_policy=on_policy,
+        )
         torch.save(model.state_dict(), path)
         (self.work / "tuning_curve.json").write_text(json.dumps(curve))
         self._mark("tune")
@@ -507,6 +558,25 @@ class Refactor:
             steps, opts.tune_batch, opts.tune_lr, opts.seed, opts.checkpoint_every, warmup_steps=min(10, steps)
         )
         return blocks, settings
+
+    def _on_policy(self, settings: TrainSettings) -> OnPolicy | None:
+        """--tune-on-policy: which steps train on the student's own answers, to which requests."""
+        opts = self.options
+        if opts.tune_on_policy <= 0:
+            return None
+        if not getattr(self.tokenizer, "chat_template", None):
+            log("expert tuning: --tune-on-policy ignored: the dense model's tokenizer has no chat template")
+            return None
+        every = max(1, round(1 / opts.tune_on_policy))
+        steps = settings.steps // every
+        # Requests about calibration passages (the chat check's questions are never trained on).
+        requests = data_mod.chat_requests(self.calib, max(settings.batch_size, steps * settings.batch_size), opts.seed)
+        prompts = [chat_prompt_ids(self.tokenizer, request) for request in requests]
+        log(
+            f"expert tuning: {steps} of {settings.steps} steps (every {every}) on the student's own greedy answers "
+            f"to {len(prompts)} chat requests, scored by the dense model (on-policy distillation)"
+        )
+        return OnPolicy(prompts, every, ON_POLICY_NEW_TOKENS, *pad_and_eos(self.tokenizer))
 
     def _dense_chat_blocks(self, dense, tokens: int) -> torch.Tensor:
         """About ``tokens`` tokens of chat exchanges the dense model answered,
@@ -615,10 +685,12 @@ class Refactor:
         ood = self._ood_perplexities(dense, model, pruned_masks)
         chat = None
         if self.options.chat_check:
-            chat = chat_check(dense, model, self.tokenizer, device=device)
+            chat = chat_check(dense, model, self.tokenizer)
             log(
-                f"chat check: repeated 4-grams dense {chat['repetition_dense']:.2f}, Read-ME "
-                f"{chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f}"
+                f"chat check ({chat['prompts']} questions): repeated 4-grams dense {chat['repetition_dense']:.2f}, "
+                f"Read-ME {chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f} "
+                f"(first 16: {chat['repetition_dense_first16']:.2f} / {chat['repetition_readme_first16']:.2f} / "
+                f"{chat['token_f1_vs_dense_first16']:.2f})"
             )
         self.timings["evaluate_s"] = time.time() - t
         self.timings_path.write_text(json.dumps(self.timings, indent=1))

@@ -103,7 +103,7 @@ def train_router(
     expert."""
     device = model_device(router)
 
-    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+    def loss_fn(rows: torch.Tensor, _step: int) -> torch.Tensor:
         logits = router(blocks[rows].to(device))
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets[rows].to(device).reshape(-1)

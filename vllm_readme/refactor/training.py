@@ -58,14 +58,14 @@ def train(
     name: str,
     params: list[torch.nn.Parameter],
     module: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
     num_rows: int,
     settings: TrainSettings,
     checkpoint_dir: Path,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """Run ``loss_fn(rows)`` + AdamW for ``settings.steps`` steps, resuming
+    """Run ``loss_fn(rows, step)`` + AdamW for ``settings.steps`` steps, resuming
     from ``checkpoint_dir/last.pt`` if present; ``on_step(done)`` runs after every
     step (evaluations along the way). Returns (step, loss) pairs."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def train(
     bar = tqdm(range(start, settings.steps), desc=name, unit="step", initial=start, total=settings.steps)
     for step in bar:
         rows = batch_rows(num_rows, settings.batch_size, step, settings.seed)
-        loss = loss_fn(rows)
+        loss = loss_fn(rows, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

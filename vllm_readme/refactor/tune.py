@@ -7,6 +7,7 @@ text)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +16,9 @@ from tqdm import tqdm
 from vllm_readme.modeling_readme import ReadMEForCausalLM
 from vllm_readme.precision import autocast
 from vllm_readme.refactor.activations import model_device
-from vllm_readme.refactor.evaluate import chat_prompt_ids
+from vllm_readme.refactor.evaluate import chat_prompt_ids, greedy_generate, pad_and_eos
 from vllm_readme.refactor.router import predicted_experts
-from vllm_readme.refactor.training import TrainSettings, train
+from vllm_readme.refactor.training import TrainSettings, batch_rows, train
 
 
 @torch.no_grad()
@@ -30,20 +31,13 @@ def dense_chat_exchanges(
     on them is sequence-level distillation: the experts see the dense model's
     own answers, their length and their end of turn, not documentation text
     in an assistant's turn (a source of answers that never stop)."""
-    device = model_device(teacher)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     exchanges: list[str] = []
     total = 0
     for start in tqdm(range(0, len(requests), batch_size), desc="dense chat answers", unit="batch"):
-        prompts = [chat_prompt_ids(tokenizer, request) for request in requests[start : start + batch_size]]
-        width = max(len(ids) for ids in prompts)  # left padding: every prompt ends where generation starts
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
-        out = teacher.generate(
-            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-        )
-        for request, row in zip(requests[start : start + batch_size], out[:, width:].tolist(), strict=True):
-            ended = tokenizer.eos_token_id in row
+        chunk = requests[start : start + batch_size]
+        prompts = [chat_prompt_ids(tokenizer, request) for request in chunk]
+        answers = greedy_generate(teacher, prompts, max_new_tokens, *pad_and_eos(tokenizer), batch_size=batch_size)
+        for request, (row, ended) in zip(chunk, answers, strict=True):
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()
             user = [{"role": "user", "content": request}]
             if ended:  # the dense model closed its turn: so does the exchange
@@ -57,6 +51,25 @@ def dense_chat_exchanges(
     return exchanges
 
 
+@dataclass
+class OnPolicy:
+    """On-policy distillation (generalized knowledge distillation, Agarwal et
+    al. 2024): every ``every``-th tuning step trains on the student's own
+    greedy answers to chat ``prompts`` (token ids, up to the assistant's turn)
+    instead of calibration text, with the loss on the answer tokens only. The
+    student sees the states its own answers lead to, loops included, and the
+    dense model says at each of them what should come next."""
+
+    prompts: list[list[int]]
+    every: int
+    max_new_tokens: int
+    pad_id: int
+    eos_id: int
+
+    def is_step(self, step: int) -> bool:
+        return step % self.every == self.every - 1
+
+
 def tune_experts(
     model: ReadMEForCausalLM,
     blocks: torch.Tensor,
@@ -66,17 +79,23 @@ def tune_experts(
     log=print,
     on_step=None,
     teacher=None,
+    on_policy: OnPolicy | None = None,
 ) -> list[tuple[int, float]]:
     """Train attention, norms and MLPs; the router and the (tied) token
     embedding stay fixed. Routes come from the frozen router. The model
     trains on its own device, autocast to ``dtype``. With ``teacher`` (the
-    dense model) the loss is KL(teacher || student) per token."""
+    dense model) the loss is KL(teacher || student) per token; with
+    ``on_policy`` too, some steps are on the student's own answers."""
     device = model_device(model)
     for name, param in model.named_parameters():
         param.requires_grad = not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
     routes = predicted_experts(model.router, blocks)
+    if on_policy is not None and teacher is None:
+        raise ValueError("on-policy tuning distils from the dense model: pass teacher")
 
-    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+    def loss_fn(rows: torch.Tensor, step: int) -> torch.Tensor:
+        if on_policy is not None and on_policy.is_step(step):
+            return _on_policy_loss(model, teacher, on_policy, settings, step, dtype)
         batch = blocks[rows].to(device)
         with autocast(device, dtype):
             if teacher is None:
@@ -97,3 +116,30 @@ def tune_experts(
     for param in model.parameters():
         param.requires_grad = True
     return history
+
+
+def _on_policy_loss(model, teacher, on_policy: OnPolicy, settings: TrainSettings, step: int, dtype) -> torch.Tensor:
+    """KL(teacher || student) on the tokens the student answers to a batch of
+    prompts (picked like text rows: a pure function of seed and step, so a
+    resumed run generates what the uninterrupted one did)."""
+    device = model_device(model)
+    picks = batch_rows(len(on_policy.prompts), settings.batch_size, step, settings.seed + 1).tolist()
+    prompts = [on_policy.prompts[i] for i in picks]
+    model.eval()
+    with autocast(device, dtype):
+        answers = greedy_generate(
+            model, prompts, on_policy.max_new_tokens, on_policy.pad_id, on_policy.eos_id, batch_size=len(prompts)
+        )
+    model.train()
+    # Right padding: causal attention never looks ahead, so no mask or position shift is needed.
+    rows = [prompt + answer for prompt, (answer, _ended) in zip(prompts, answers, strict=True)]
+    width = max(len(row) for row in rows)
+    batch = torch.tensor([row + [on_policy.pad_id] * (width - len(row)) for row in rows], device=device)
+    scored = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for i, (prompt, (answer, _ended)) in enumerate(zip(prompts, answers, strict=True)):
+        scored[i, len(prompt) - 1 : len(prompt) - 1 + len(answer)] = True  # the positions that predict the answer
+    with autocast(device, dtype):
+        with torch.no_grad():
+            target = teacher(batch).logits.float().log_softmax(-1)[scored]
+        student = model(batch).logits.float().log_softmax(-1)[scored]
+    return torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
