@@ -151,6 +151,9 @@ def point_row(options: dict, folder: Path, report: dict, dense: Path, decode: di
         )
         if chat and "repetition_readme_first16" in chat
         else None,
+        "chat_answer_tokens_over_dense": chat["answer_tokens_readme"] / max(chat["answer_tokens_dense"], 1e-9)
+        if chat and "answer_tokens_readme" in chat
+        else None,
         "machine": report.get("precision", {}).get("machine"),
         "tuning_curve_in_domain": report.get("tuning_curve"),
         "timings_s": report.get("timings_s"),

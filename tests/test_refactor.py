@@ -74,6 +74,7 @@ def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
     assert chat["prompts"] == 48 and 0 <= chat["repetition_readme"] <= 1 and 0 <= chat["token_f1_vs_dense"] <= 1
     first16 = [row["repetition_readme"] for row in chat["per_prompt"][:16]]
     assert chat["repetition_readme_first16"] == pytest.approx(sum(first16) / 16)
+    assert 0 < chat["answer_tokens_dense"] <= 80 and 0 <= chat["at_limit_readme"] <= 1
     with vllm_engine(out, max_model_len=256) as llm:
         result = llm.generate(["The logging module"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     reference = load_reference(out)

@@ -264,6 +264,11 @@ def chat_check(dense, model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: in
         "repetition_dense": mean(rep_dense),
         "repetition_readme": mean(rep_readme),
         "token_f1_vs_dense": mean(f1),
+        # Short answers repeat less by construction: how long the answers are, and how many ran to the limit.
+        "answer_tokens_dense": mean([len(a) for a in dense_answers]),
+        "answer_tokens_readme": mean([len(a) for a in readme_answers]),
+        "at_limit_dense": mean([len(a) >= max_new_tokens for a in dense_answers]),
+        "at_limit_readme": mean([len(a) >= max_new_tokens for a in readme_answers]),
         "repetition_dense_first16": mean(rep_dense[:first]),
         "repetition_readme_first16": mean(rep_readme[:first]),
         "token_f1_vs_dense_first16": mean(f1[:first]),

@@ -690,7 +690,9 @@ class Refactor:
                 f"chat check ({chat['prompts']} questions): repeated 4-grams dense {chat['repetition_dense']:.2f}, "
                 f"Read-ME {chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f} "
                 f"(first 16: {chat['repetition_dense_first16']:.2f} / {chat['repetition_readme_first16']:.2f} / "
-                f"{chat['token_f1_vs_dense_first16']:.2f})"
+                f"{chat['token_f1_vs_dense_first16']:.2f}); answers {chat['answer_tokens_dense']:.0f} / "
+                f"{chat['answer_tokens_readme']:.0f} tokens on average, {chat['at_limit_dense']:.0%} / "
+                f"{chat['at_limit_readme']:.0%} cut at {chat['max_new_tokens']}"
             )
         self.timings["evaluate_s"] = time.time() - t
         self.timings_path.write_text(json.dumps(self.timings, indent=1))
