@@ -274,12 +274,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     counts = collections.Counter((k, json.dumps(v, default=str)) for row in rows for k, v in row["options"].items())
-    common = {}
-    for (k, v), _ in counts.most_common():
-        common.setdefault(k, json.loads(v))
-    fig, axes = plt.subplots(1, 3, figsize=(20, 7))
-    budget_panel(rows, axes[2], common)
-    axes = axes[:2]
+    common = {}  # an option's value on most points: labels name only what differs from it
+    for (k, v), n in counts.most_common():
+        if 2 * n >= len(rows):
+            common.setdefault(k, json.loads(v))
+    fig, grid = plt.subplots(2, 2, figsize=(16, 13))
+    budget_panel(rows, grid[1, 0], common)
+    chat_panel(rows, grid[1, 1], common)
+    axes = grid[0]
     for row in rows:
         label = short_label(row["options"], common)
         speed = row["decode_speedup_over_dense"]
@@ -295,6 +297,10 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].axvline(1.15, color="tab:red", ls=":", label="target: 1.15x dense at batch 1")
     speed_ceilings(axes[0], sorted({row["options"].get("keep", common.get("keep")) for row in rows}))
     for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
+        if not any(isinstance(row["decode_speedup_over_dense"].get(batch), float) for row in rows):
+            ax.text(0.5, 0.5, f"no decode measured at {batch} (--skip-decode)", ha="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
         ax.axvline(1.0, color="gray", ls="--", label="dense speed")
         ax.set(
@@ -337,6 +343,37 @@ def write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(path.suffix + ".partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def chat_panel(rows: list[dict], ax, common: dict) -> None:
+    """Chat repetition against out-of-domain perplexity, both over dense: the
+    instruct behaviour beside quality, for every point with a chat check. The
+    check grew from 16 questions to 48 (session 12): those rows are marked,
+    with their answers' mean length over dense's (short answers repeat less)."""
+    for row in rows:
+        repetition, quality = row.get("chat_repetition_over_dense"), row.get("ood_readme_over_dense")
+        if repetition is None or quality is None:
+            continue
+        label = short_label(row["options"], common)
+        if row.get("chat_prompts", 16) > 16:
+            marker = "s"
+            if row.get("chat_answer_tokens_over_dense") is not None:
+                label += f"; answers {row['chat_answer_tokens_over_dense']:.2f}x dense length"
+        else:
+            marker = "o"
+        ax.scatter(repetition, quality, marker=marker, s=40, alpha=0.7)
+        ax.annotate(label, (repetition, quality), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axvline(1.5, color="tab:red", ls=":", label="target: repetition 1.5x dense")
+    ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
+    ax.scatter([], [], marker="o", color="gray", label="16-question check")
+    ax.scatter([], [], marker="s", color="gray", label="48-question check")
+    ax.set(
+        xlabel="chat repetition (repeated 4-grams) over dense",
+        ylabel="out-of-domain perplexity over dense",
+        title="the instruct behaviour: chat repetition",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def budget_panel(rows: list[dict], ax, common: dict) -> None:
