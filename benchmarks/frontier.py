@@ -294,13 +294,14 @@ def plot(rows: list[dict], path: Path) -> None:
             if isinstance(speed.get(batch), float):
                 ax.scatter(speed[batch], quality, s=size, alpha=0.7)
                 ax.annotate(label, (speed[batch], quality), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    axes[0].axvline(1.15, color="tab:red", ls=":", label="target: 1.15x dense at batch 1")
-    speed_ceilings(axes[0], sorted({row["options"].get("keep", common.get("keep")) for row in rows}))
     for ax, batch in zip(axes, ("batch 1", "batch 32"), strict=True):
         if not any(isinstance(row["decode_speedup_over_dense"].get(batch), float) for row in rows):
             ax.text(0.5, 0.5, f"no decode measured at {batch} (--skip-decode)", ha="center", transform=ax.transAxes)
             ax.set_axis_off()
             continue
+        if batch == "batch 1":
+            ax.axvline(1.15, color="tab:red", ls=":", label="target: 1.15x dense at batch 1")
+            speed_ceilings(ax, sorted({row["options"].get("keep", common.get("keep")) for row in rows}))
         ax.axhline(1.25, color="gray", ls=":", label="target: perplexity 1.25x dense")
         ax.axvline(1.0, color="gray", ls="--", label="dense speed")
         ax.set(
@@ -373,7 +374,7 @@ def chat_panel(rows: list[dict], ax, common: dict) -> None:
         title="the instruct behaviour: chat repetition",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def budget_panel(rows: list[dict], ax, common: dict) -> None:
@@ -398,6 +399,10 @@ def budget_panel(rows: list[dict], ax, common: dict) -> None:
             ax.annotate(
                 f"{quality:.3f}x", (tokens / 1024, quality), fontsize=7, xytext=(4, 2), textcoords="offset points"
             )
+    if not budgets:
+        ax.text(0.5, 0.5, "no points that differ only in the tuning budget", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     ax.axhline(1.25, color="gray", ls=":", label="perplexity 1.25x dense")
     ax.set(
         xlabel="expert-tuning tokens (k)",
