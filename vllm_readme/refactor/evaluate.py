@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from vllm_readme.refactor.activations import model_device
 from vllm_readme.refactor.router import predicted_experts
 
 
@@ -214,7 +215,7 @@ def greedy_generate(
     padding (every prompt ends where generation starts; each answer equals the
     prompt's answer alone). Each answer is cut after its EOS, if it has one:
     (answer ids, whether the model ended it)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     answers: list[tuple[list[int], bool]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

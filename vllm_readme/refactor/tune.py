@@ -103,9 +103,7 @@ def tune_experts(
             with torch.no_grad():
                 target = teacher(batch).logits.float().log_softmax(-1)
             student = model(batch, expert_ids=routes[rows].to(device)).logits.float().log_softmax(-1)
-        return torch.nn.functional.kl_div(
-            student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
-        )
+        return _kl(student.flatten(0, 1), target.flatten(0, 1))
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -142,4 +140,9 @@ def _on_policy_loss(model, teacher, on_policy: OnPolicy, settings: TrainSettings
         with torch.no_grad():
             target = teacher(batch).logits.float().log_softmax(-1)[scored]
         student = model(batch).logits.float().log_softmax(-1)[scored]
+    return _kl(student, target)
+
+
+def _kl(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target || student) over ``[tokens, vocab]`` log-probabilities."""
     return torch.nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
