@@ -468,3 +468,30 @@ def test_on_policy_tuning_is_its_own_stage_and_checks_its_options(tiny_dense, ti
     assert "--tune-on-policy is a share of the tuning steps, between 0 and 1; got 1.5" in err
     err = _cli_error(capsys, *args, "--tune-on-policy", "0.25", "--tune-objective", "lm")
     assert "--tune-on-policy needs --tune-objective distill" in err
+
+
+def test_chat_check_keeps_the_dense_models_answers_and_reads_them_back(tiny_dense, tiny_build, tmp_path, capsys):
+    """The dense model's chat answers are generated once per build (or per
+    --stats-cache): the kept answers are its own greedy answers, and a later
+    evaluation compares against the kept ones rather than generating again."""
+    import shutil
+
+    from vllm_readme.refactor.dense import load_dense
+    from vllm_readme.refactor.evaluate import CHAT_MAX_NEW_TOKENS, CHAT_PROMPTS, greedy_answers
+
+    (kept,) = (tiny_build[0] / ".refactor").glob("chat-dense-*.json")
+    dense, tokenizer = load_dense(tiny_dense)
+    assert json.loads(kept.read_text())["answers"] == greedy_answers(
+        dense, tokenizer, CHAT_PROMPTS, CHAT_MAX_NEW_TOKENS
+    )
+
+    out = tmp_path / "readme"
+    shutil.copytree(tiny_build[0], out)
+    (copy,) = (out / ".refactor").glob("chat-dense-*.json")
+    doctored = json.loads(copy.read_text())
+    doctored["answers"] = [[7, 8, 9] * 4 for _ in CHAT_PROMPTS]  # 12 tokens: 9 4-grams, 3 distinct
+    copy.write_text(json.dumps(doctored))
+    capsys.readouterr()
+    chat = refactor(RefactorOptions(out=out, dense=tiny_dense, **TINY))["chat"]
+    assert "chat check: the dense model's answers from" in capsys.readouterr().out
+    assert chat["answer_tokens_dense"] == 12 and chat["repetition_dense"] == pytest.approx(6 / 9)

@@ -180,6 +180,7 @@ CHAT_PROMPTS = (
     "Explain what a computer is in one sentence.",
 )
 ORIGINAL_CHAT_PROMPTS = 16
+CHAT_MAX_NEW_TOKENS = 80  # tokens a chat-check answer may run to
 
 
 def repeated_ngram_fraction(tokens: list[int], n: int = 4) -> float:
@@ -237,7 +238,9 @@ def pad_and_eos(tokenizer) -> tuple[int, int]:
     return pad, tokenizer.eos_token_id
 
 
-def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, batch_size: int = 16) -> list[list[int]]:
+def greedy_answers(
+    model, tokenizer, prompts, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, batch_size: int = 16
+) -> list[list[int]]:
     """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
     the tokenizer has a chat template."""
     if getattr(tokenizer, "chat_template", None):
@@ -248,11 +251,19 @@ def greedy_answers(model, tokenizer, prompts, max_new_tokens: int = 80, batch_si
     return [answer[:-1] if ended else answer for answer, ended in answers]
 
 
-def chat_check(dense, model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 80) -> dict:
+def chat_check(
+    dense, model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, dense_answers=None
+) -> dict:
     """Repetition (repeated 4-gram fraction) of dense and Read-ME answers and
     the Read-ME answers' token F1 against the dense ones, over all ``prompts``
-    and over the original 16 (comparable with reports from before the set grew)."""
-    dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens)
+    and over the original 16 (comparable with reports from before the set grew).
+    ``dense_answers``: the dense model's answers to ``prompts`` when a caller
+    kept them (they depend only on the dense model, the prompts, the limit
+    and the machine's arithmetic)."""
+    if dense_answers is None:
+        dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens)
+    elif len(dense_answers) != len(prompts):
+        raise ValueError(f"{len(dense_answers)} dense answers for {len(prompts)} chat prompts")
     readme_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     rep_dense = [repeated_ngram_fraction(a) for a in dense_answers]

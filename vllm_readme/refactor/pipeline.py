@@ -25,8 +25,11 @@ from vllm_readme.refactor.activations import collect_activations
 from vllm_readme.refactor.build import build_readme_model
 from vllm_readme.refactor.dense import default_dense_model, load_dense, load_dense_config, save_dense_hf
 from vllm_readme.refactor.evaluate import (
+    CHAT_MAX_NEW_TOKENS,
+    CHAT_PROMPTS,
     chat_check,
     chat_prompt_ids,
+    greedy_answers,
     pad_and_eos,
     perplexity,
     pruned_forward,
@@ -101,7 +104,7 @@ class RefactorOptions:
     num_experts: int = _option(
         4, "routed experts (default {default}; with --experts-from domains, the number of sources)"
     )
-    keep: float = _option(0.75, "fraction of MLP channels active per token (default {default})")
+    keep: float = _option(0.875, "fraction of MLP channels active per token (default {default})")
     expert_cut: str = _option(
         "disjoint",
         "overlapping: each expert is a pruned copy of the MLP, channels repeated across experts (the paper's); "
@@ -438,6 +441,32 @@ class Refactor:
             cached.with_suffix(".tmp").replace(cached)
         return domain_acts
 
+    def _dense_chat_answers(self, dense) -> list[list[int]]:
+        """The dense model's greedy answers for the chat check, generated once
+        and kept beside the activation statistics (``--stats-cache``) or in
+        the build's work folder: every evaluation of a build, and every point
+        of a frontier, compares against the same answers. Keyed by what they
+        depend on: the dense model, the questions, the answer limit, the
+        precision and the CPU (bf16 kernels differ between CPU kinds)."""
+        key = {
+            "dense": str(self.dense_path.resolve()),
+            "prompts": hashlib.sha256(json.dumps(CHAT_PROMPTS).encode()).hexdigest(),
+            "max_new_tokens": CHAT_MAX_NEW_TOKENS,
+            "precision": self.precision.name,
+            "device": self.precision.device,
+            "machine": self.machine.gpu_name if self.precision.device == "cuda" else self.machine.cpu_model,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(self.options.stats_cache or self.work) / f"chat-dense-{digest}.json"
+        if path.is_file():
+            log(f"chat check: the dense model's answers from {path}")
+            return json.loads(path.read_text())["answers"]
+        answers = greedy_answers(dense, self.tokenizer, CHAT_PROMPTS, CHAT_MAX_NEW_TOKENS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps({"key": key, "answers": answers}))
+        path.with_suffix(".tmp").replace(path)
+        return answers
+
     def _router(self, dense, tokenizer, calib, layout: ExpertLayout) -> tuple[RouterConfig, dict]:
         opts, path = self.options, self.work / "router.pt"
         head_dim = opts.router_hidden // opts.router_heads
@@ -687,7 +716,7 @@ class Refactor:
         ood = self._ood_perplexities(dense, model, pruned_masks)
         chat = None
         if self.options.chat_check:
-            chat = chat_check(dense, model, self.tokenizer)
+            chat = chat_check(dense, model, self.tokenizer, dense_answers=self._dense_chat_answers(dense))
             log(
                 f"chat check ({chat['prompts']} questions): repeated 4-grams dense {chat['repetition_dense']:.2f}, "
                 f"Read-ME {chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f} "
