@@ -413,7 +413,7 @@ def common_options(rows: list[dict]) -> dict:
 def write_atomically(path: Path, text: str) -> None:
     """Readers (a concurrent run re-reading the results) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
+    partial = path.with_suffix(f"{path.suffix}.{os.getpid()}.partial")
     partial.write_text(text)
     os.replace(partial, path)
 

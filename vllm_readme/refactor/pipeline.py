@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -446,15 +447,21 @@ class Refactor:
         and kept beside the activation statistics (``--stats-cache``) or in
         the build's work folder: every evaluation of a build, and every point
         of a frontier, compares against the same answers. Keyed by what they
-        depend on: the dense model, the questions, the answer limit, the
-        precision and the CPU (bf16 kernels differ between CPU kinds)."""
+        depend on: the dense model's files (name, size, modification time),
+        the questions, the answer limit, the build's precision and device,
+        the CPU or GPU model and the torch and transformers versions."""
+        import transformers
+
+        files = [self.dense_path] if self.dense_path.is_file() else sorted(self.dense_path.iterdir())
         key = {
             "dense": str(self.dense_path.resolve()),
+            "dense_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
             "prompts": hashlib.sha256(json.dumps(CHAT_PROMPTS).encode()).hexdigest(),
             "max_new_tokens": CHAT_MAX_NEW_TOKENS,
             "precision": self.precision.name,
             "device": self.precision.device,
             "machine": self.machine.gpu_name if self.precision.device == "cuda" else self.machine.cpu_model,
+            "versions": [torch.__version__, transformers.__version__],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(self.options.stats_cache or self.work) / f"chat-dense-{digest}.json"
@@ -463,8 +470,9 @@ class Refactor:
             return json.loads(path.read_text())["answers"]
         answers = greedy_answers(dense, self.tokenizer, CHAT_PROMPTS, CHAT_MAX_NEW_TOKENS)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps({"key": key, "answers": answers}))
-        path.with_suffix(".tmp").replace(path)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # frontier runs may share the folder
+        partial.write_text(json.dumps({"key": key, "answers": answers}))
+        partial.replace(path)
         return answers
 
     def _router(self, dense, tokenizer, calib, layout: ExpertLayout) -> tuple[RouterConfig, dict]:
