@@ -429,17 +429,14 @@ class Refactor:
         key["held_out_fraction"] = str(opts.held_out_fraction)
         cached = None
         if opts.stats_cache is not None:
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-            cached = Path(opts.stats_cache) / f"activations-{digest}.pt"
+            cached = _keyed_file(Path(opts.stats_cache), "activations", key, ".pt")
             if cached.is_file():
                 log(f"activation statistics: shared cache {cached}")
                 return torch.load(cached, map_location="cpu", weights_only=True)
         per_domain = data_mod.domain_blocks(tokenizer, calib, opts.block_len, opts.stats_tokens)
         domain_acts = [collect_activations(dense, blocks, dtype=self.precision.dtype) for blocks in per_domain]
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(domain_acts, cached.with_suffix(".tmp"))
-            cached.with_suffix(".tmp").replace(cached)
+            _write_whole(cached, lambda partial: torch.save(domain_acts, partial))
         return domain_acts
 
     def _dense_chat_answers(self, dense) -> list[list[int]]:
@@ -463,16 +460,12 @@ class Refactor:
             "machine": self.machine.gpu_name if self.precision.device == "cuda" else self.machine.cpu_model,
             "versions": [torch.__version__, transformers.__version__],
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(self.options.stats_cache or self.work) / f"chat-dense-{digest}.json"
+        path = _keyed_file(Path(self.options.stats_cache or self.work), "chat-dense", key, ".json")
         if path.is_file():
             log(f"chat check: the dense model's answers from {path}")
             return json.loads(path.read_text())["answers"]
         answers = greedy_answers(dense, self.tokenizer, CHAT_PROMPTS, CHAT_MAX_NEW_TOKENS)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # frontier runs may share the folder
-        partial.write_text(json.dumps({"key": key, "answers": answers}))
-        partial.replace(path)
+        _write_whole(path, lambda partial: partial.write_text(json.dumps({"key": key, "answers": answers})))
         return answers
 
     def _router(self, dense, tokenizer, calib, layout: ExpertLayout) -> tuple[RouterConfig, dict]:
@@ -756,6 +749,22 @@ class Refactor:
             log(f"perplexity {name}: {value:.2f}")
         log(f"report: {json_path}, {png_path}")
         return results
+
+
+def _keyed_file(folder: Path, kind: str, key: dict, suffix: str) -> Path:
+    """Where a result shared between builds lives: named by a digest of
+    everything it depends on (``key``), so another input is another file."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return folder / f"{kind}-{digest}{suffix}"
+
+
+def _write_whole(path: Path, write) -> None:
+    """``write(partial)`` then rename: a reader sees the whole file or none,
+    and builds sharing the folder (a frontier's runs) each write their own partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write(partial)
+    partial.replace(path)
 
 
 def perplexity_ratios(ppl: dict[str, float]) -> dict[str, float]:
