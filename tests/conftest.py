@@ -93,6 +93,19 @@ def load_reference(model: Path):
     return ReadMEForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
 
+def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """``n`` greedy token ids after ``prompt_ids`` from the reference model
+    (a checkpoint folder, or a model already loaded): the oracle for what
+    vLLM serves."""
+    if isinstance(model, (str, Path)):
+        model = load_reference(Path(model))
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
 class RouteRecorder:
     """A route observer (the model calls it with positions and expert ids
     after every forward); tests add it in the worker via LLM.apply_model."""

@@ -2,8 +2,7 @@
 OpenAI server, queried with the `openai` client."""
 
 import pytest
-import torch
-from conftest import load_reference, served
+from conftest import reference_greedy, served
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
@@ -29,15 +28,6 @@ def greedy_completion(prompt) -> dict:
     )
 
 
-def _reference_text(path, prompt_ids, n):
-    model = load_reference(path)
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
-
-
 def test_completions_plain_and_streaming_match_the_reference(server, tiny_gqa):
     from openai import OpenAI
 
@@ -49,7 +39,7 @@ def test_completions_plain_and_streaming_match_the_reference(server, tiny_gqa):
     assert plain.usage.completion_tokens == 12
     assert streamed == plain.choices[0].text
     tok = AutoTokenizer.from_pretrained(tiny_gqa)
-    expected = _reference_text(tiny_gqa, tok(prompt).input_ids, 12)
+    expected = reference_greedy(tiny_gqa, tok(prompt).input_ids, 12)
     assert _token_ids(plain.choices[0].logprobs.tokens) == expected
 
 
@@ -77,7 +67,7 @@ def test_chat_plain_and_streaming(server, tiny_gqa):
     templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     templated = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert plain.usage.prompt_tokens == len(templated)
-    expected = _reference_text(tiny_gqa, templated, 10)
+    expected = reference_greedy(tiny_gqa, templated, 10)
     assert _token_ids(t.token for t in plain.choices[0].logprobs.content) == expected
 
 
@@ -114,7 +104,7 @@ def test_expert_aware_scheduler_gets_the_models_routes_through_vllm_serve(tiny_g
             samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
     tok = AutoTokenizer.from_pretrained(tiny_gqa)
     for choice in out.choices:
-        expected = _reference_text(tiny_gqa, tok(prompts[choice.index]).input_ids, 12)
+        expected = reference_greedy(tiny_gqa, tok(prompts[choice.index]).input_ids, 12)
         assert _token_ids(choice.logprobs.tokens) == expected
     guesses = samples.get("vllm_readme:scheduler_route_guesses_total", 0)
     # Every decode after a request's first has its previous token's route.
