@@ -12,14 +12,16 @@ configures both serving parts::
 An environment variable ``VLLM_README_<FIELD>`` (e.g. ``VLLM_README_POLICY``,
 ``VLLM_README_EXPERT_POOL``) is read only for a field the config leaves out.
 Every value is checked where vLLM validates its config, before any process
-or weight is started (model_executor/config.py); a bad one stops start-up
-with a message that names the field and what it accepts. Plain Python: no
-vLLM, no torch.
+or weight is started (model_executor/config.py, which also checks the bounds
+that depend on the model: the route window and the pool's minimum); a bad
+one stops start-up with a message that names the field (or the environment
+variable), the value and what it accepts. Plain Python: no vLLM, no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +35,15 @@ WHERE = f'additional_config["{CONFIG_KEY}"]'
 EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
 BACKING_STORES = ("auto", "disk", "checkpoint", "memory")
 ROUTE_SOURCES = ("router", "model")
+# A request held back longer than this many consecutive steps would stall
+# its stream for long enough to look hung to a client: the fairness bound
+# exists to prevent exactly that.
+MAX_HELD_BACK = 64
+
+
+def env_variable(name: str) -> str:
+    """The environment variable that may give option ``name``."""
+    return f"VLLM_README_{name.upper()}"
 
 
 class ReadMEOptionsError(ValueError):
@@ -51,7 +62,13 @@ class PluginOptions:
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None, env=os.environ):
-        given = (additional or {}).get(CONFIG_KEY) or {}
+        if additional is None:
+            additional = {}
+        if not isinstance(additional, Mapping):
+            raise ReadMEOptionsError(f"additional_config must be a JSON object, got {additional!r}.")
+        given = additional.get(CONFIG_KEY)
+        if given is None:
+            given = {}
         if not isinstance(given, Mapping):
             raise ReadMEOptionsError(f'{WHERE} must be a JSON object, e.g. {{"policy": "cost-model"}}; got {given!r}.')
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -59,16 +76,30 @@ class PluginOptions:
         unknown = sorted(set(given) - known)
         if unknown:
             raise ReadMEOptionsError(f"{WHERE}: unknown option(s) {unknown}; the options are {sorted(known)}.")
-        values = {}
+        values, from_environment = {}, set()
         for name in fields:
             if name in given:
                 values[name] = given[name]
-            elif f"VLLM_README_{name.upper()}" in env:
-                values[name] = env[f"VLLM_README_{name.upper()}"]
-        return cls(**{k: _coerce(k, v, fields[k]) for k, v in values.items()}).validated()
+            elif env_variable(name) in env:
+                values[name] = env[env_variable(name)]
+                from_environment.add(name)
+        where = {name: _where(name, name in from_environment) for name in fields}
+        options = cls(**{k: _coerce(where[k], v, fields[k]) for k, v in values.items()})
+        # Not a field: only how messages name the options read from the environment.
+        object.__setattr__(options, "_from_environment", frozenset(from_environment))
+        return options.validated()
 
     def validated(self):
         return self
+
+    def where(self, name: str) -> str:
+        """How a message names field ``name``: its key in additional_config,
+        or the environment variable it was read from."""
+        return _where(name, name in getattr(self, "_from_environment", ()))
+
+
+def _where(name: str, from_environment: bool) -> str:
+    return f"environment variable {env_variable(name)}" if from_environment else f"{WHERE}.{name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,41 +131,59 @@ class SchedulerOptions(PluginOptions):
 
     def validated(self) -> SchedulerOptions:
         if self.policy not in POLICIES:
-            raise ReadMEOptionsError(f"{WHERE}.policy: unknown policy {self.policy!r}; choose one of {list(POLICIES)}.")
-        if self.max_held_back < 0:
             raise ReadMEOptionsError(
-                f"{WHERE}.max_held_back must be >= 0 (steps a request may wait), got {self.max_held_back}."
+                f"{self.where('policy')}: unknown policy {self.policy!r}; choose one of {list(POLICIES)}."
+            )
+        if not 0 <= self.max_held_back <= MAX_HELD_BACK:
+            raise ReadMEOptionsError(
+                f"{self.where('max_held_back')} must be >= 0 and <= {MAX_HELD_BACK} (consecutive steps a runnable "
+                f"request may be held back; more would stall its stream), got {self.max_held_back}."
             )
         if self.route_source not in ROUTE_SOURCES:
             raise ReadMEOptionsError(
-                f"{WHERE}.route_source: {self.route_source!r} is not one of {list(ROUTE_SOURCES)}: "
+                f"{self.where('route_source')}: {self.route_source!r} is not one of {list(ROUTE_SOURCES)}: "
                 '"router" (a router copy next to the scheduler) or "model" (the model\'s own routes, one token late).'
             )
         if self.route_window < 1:
-            raise ReadMEOptionsError(f"{WHERE}.route_window must be >= 1 token, got {self.route_window}.")
+            raise ReadMEOptionsError(f"{self.where('route_window')} must be >= 1 token, got {self.route_window}.")
         if self.self_check_window != 0 and self.self_check_window < 8:
             raise ReadMEOptionsError(
-                f"{WHERE}.self_check_window must be 0 (off) or >= 8 steps, got {self.self_check_window}."
+                f"{self.where('self_check_window')} must be 0 (off) or >= 8 steps, got {self.self_check_window}."
             )
         if self.log_every < 0:
-            raise ReadMEOptionsError(f"{WHERE}.log_every must be >= 0 (0 = no log lines), got {self.log_every}.")
+            raise ReadMEOptionsError(
+                f"{self.where('log_every')} must be >= 0 (0 = no log lines), got {self.log_every}."
+            )
         self.load_cost_model()  # an unreadable file fails now, not at the first step
         return self
+
+    def check_route_window(self, router_max_positions: int) -> None:
+        """The router never sees more than its max positions of context, so
+        a longer window would only grow the router copy's cache."""
+        if self.route_window > router_max_positions:
+            raise ReadMEOptionsError(
+                f"{self.where('route_window')} must be <= the router's max_position_embeddings="
+                f"{router_max_positions} (config.json: the router attends to no more context), "
+                f"got {self.route_window}."
+            )
 
     def load_cost_model(self) -> StepCostModel:
         if self.cost_model is None:
             return DEFAULT_COST_MODEL
         try:
             return StepCostModel.load(self.cost_model)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        # Any failure to read a user's file (malformed JSON of any shape
+        # included) is the same error: this file cannot be the cost model.
+        except Exception as exc:
             raise ReadMEOptionsError(
-                f"{WHERE}.cost_model: cannot read {self.cost_model!r} ({exc}). "
+                f"{self.where('cost_model')}: cannot read {self.cost_model!r} ({type(exc).__name__}: {exc}). "
                 "Write one with `python benchmarks/calibrate_cost_model.py --out FILE`, or leave the option out "
                 "for the default."
             ) from exc
 
 
-_BYTES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNIT_NAMES = {"b": "B", "kb": "KB", "mb": "MB", "gb": "GB", "kib": "KiB", "mib": "MiB", "gib": "GiB"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,14 +194,31 @@ class PoolSize:
     fraction: float | None = None
     experts_per_layer: float | None = None
     nbytes: int | None = None
+    byte_unit: str = "b"  # the unit the bytes were given in, for messages
 
     def pages(self, num_layers: int, num_experts: int, page_bytes: int) -> int:
+        """Pages of the pool, in [1, all pages]."""
         total = num_layers * num_experts
         if self.fraction is not None:
-            return min(total, round(self.fraction * total))
+            pages = round(self.fraction * total)
+        elif self.experts_per_layer is not None:
+            pages = round(min(self.experts_per_layer, num_experts) * num_layers)
+        else:
+            pages = self.nbytes // page_bytes
+        return max(1, min(total, pages))
+
+    def in_same_form(self, pages: int, num_layers: int, num_experts: int, page_bytes: int) -> str:
+        """``pages`` written as this pool size was given (a share, experts
+        per layer or bytes), rounded up so that it gives at least ``pages``."""
+        if self.fraction is not None:
+            return f'"{_round_up(100 * pages / (num_layers * num_experts))}%"'
         if self.experts_per_layer is not None:
-            return min(total, round(self.experts_per_layer * num_layers))
-        return min(total, self.nbytes // page_bytes)
+            return _round_up(pages / num_layers)
+        return f'"{_round_up(pages * page_bytes / _BYTES[self.byte_unit])}{_UNIT_NAMES[self.byte_unit]}"'
+
+
+def _round_up(value: float) -> str:
+    return f"{math.ceil(value * 100 - 1e-9) / 100:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +237,9 @@ class ExpertCacheOptions(PluginOptions):
     # and packed per load; memory: a host copy (on GPU: pinned). auto: disk
     # on CPU, memory on GPU.
     backing_store: str = "auto"
+    # Where the "disk" store writes its page file: a folder on disk (not
+    # tmpfs). None: $XDG_CACHE_HOME/vllm_readme, i.e. ~/.cache/vllm_readme.
+    page_dir: str | None = None
 
     def validated(self) -> ExpertCacheOptions:
         if self.eviction not in EVICTION_POLICIES:
@@ -183,11 +252,32 @@ class ExpertCacheOptions(PluginOptions):
             )
         if self.prefetch_layers < 1:
             raise ReadMEOptionsError(
-                f"{WHERE}.prefetch_layers must be >= 1 (layers ahead a prefetch reaches), got {self.prefetch_layers}; "
-                'to turn prefetching off give "prefetch": false.'
+                f"{self.where('prefetch_layers')} must be >= 1 (layers ahead a prefetch reaches), "
+                f'got {self.prefetch_layers}; to turn prefetching off give "prefetch": false.'
             )
+        if self.page_dir is not None:
+            _check_writable_folder(self.page_dir, self.where("page_dir"))
         self.pool_size()
         return self
+
+    def pool_pages(self, num_layers: int, num_experts: int, page_bytes: int, minimum_pages: int) -> int | None:
+        """Pages of the pool for a model of these dimensions (None: every
+        expert resident). A pool below ``minimum_pages`` is refused, naming
+        the minimum in the form the pool was given in."""
+        size = self.pool_size()
+        if size is None:
+            return None
+        pages = size.pages(num_layers, num_experts, page_bytes)
+        if pages >= minimum_pages:
+            return pages
+        share = f'"{_round_up(100 * minimum_pages / (num_layers * num_experts))}%"'
+        raise ReadMEOptionsError(
+            f"{self.where('expert_pool')}={self.expert_pool!r} gives {pages} expert pages "
+            f"({pages * page_bytes / 2**20:.2f} MiB), but a step may route to all {num_experts} experts of a layer: "
+            f"the pool needs at least {minimum_pages} pages. Give expert_pool >= "
+            f"{size.in_same_form(minimum_pages, num_layers, num_experts, page_bytes)} (that is {share} of this "
+            f"model's {num_layers * num_experts} pages), or leave expert_pool out to keep every expert resident."
+        )
 
     def pool_size(self) -> PoolSize | None:
         """None when every expert stays resident."""
@@ -195,36 +285,68 @@ class ExpertCacheOptions(PluginOptions):
         if text is None or text.strip().lower() in ("all", "100%"):
             return None
         text = text.strip().lower()
+        where = self.where("expert_pool")
         bad = ReadMEOptionsError(
-            f'{WHERE}.expert_pool: cannot read {self.expert_pool!r}. Give a share of all expert pages ("50%"), '
+            f'{where}: cannot read {self.expert_pool!r}. Give a share of all expert pages ("50%"), '
             'experts per layer (4), or bytes ("512MiB"); leave it out to keep every expert resident.'
         )
         if text.endswith("%"):
-            try:
-                share = float(text[:-1]) / 100
-            except ValueError:
-                raise bad from None
+            share = _finite_number(text[:-1], bad) / 100
             if not 0 < share <= 1:
-                raise ReadMEOptionsError(
-                    f"{WHERE}.expert_pool: a share must be in (0%, 100%], got {self.expert_pool!r}."
-                )
+                raise ReadMEOptionsError(f"{where}: a share must be in (0%, 100%], got {self.expert_pool!r}.")
             return PoolSize(fraction=share)
         match = re.fullmatch(r"([0-9.]+)\s*([kmg]i?b|b)", text)
         if match:
-            value = float(match.group(1)) * _BYTES[match.group(2)]
-            if value <= 0:
-                raise bad
-            return PoolSize(nbytes=int(value))
-        try:
-            per_layer = float(text)
-        except ValueError:
-            raise bad from None
+            value = _finite_number(match.group(1), bad) * _BYTES[match.group(2)]
+            if not 1 <= value < math.inf:
+                raise ReadMEOptionsError(
+                    f'{where}: a size in bytes must be at least 1 B and finite, got {self.expert_pool!r}; e.g. "512MiB".'
+                )
+            return PoolSize(nbytes=int(value), byte_unit=match.group(2))
+        per_layer = _finite_number(text, bad)
         if per_layer <= 0:
-            raise ReadMEOptionsError(f"{WHERE}.expert_pool: experts per layer must be > 0, got {self.expert_pool!r}.")
+            raise ReadMEOptionsError(f"{where}: experts per layer must be > 0, got {self.expert_pool!r}.")
         return PoolSize(experts_per_layer=per_layer)
 
 
-def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
+def _finite_number(text: str, bad: ReadMEOptionsError) -> float:
+    """``text`` as a finite number; ``bad`` for anything else ("nan",
+    "inf", "1.2.3")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(value):
+        raise bad
+    return value
+
+
+_ACCEPTS = {
+    "int": "int (a whole number, e.g. 4)",
+    "bool": 'bool (true or false; from the environment also "1"/"0", "yes"/"no", "on"/"off")',
+    "str": "str",
+    "str | None": "str or null",
+}
+
+
+def _check_writable_folder(folder: str, where: str) -> None:
+    """``folder`` exists as a writable folder, or can be created: its
+    nearest existing parent is one."""
+    path = os.path.abspath(os.path.expanduser(folder))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ReadMEOptionsError(f"{where}: {existing} is not a folder; give a folder for the expert page file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created ({existing} is not writable)"
+        raise ReadMEOptionsError(
+            f"{where}: {path} {what}; give a folder on disk this user can write, for the expert page file."
+        )
+
+
+def _coerce(where: str, value: Any, field: dataclasses.Field) -> Any:
+    """``value`` as the field's type; ``where`` names the field in errors."""
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     try:
         if kind == "int":
@@ -246,7 +368,5 @@ def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError
         return str(value)
-    except (TypeError, ValueError):
-        raise ReadMEOptionsError(
-            f"{WHERE}.{name}: expected {kind.replace(' | None', ' or null')}, got {value!r}."
-        ) from None
+    except (TypeError, ValueError, OverflowError):
+        raise ReadMEOptionsError(f"{where}: expected {_ACCEPTS.get(kind, kind)}, got {value!r}.") from None

@@ -19,6 +19,7 @@ from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 
 if TYPE_CHECKING:
+    import torch
     from vllm.config import VllmConfig
 
 
@@ -44,7 +45,9 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
         check_tensor_parallel_split(config, vllm_config.parallel_config.tensor_parallel_size)
         # The plugin's serving options (additional_config["vllm_readme"]): a
         # bad value fails here, before any process or weight is started.
-        SchedulerOptions.from_additional_config(vllm_config.additional_config)
+        scheduler = SchedulerOptions.from_additional_config(vllm_config.additional_config)
+        if scheduler.route_source == "router":
+            scheduler.check_route_window(router.max_position_embeddings)
         cache = ExpertCacheOptions.from_additional_config(vllm_config.additional_config)
         if cache.pool_size() is not None:
             from vllm.platforms import current_platform
@@ -55,6 +58,27 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
                     "the routed experts run in FusedMoE's kernel, which reads its own weights (docs/expert_cache.md, "
                     'GPU). Leave expert_pool out of additional_config["vllm_readme"].'
                 )
+            from vllm_readme.experts.cache import minimum_pages
+
+            page_bytes = expert_page_bytes(config, model_config.dtype, vllm_config.parallel_config.tensor_parallel_size)
+            cache.pool_pages(
+                config.num_hidden_layers, config.num_experts, page_bytes, minimum_pages(config.num_experts)
+            )
+
+
+# vLLM's CPU grouped GEMM (CPUUnquantizedExperts and its AMX/NEON kinds) pads
+# each rank's expert channels to a multiple of this.
+CPU_MOE_CHANNEL_MULTIPLE = 32
+
+
+def expert_page_bytes(config: ReadMEConfig, dtype: torch.dtype, tp: int) -> int:
+    """Bytes of one (layer, expert) page on one rank, as the expert cache
+    holds it: FusedMoE's w13 [2 Ip, H] and w2 [H, Ip], with Ip the rank's
+    expert channels padded for the CPU grouped GEMM. Known from the config,
+    so a pool given in bytes is checked before any weight loads."""
+    channels = config.expert_intermediate_size // tp
+    padded = -(-channels // CPU_MOE_CHANNEL_MULTIPLE) * CPU_MOE_CHANNEL_MULTIPLE
+    return 3 * padded * config.hidden_size * dtype.itemsize
 
 
 def check_tensor_parallel_split(config: ReadMEConfig, tp: int) -> None:
