@@ -4,7 +4,6 @@ every pool size and policy, the start-up refusal, bad options)."""
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import time
@@ -192,26 +191,6 @@ def test_with_expert_aware_scheduler(tiny_gqa, resident_outputs):
     assert stats["plan"] and stats["plan_seq"] > 10  # a plan was read at the steps' start
 
 
-def test_a_dead_engines_plan_is_ignored_and_removed():
-    """A plan file left by an engine that died, under a pid reused since,
-    is neither read as a plan nor written to, and the next writer removes it."""
-    from vllm_readme.experts.plan import PlanReader, PlanWriter, plan_path, remove_stale_plans
-
-    writer = PlanWriter(num_experts=8)  # a real plan, then its owner stamp made a dead process's
-    writer.publish({2, 5})
-    writer.buf[-8:] = (1).to_bytes(8, "little")  # started at tick 1: not this process
-    writer.buf.flush()
-    try:
-        reader = PlanReader(num_experts=8)
-        assert reader.read() is None
-        reader.publish_residency({1}, 3.0)  # goes nowhere
-        assert writer.residency() is None
-        remove_stale_plans()
-        assert not plan_path(os.getpid()).exists()
-    finally:
-        writer.close()
-
-
 def test_scheduler_reads_the_caches_residency(tiny_gqa):
     """The other direction: the cache publishes which experts are resident in
     every layer and what loading one costs; the scheduler's cost model reads
@@ -308,7 +287,7 @@ def test_plan_crosses_processes():
     removes the file on close."""
     import multiprocessing
 
-    from vllm_readme.experts.plan import PlanReader, PlanWriter, plan_path
+    from vllm_readme.experts.plan import PlanReader, PlanWriter
 
     assert PlanReader(8).read() is None  # nothing published: no plan, no error
     writer = PlanWriter(num_experts=8)
@@ -327,7 +306,7 @@ def test_plan_crosses_processes():
         assert writer.model_routes() is None  # read once
     finally:
         writer.close()
-    assert not plan_path(os.getpid()).exists()
+    assert not writer.path.exists()
 
 
 def test_loads_are_charged_to_the_scheduler_only_while_the_pool_keeps_a_steps_pages():

@@ -40,7 +40,7 @@ import torch
 
 from vllm_readme.configuration_readme import ReadMEConfigError
 from vllm_readme.experts.eviction import NEVER, make_policy
-from vllm_readme.experts.plan import PlanReader
+from vllm_readme.experts.plan import PROCESS_ENGINE_ID, PlanReader
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
 from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFileStore
 from vllm_readme.options import WHERE, ExpertCacheOptions
@@ -102,12 +102,15 @@ class ExpertCache:
         log_every: int = 100,
         store: MemoryExpertStore | PageFileStore | DiskExpertStore | None = None,
         num_experts: int | None = None,
+        engine_id: str = PROCESS_ENGINE_ID,
     ):
         """``store``: a backing store already made (benchmarks share one
         between caches); by default made from ``options.backing_store``.
         ``num_experts``: the model's; when the layers hold fewer (the model
         streamed its experts: expert 0 only, as the layout reference), every
-        other page comes from the checkpoint and never from memory."""
+        other page comes from the checkpoint and never from memory.
+        ``engine_id``: the engine whose scheduler's plan file to read
+        (plan.py; vLLM's ``instance_id``)."""
         self.num_layers = len(w13_layers)
         self.tp_rank = tp_rank
         self.num_experts = num_experts or w13_layers[0].shape[0]
@@ -168,7 +171,8 @@ class ExpertCache:
         self.step_order: list[int] = []  # the same, ascending (the order pages are pinned and loaded)
         self.expert_index: torch.Tensor | None = None  # the step's expert ids as int64, for the slot gather
         self.resident_step = False  # every page of the step was resident at its start (_begin_step)
-        self.plan = PlanReader(self.num_experts)
+        # Every rank's cache decides the same: the first one tells the scheduler.
+        self.plan = PlanReader(self.num_experts, engine_id, writes=tp_rank == 0)
         self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()

@@ -4,15 +4,30 @@ and which experts are resident.
 The expert-aware scheduler knows every candidate request's latest route
 when it schedules a step; the expert cache needs that future for Belady and
 for prefetching the next step's first layer. They run in different
-processes under ``vllm serve`` (the engine core and its worker; vLLM's CPU
+processes under ``vllm serve`` (the engine core and its workers; vLLM's CPU
 platform always uses the multi-process executor), and in one process in an
-in-process engine. A small memory-mapped file in ``/dev/shm`` carries the
-plan either way: the scheduler creates it under a name derived from its
-process id, the cache opens it by its own or its parent's process id.
-(Not ``multiprocessing.shared_memory``: its resource tracker, shared by
-forked children, unlinks or double-counts blocks a child opens.)
+in-process engine. A small memory-mapped file carries the plan either way
+(in ``/dev/shm``, or ``VLLM_README_PLAN_DIR``). (Not
+``multiprocessing.shared_memory``: its resource tracker, shared by forked
+children, unlinks or double-counts blocks a child opens.)
 
-Three blocks, each written by one side and read by the other:
+The file is named after the engine, not a process: vLLM's
+``vllm_config.instance_id``, which the engine core and every worker hold
+(the config is pickled to them; vLLM names its own shared host memory with
+it). A process id is not unique across pid namespaces that share
+``/dev/shm`` (containers with ``--ipc=host``), and the workers' pids differ
+from the scheduler's. The writer publishes its file under that name with
+``link()``, which fails when the name exists, so two engines never share
+one buffer: the second runs without a plan.
+
+A writer holds a shared ``flock`` on its file for its lifetime; the kernel
+drops it when the process ends, however it ends. A starting writer removes
+files nobody holds (engines that died without closing), and a reader only
+attaches to a held file. The lock is taken before the name is published, so
+a starting engine never removes the file of another one starting at the
+same time. Files of another user are left alone.
+
+Three blocks, each with exactly one writer:
 
 * the plan (scheduler -> cache): a uint64 sequence number, one byte per
   expert;
@@ -20,79 +35,96 @@ Three blocks, each written by one side and read by the other:
   a float64 (the measured milliseconds to load one expert across all
   layers, 0 until measured), one byte per expert (1: every layer's page of
   it is resident). The scheduler's cost model charges a step for the
-  experts it would open that are not resident.
+  experts it would open that are not resident. Under tensor parallelism
+  every rank's cache decides the same; tensor-parallel rank 0 writes.
 * routes (model -> scheduler, once per forward, with the scheduler's
-  ``route_source: "model"``): a uint64 sequence number, a uint32 count, then
-  that many int64 KV-cache slots, int32 positions and uint8 experts: the
-  route the model computed for the last token of each sequence it ran,
-  keyed by the slot that token's keys and values were written to and its
-  position. A slot names one (request, position) within a step, and the
-  scheduler can compute it from its own block tables, so no request ids
-  need to cross; the position guards against a slot reused by another
-  request since (docs/scheduling.md, "Routes ahead").
-
-Then the writer's process start time: a reader ignores a file whose
-owner is gone (an engine that died without removing it, its pid reused
-since), and a new writer removes such files.
+  ``route_source: "model"``, written by rank 0's model): a uint64 sequence
+  number, a uint32 count, then that many int64 KV-cache slots, int32
+  positions and uint8 experts: the route the model computed for the last
+  token of each sequence it ran, keyed by the slot that token's keys and
+  values were written to and its position. A slot names one (request,
+  position) within a step, and the scheduler can compute it from its own
+  block tables, so no request ids need to cross; the position guards
+  against a slot reused by another request since (docs/scheduling.md,
+  "Routes ahead").
 
 Each block is a seqlock: the writer bumps its sequence number to odd before
 writing and to even after; a reader retries while it is odd or changed, so
-it never sees a half-written block. Plain Python: no vLLM, no torch.
+it never sees a half-written block.
+
+The plan only orders requests and chooses evictions: when the file cannot
+be made (no permission, the name taken, no space, no folder) the scheduler
+logs one line and schedules as vLLM does, and the cache runs without a
+plan. Plain Python: no vLLM, no torch.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import mmap
 import os
 import struct
 import tempfile
+import uuid
 import weakref
 from pathlib import Path
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
 
 MAX_EXPERTS = 1024
 MAX_ROUTES = 8192  # sequences per forward whose last route is published (more are dropped)
 _PLAN = 0  # u64 seq, flags
 _RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
 _ROUTES = _RESIDENCY + 16 + MAX_EXPERTS  # u64 seq, u32 count, i64 slots[], i32 positions[], u8 routes[]
-_OWNER = _ROUTES + 16 + 13 * MAX_ROUTES  # u64: the writer process's start time
-_SIZE = _OWNER + 8
+_SIZE = _ROUTES + 16 + 13 * MAX_ROUTES
+_PREFIX = "vllm_readme_plan_"
+
+# The engine id of writers and readers not given one (benchmarks, tests): one
+# per process, inherited by forked children.
+PROCESS_ENGINE_ID = f"local-{uuid.uuid4().hex}"
 
 
-def plan_path(pid: int) -> Path:
-    return _folder() / f"vllm_readme_plan_{pid}"
-
-
-def _folder() -> Path:
+def plan_folder() -> Path:
+    chosen = os.environ.get("VLLM_README_PLAN_DIR")
+    if chosen:
+        return Path(chosen)
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), which
-    tells a live writer from a later process that reused a dead one's pid."""
+def plan_path(engine_id: str) -> Path:
+    return plan_folder() / f"{_PREFIX}{engine_id.replace('/', '_')}"
+
+
+def _held(fd: int) -> bool:
+    """Whether a live writer holds the file open behind ``fd``."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _owner_alive(pid: int, started: int) -> bool:
-    return started != 0 and process_start_time(pid) == started
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def remove_stale_plans() -> None:
-    """Files left by engines that died without closing their writer."""
-    for path in _folder().glob("vllm_readme_plan_*"):
+    """Remove the files of engines that ended without closing their writer."""
+    try:
+        paths = list(plan_folder().glob(f"{_PREFIX}*"))
+    except OSError:
+        return
+    for path in paths:
         try:
-            pid = int(path.name.rsplit("_", 1)[1])
-            with open(path, "rb") as f:
-                f.seek(_OWNER)
-                raw = f.read(8)
-            started = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-            if not _owner_alive(pid, started):
-                path.unlink(missing_ok=True)
-        except (OSError, ValueError):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # gone meanwhile, or another user's
             continue
+        try:
+            if not _held(fd):
+                path.unlink(missing_ok=True)
+        except OSError:  # not ours to remove (another user's, in a sticky folder)
+            pass
+        finally:
+            os.close(fd)
 
 
 class _Seqlock:
@@ -200,29 +232,59 @@ class _RoutesBlock(_Seqlock):
 
 
 class PlanWriter:
-    """Owned by the scheduler, which writes the plan and reads residency;
-    the file is removed when it closes."""
+    """Owned by the scheduler, which writes the plan and reads residency and
+    routes; the file is removed when it closes. ``create`` is how an engine
+    makes one: it returns None, after one log line, when the file cannot be
+    made."""
 
-    def __init__(self, num_experts: int = MAX_EXPERTS):
+    def __init__(self, num_experts: int = MAX_EXPERTS, engine_id: str = PROCESS_ENGINE_ID):
         remove_stale_plans()
-        pid = os.getpid()
-        self.path = plan_path(pid)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # a stale file of our pid: reset
+        self.path = plan_path(engine_id)
+        # Made under a name no cleaner looks at, locked, sized, then published
+        # under the engine's name (link() refuses a name that exists).
+        draft = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
+        fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _SIZE)
-            self.buf = mmap.mmap(fd, _SIZE)
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # Pages allocated now: a full tmpfs fails here, not with SIGBUS at
+            # a later write through the mapping.
+            os.posix_fallocate(fd, 0, _SIZE)
+            buf = mmap.mmap(fd, _SIZE)
+            try:
+                os.link(draft, self.path)
+            except BaseException:
+                buf.close()
+                raise
+        except BaseException:
             os.close(fd)
-        struct.pack_into("<Q", self.buf, _OWNER, process_start_time(pid) or 0)
+            raise
+        finally:
+            draft.unlink(missing_ok=True)
+        self.buf = buf
         # Removed on close(), and also when the writer is collected or the
         # process exits without closing it (an in-process engine torn down
         # without its scheduler's shutdown()).
-        self._finalizer = weakref.finalize(self, _remove, self.buf, self.path)
+        self._finalizer = weakref.finalize(self, _remove, self.buf, fd, self.path)
         self.num_experts = num_experts
         self.plan = _Block(_PLAN, with_value=False)
         self.residency_block = _Block(_RESIDENCY, with_value=True)
         self.routes_block = _RoutesBlock(_ROUTES)
         self.routes_seen = 0
+
+    @classmethod
+    def create(cls, num_experts: int, engine_id: str) -> PlanWriter | None:
+        try:
+            return cls(num_experts, engine_id)
+        except OSError as error:
+            why = "another file has its name" if error.errno == errno.EEXIST else error.strerror or str(error)
+            logger.warning(
+                "Read-ME: cannot create the plan file %s (%s); the expert-aware scheduler schedules as vLLM does "
+                "and the expert cache runs without its plan. Set VLLM_README_PLAN_DIR to a folder this user can "
+                "write to (and remove stale vllm_readme_plan_* files) to restore them.",
+                plan_path(engine_id),
+                why,
+            )
+            return None
 
     def publish(self, experts) -> None:
         self.plan.write(self.buf, experts)
@@ -246,42 +308,56 @@ class PlanWriter:
         self._finalizer()
 
 
-def _remove(buf: mmap.mmap, path: Path) -> None:
+def _remove(buf: mmap.mmap, fd: int, path: Path) -> None:
+    path.unlink(missing_ok=True)  # before the lock goes with the descriptor
     buf.close()
-    path.unlink(missing_ok=True)
+    os.close(fd)
 
 
 class PlanReader:
     """Opened in the worker: by the expert cache, which reads the plan and
     writes residency, and by the model's route publisher, which writes the
-    routes; ``read()`` is None until a plan exists."""
+    routes; ``read()`` is None until a plan exists. ``writes``: whether this
+    reader writes its blocks (False on every tensor-parallel rank but the
+    first, so each block has one writer)."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, engine_id: str = PROCESS_ENGINE_ID, writes: bool = True):
         self.num_experts = num_experts
+        self.engine_id = engine_id
+        self.writes = writes
         self.buf = None
+        self.unusable = False  # the engine's name holds no live writer's file: stop looking
         self.last_seq = 0
         self.plan = _Block(_PLAN, with_value=False)
         self.residency = _Block(_RESIDENCY, with_value=True)
         self.routes = _RoutesBlock(_ROUTES)
 
     def _open(self) -> bool:
-        for pid in (os.getpid(), os.getppid()):
-            try:
-                fd = os.open(plan_path(pid), os.O_RDWR)
-            except FileNotFoundError:
-                continue
-            try:
-                buf = mmap.mmap(fd, _SIZE)
-            except ValueError:  # shorter than this layout: another version's, or stale
-                continue
-            finally:
-                os.close(fd)
-            if not _owner_alive(pid, struct.unpack_from("<Q", buf, _OWNER)[0]):
-                buf.close()  # a dead engine's file under a pid reused since
-                continue
-            self.buf = buf
-            return True
-        return False
+        if self.unusable:
+            return False
+        path = plan_path(self.engine_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # not created yet, or no expert-aware scheduler
+        except OSError as error:
+            # The writer failed on the same folder or name and logged why.
+            logger.debug("Read-ME: no plan file (%s: %s)", path, error)
+            self.unusable = True
+            return False
+        try:
+            if not _held(fd):
+                # A dead engine's file under this engine's name: this engine's
+                # writer could not create its own (it logged why).
+                self.unusable = True
+                return False
+            self.buf = mmap.mmap(fd, _SIZE)
+        except (OSError, ValueError):  # shorter than this layout: not a writer's of this version
+            self.unusable = True
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def read(self) -> frozenset[int] | None:
         if not self.attach():
@@ -297,7 +373,7 @@ class PlanReader:
         an expert-aware scheduler): the cache reads before it publishes in
         every step, so trying to open it here too would only repeat failed
         opens on the hot path."""
-        if self.buf is not None:
+        if self.buf is not None and self.writes:
             self.residency.write(self.buf, experts, load_ms)
 
     def attach(self) -> bool:
@@ -306,8 +382,9 @@ class PlanReader:
 
     def publish_routes(self, slots: bytes, positions: bytes, routes: bytes) -> bool:
         """The model's routes of the step it just ran (see the module doc);
-        False while the scheduler's file does not exist (yet)."""
-        if not self.attach():
+        False while the scheduler's file does not exist (yet), and on a
+        reader that does not write."""
+        if not self.writes or not self.attach():
             return False
         self.routes.write(self.buf, slots, positions, routes)
         return True
@@ -315,3 +392,4 @@ class PlanReader:
     def close(self) -> None:
         if self.buf is not None:
             self.buf.close()
+            self.buf = None

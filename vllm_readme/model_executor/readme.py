@@ -442,7 +442,7 @@ class ReadMEForCausalLM(nn.Module):
 
             # The scheduler refuses the channel for more experts than a byte holds.
             if first_rank and config.num_experts <= MAX_PUBLISHED_EXPERTS:
-                self.route_observers.append(RoutePublisher(config.num_experts))
+                self.route_observers.append(RoutePublisher(config.num_experts, vllm_config.instance_id))
         logger.info(
             "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
             config.num_hidden_layers,
@@ -534,6 +534,7 @@ class ReadMEForCausalLM(nn.Module):
             tp_rank=get_tensor_model_parallel_rank(),
             tp_size=get_tensor_model_parallel_world_size(),
             log_every=SchedulerOptions.from_additional_config(self.vllm_config.additional_config).log_every,
+            engine_id=self.vllm_config.instance_id,
         )
         for mlp in mlps:  # the pool holds them now
             for name in ("w13_weight", "w2_weight"):

@@ -34,8 +34,8 @@ MAX_PUBLISHED_EXPERTS = 256  # a route travels as one byte
 class RoutePublisher:
     """A route observer (ReadMEForCausalLM.route_observers)."""
 
-    def __init__(self, num_experts: int, layer: str = ANCHOR_LAYER):
-        self.plan = PlanReader(num_experts)
+    def __init__(self, num_experts: int, engine_id: str, layer: str = ANCHOR_LAYER):
+        self.plan = PlanReader(num_experts, engine_id)
         self.layer = layer
         self.published = 0
         self._looked = float("-inf")  # when the scheduler's file was last looked for and not found

@@ -96,10 +96,12 @@ class ExpertAwareMixin:
         if has_pool or isinstance(self.readme_routes, ModelRouteSource):
             from vllm_readme.experts.plan import PlanWriter
 
-            self._readme_plan = PlanWriter(num_experts=self.vllm_config.model_config.hf_config.num_experts)
+            self._readme_plan = PlanWriter.create(
+                self.vllm_config.model_config.hf_config.num_experts, self.vllm_config.instance_id
+            )
             if isinstance(self.readme_routes, ModelRouteSource):
                 self.readme_routes.plan = self._readme_plan
-        if has_pool:
+        if has_pool and self._readme_plan is not None:
             logger.info(
                 "vllm-readme scheduler: publishing each step's expert plan to the expert cache; its cost model "
                 "charges the experts the cache reports as not resident at what a load has cost its steps."
