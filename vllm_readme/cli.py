@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 VLLM_SUBCOMMANDS = ("serve", "chat", "complete", "run-batch", "bench")
 
@@ -71,7 +72,7 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from vllm_readme.checkpoint.authors import RouterOverrides, import_authors_checkpoint
-    from vllm_readme.checkpoint.io import validate_checkpoint
+    from vllm_readme.checkpoint.io import load_readme_config
 
     overrides = RouterOverrides(
         num_heads=args.router_heads,
@@ -80,8 +81,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
         rms_norm_eps=args.router_rms_norm_eps,
         hidden_act=args.router_act,
     )
-    path = import_authors_checkpoint(args.llama, args.masks, args.out, overrides)
-    config = validate_checkpoint(path)
+    path = import_authors_checkpoint(args.llama, args.masks, args.out, overrides)  # validated before it appears
+    config = load_readme_config(path)
     router = config.router_config
     print(
         f"wrote {path}: {config.num_hidden_layers} layers, {config.num_experts} experts x "
@@ -113,9 +114,13 @@ def _refactor_options(args: argparse.Namespace):
 
 
 def _cmd_refactor(args: argparse.Namespace) -> int:
+    from vllm_readme.checkpoint.io import check_dense_folder
     from vllm_readme.refactor.pipeline import refactor
 
-    results = refactor(_refactor_options(args), evaluate=not args.no_eval)
+    options = _refactor_options(args)
+    if options.dense:
+        check_dense_folder(Path(options.dense))
+    results = refactor(options, evaluate=not args.no_eval)
     if "perplexity" in results:
         print(json_dumps_short(results["perplexity"]))
     return 0
@@ -124,9 +129,18 @@ def _cmd_refactor(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from vllm_readme.checkpoint.io import check_dense_folder, read_json_file
+    from vllm_readme.configuration_readme import CheckpointFileError
     from vllm_readme.refactor.pipeline import options_of_build, refactor
 
+    options_file = Path(args.out) / ".refactor" / "options.json"
+    if options_file.is_file():
+        fix = f"The build is damaged: run `vllm-readme refactor --out {args.out}` again with its options."
+        if not isinstance(read_json_file(options_file, fix), dict):
+            raise CheckpointFileError(f"{options_file}: not a JSON object of options. {fix}")
     options = options_of_build(args.out)  # with the dtype the build resolved, so its cached stages are reused
+    if options.dense:
+        check_dense_folder(Path(options.dense))
     if args.tuned_baselines:
         options = dataclasses.replace(options, tuned_baselines=True)
     if args.device:
@@ -137,10 +151,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_dense(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from vllm_readme.checkpoint.io import check_dense_folder
     from vllm_readme.refactor.pipeline import export_dense
 
+    if args.dense:
+        check_dense_folder(Path(args.dense))
     print(f"wrote {export_dense(Path(args.dense) if args.dense else None, Path(args.out))}")
     return 0
 
@@ -176,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve, build and check router-decoupled MoE (Read-ME) models with vLLM.",
         epilog="vLLM's own subcommands (" + ", ".join(VLLM_SUBCOMMANDS) + ") are passed to vLLM unchanged, "
         "e.g. `vllm-readme serve ./my-readme-model --port 8000`; see `vllm-readme serve --help`.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error instead of its one-line message"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -258,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except ReadMEConfigError as exc:
-        print(f"vllm-readme {args.command}: error: {exc}", file=sys.stderr)
+    except ReadMEConfigError as exc:  # the checkpoint and config readers' named errors
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"vllm-readme {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

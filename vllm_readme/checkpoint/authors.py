@@ -53,20 +53,32 @@ What their code computes, and so what the imported model computes
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.modeling_utils import load_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from vllm_readme.checkpoint.convert import split_dense_mlp
-from vllm_readme.checkpoint.io import check_writable
-from vllm_readme.configuration_readme import ROUTER_ACTIVATIONS, ReadMEConfigError, readme_config_from_dense
+from vllm_readme.checkpoint.io import (
+    config_errors_named,
+    read_json_file,
+    validate_checkpoint,
+    write_folder_atomically,
+)
+from vllm_readme.configuration_readme import (
+    ROUTER_ACTIVATIONS,
+    CheckpointFileError,
+    ReadMEConfigError,
+    readme_config_from_dense,
+)
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -110,6 +122,9 @@ _ROUTER_TOP_LEVEL = {
 _ROUTER_IGNORED = re.compile(r"^rotary_emb\.inv_freq$")
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 _MASK_MODULE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
+# What torch.load raises for a file that is not a (readable) torch save:
+# pickle's errors, a broken zip archive (RuntimeError), a short file.
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -143,7 +158,7 @@ def read_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _shards_of_index(index)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise ReadMEConfigError(f"{index}: lists shard(s) {missing} that are not in {folder}.")
@@ -159,8 +174,23 @@ def read_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         )
     weights: dict[str, torch.Tensor] = {}
     for file in tqdm(files, desc="reading weights", unit="file", disable=len(files) < 2):
-        weights.update(load_state_dict(str(file)))
+        try:
+            weights.update(load_state_dict(str(file)))
+        except (SafetensorError, *_TORCH_LOAD_ERRORS) as exc:
+            raise CheckpointFileError(
+                f"{file}: cannot be read as weights ({' '.join(str(exc).split())[:200]}); it is truncated or "
+                "corrupt. Copy the checkpoint again."
+            ) from None
     return weights
+
+
+def _shards_of_index(index: Path) -> list[str]:
+    fix = "Restore the index the checkpoint was saved with."
+    weight_map = read_json_file(index, fix)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointFileError(f"{index}: has no weight_map object of tensor name -> file name. {fix}")
+    return sorted(set(weight_map.values()))
 
 
 def load_mask_file(
@@ -177,7 +207,13 @@ def load_mask_file(
     path = Path(path)
     if not path.is_file():
         raise ReadMEConfigError(f"mask file {path} does not exist; pass the authors' mask.pt with --masks.")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except _TORCH_LOAD_ERRORS as exc:
+        raise CheckpointFileError(
+            f"{path}: not a readable mask file ({' '.join(str(exc).split())[:200]}). Pass the mask.pt that "
+            "the authors' generate_mask.py wrote, with --masks."
+        ) from None
     by_layer = _masks_by_layer(raw, path)
     expected = list(range(num_layers))
     if sorted(by_layer) != expected:
@@ -228,7 +264,11 @@ def _layer_masks(entry, path: Path, layer: int, intermediate_size: int) -> tuple
     if not isinstance(entry, dict) or "residual" not in entry:
         raise ReadMEConfigError(f"{path}: layer {layer} has no 'residual' (shared) mask.")
     if "experts" in entry:
-        experts = torch.as_tensor(entry["experts"])
+        experts = _mask_tensor(entry["experts"], path, layer, "expert")
+        if experts.dim() != 2:
+            raise ReadMEConfigError(
+                f"{path}: layer {layer}'s 'experts' mask has shape {list(experts.shape)}; expected [experts, channels]."
+            )
     else:
         keys = [k for k in entry if k != "residual"]
         try:
@@ -241,8 +281,11 @@ def _layer_masks(entry, path: Path, layer: int, intermediate_size: int) -> tuple
             raise ReadMEConfigError(
                 f"{path}: layer {layer} has expert keys {[int(k) for k in order]}; expected 0..E-1 without gaps."
             )
-        experts = torch.stack([torch.as_tensor(entry[k]).flatten() for k in order])
-    residual = torch.as_tensor(entry["residual"]).flatten()
+        experts = [_mask_tensor(entry[k], path, layer, f"expert {k}").flatten() for k in order]
+        if len({mask.numel() for mask in experts}) > 1:
+            raise ReadMEConfigError(f"{path}: layer {layer}'s expert masks differ in length.")
+        experts = torch.stack(experts)
+    residual = _mask_tensor(entry["residual"], path, layer, "residual").flatten()
     for name, mask in (("residual", residual), ("expert", experts)):
         if mask.shape[-1] != intermediate_size:
             raise ReadMEConfigError(
@@ -252,6 +295,16 @@ def _layer_masks(entry, path: Path, layer: int, intermediate_size: int) -> tuple
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ReadMEConfigError(f"{path}: layer {layer}'s {name} mask has values other than 0 and 1.")
     return residual.bool(), experts.bool()
+
+
+def _mask_tensor(value, path: Path, layer: int, name: str) -> torch.Tensor:
+    try:
+        mask = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ReadMEConfigError(
+            f"{path}: layer {layer}'s {name} mask is a {type(value).__name__}, not a tensor of 0/1 values."
+        ) from None
+    return mask
 
 
 # ---------------------------------------------------------------------------
@@ -395,10 +448,12 @@ def import_authors_checkpoint(
     """Convert (their dense Llama + cluster_predictor + mask.pt) into our format.
 
     ``mask_file`` defaults to ``llama_dir/mask.pt``. Nothing is written
-    until every input has been read and checked.
+    until every input has been read and checked, and ``out_dir`` appears
+    only once the whole checkpoint is written and valid.
     """
     llama_dir, out = Path(llama_dir), Path(out_dir)
     mask_file = Path(mask_file) if mask_file is not None else llama_dir / "mask.pt"
+    config_file = llama_dir / "config.json"
     dense_config, weights = _read_dense_folder(llama_dir)
     predictor = {k[len(PREDICTOR) :]: v for k, v in weights.items() if k.startswith(PREDICTOR)}
     if not predictor:
@@ -406,7 +461,8 @@ def import_authors_checkpoint(
             f"{llama_dir}: no {PREDICTOR}* weights, so the router is missing. Import the checkpoint saved "
             "after router training (train_red.py --train_predictor or --finetune), not the dense base model."
         )
-    router = router_config_from_authors(dense_config, predictor, overrides)
+    with config_errors_named(config_file):
+        router = router_config_from_authors(dense_config, predictor, overrides)
     num_layers, inter = dense_config["num_hidden_layers"], dense_config["intermediate_size"]
     masks = load_mask_file(mask_file, num_layers, inter, num_experts=router["num_experts"])
     _log_router(router)
@@ -417,22 +473,35 @@ def import_authors_checkpoint(
             out_weights[name] = tensor.contiguous()
     out_weights.update(rename_router_weights(predictor))
     backbone = {k: v for k, v in dense_config.items() if k not in PREDICTOR_CONFIG_FIELDS}
-    config = readme_config_from_dense(backbone, **layout, router=router)
+    with config_errors_named(config_file):
+        config = readme_config_from_dense(backbone, **layout, router=router)
 
-    check_writable(out)
-    config.save_pretrained(out)
-    save_file(out_weights, out / "model.safetensors", metadata={"format": "pt"})
-    for name in _TOKENIZER_FILES:
-        if (llama_dir / name).is_file():
-            (out / name).write_bytes((llama_dir / name).read_bytes())
-    return out
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        save_file(out_weights, folder / "model.safetensors", metadata={"format": "pt"})
+        for name in _TOKENIZER_FILES:
+            if (llama_dir / name).is_file():
+                shutil.copyfile(llama_dir / name, folder / name)
+        validate_checkpoint(folder)
+
+    return write_folder_atomically(out, write)
 
 
 def _read_dense_folder(llama_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file = llama_dir / "config.json"
     if not config_file.is_file():
         raise ReadMEConfigError(f"{llama_dir}: config.json is missing; pass the folder the authors' code saved.")
-    return json.loads(config_file.read_text()), read_checkpoint_weights(llama_dir)
+    fix = "Pass the folder the authors' code saved, with its config.json."
+    config = read_json_file(config_file, fix)
+    if not isinstance(config, dict):
+        raise CheckpointFileError(f"{config_file}: holds a JSON {type(config).__name__}, not an object. {fix}")
+    for field in ("num_hidden_layers", "intermediate_size"):
+        if not isinstance(config.get(field), int) or isinstance(config[field], bool) or config[field] < 1:
+            raise CheckpointFileError(
+                f"{config_file}: {field} is {config.get(field)!r}; a Llama config.json states it as an integer >= 1. "
+                f"{fix}"
+            )
+    return config, read_checkpoint_weights(llama_dir)
 
 
 def _log_router(router: dict) -> None:
