@@ -67,7 +67,17 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from vllm.sequence import IntermediateTensors
 
-from vllm_readme.configuration_readme import ReadMEConfig, ReadMEConfigError, RouterConfig
+from vllm_readme.checkpoint.io import weights_file_of
+from vllm_readme.configuration_readme import (
+    NOT_WEIGHTS,
+    ReadMEConfig,
+    ReadMEConfigError,
+    RouterConfig,
+    TensorShapeError,
+    check_no_tensor_missing,
+    checkpoint_tensor_shapes,
+    tensor_shape_problem,
+)
 from vllm_readme.model_executor.kernels import (
     CPUGroupedGemm,
     choose_routed_kernel,
@@ -177,22 +187,10 @@ class ReadMEMoE(nn.Module):
             if projection == name:
                 shared.append((name, tensor))
                 continue
-            self._check_stacked(name, projection, tensor)
             if self.streamed:  # expert 0 only (see __init__); the cache reads the rest from the checkpoint
                 tensor = tensor[:1]
             loaded.add("experts." + load_stacked_experts(self.experts, projection, tensor))
         return loaded | AutoWeightsLoader(self).load_weights(shared)
-
-    def _check_stacked(self, name: str, projection: str, tensor: torch.Tensor) -> None:
-        name = f"{self.prefix}.{name}"
-        if projection not in ("gate_proj", "up_proj", "down_proj"):
-            raise ReadMEConfigError(f"checkpoint weight {name!r}: unknown expert projection {projection!r}.")
-        if tensor.dim() != 3 or tensor.shape[0] != self.num_experts:
-            raise ReadMEConfigError(
-                f"checkpoint weight {name!r} holds {tensor.shape[0] if tensor.dim() else 0} experts "
-                f"(shape {tuple(tensor.shape)}) but config.json says num_experts={self.num_experts}; "
-                "fix num_experts or re-export the checkpoint."
-            )
 
 
 class ReadMEAttention(nn.Module):
@@ -474,7 +472,24 @@ class ReadMEForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=checkpoint_names(self.config))
+        """Every checkpoint tensor is checked against the shape config.json
+        implies before it reaches a weight loader: vLLM's loaders narrow a
+        parameter to a smaller tensor and leave the rest uninitialised."""
+        shapes = checkpoint_tensor_shapes(self.config)
+        checkpoint_tensors: set[str] = set()
+
+        def checked(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if not name.endswith(NOT_WEIGHTS):
+                    problem = tensor_shape_problem(shapes, name, tuple(tensor.shape))
+                    if problem:
+                        folder = Path(self.vllm_config.model_config.model)
+                        raise TensorShapeError(f"{weights_file_of(folder, name)}: {problem}")
+                    checkpoint_tensors.add(name)
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(checked(weights), mapper=checkpoint_names(self.config))
+        check_no_tensor_missing(shapes, checkpoint_tensors, self.vllm_config.model_config.model)
         missing = [name for name, _ in self.named_parameters() if name not in loaded]
         router_missing = [n.removeprefix("model.") for n in missing if n.startswith("model.router.")]
         if router_missing:
