@@ -302,7 +302,8 @@ class ExpertCacheOptions(PluginOptions):
                 raise ReadMEOptionsError(
                     f'{where}: a size in bytes must be at least 1 B and finite, got {self.expert_pool!r}; e.g. "512MiB".'
                 )
-            return PoolSize(nbytes=int(value), byte_unit=match.group(2))
+            # round, not int: 2.01 * 10**6 is 2009999.99... in floating point
+            return PoolSize(nbytes=round(value), byte_unit=match.group(2))
         per_layer = _finite_number(text, bad)
         if per_layer <= 0:
             raise ReadMEOptionsError(f"{where}: experts per layer must be > 0, got {self.expert_pool!r}.")

@@ -528,15 +528,9 @@ class ReadMEForCausalLM(nn.Module):
         w2 = [mlp.experts.routed_experts.w2_weight for mlp in mlps]
         layers, experts = len(mlps), self.config.num_experts
         page_bytes = w13[0][0].nbytes + w2[0][0].nbytes
-        pages = options.pool_size().pages(layers, experts, page_bytes)
-        least = minimum_pages(experts)
-        if pages < least:
-            raise ReadMEConfigError(
-                f'additional_config["vllm_readme"].expert_pool={options.expert_pool!r} gives {pages} expert pages '
-                f"({pages * page_bytes / 2**20:.1f} MiB), but a step may route to all {experts} experts of a layer: the "
-                f"pool needs at least {least} pages = {least * page_bytes / 2**20:.1f} MiB = "
-                f'"{100 * least / (layers * experts):.4g}%" of this model\'s {layers * experts} pages.'
-            )
+        # Start-up checked the same minimum (model_executor/config.py) with the
+        # page size this layout has.
+        pages = options.pool_pages(layers, experts, page_bytes, minimum_pages(experts))
         cache = ExpertCache(
             w13_layers=w13,
             w2_layers=w2,
