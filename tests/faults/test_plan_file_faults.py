@@ -289,5 +289,6 @@ def test_engine_names_its_file_after_itself_and_removes_it(tiny_gqa, plan_dir):
         assert [p.name for p in plan_dir.iterdir()] == [plan_path(engine_id).name]
         assert scheduler.readme_last_residency is not None  # the cache's residency arrived
         assert scheduler.readme_routes.book.predicted > 0  # the model's routes arrived
+        llm.llm_engine.engine_core.shutdown()  # what collecting the engine does
+        assert not list(plan_dir.iterdir())
     assert not warnings_of(records)
-    assert not list(plan_dir.iterdir())
