@@ -1,8 +1,11 @@
 """Bad checkpoints fail at start-up with one clear message (docs/design.md,
 invariant 5)."""
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import edit_config, error_chain, vllm_engine
@@ -156,3 +159,137 @@ def test_a_tensor_that_disagrees_with_the_config_is_refused_by_validate_and_by_v
     assert str(info.value).startswith(f"{bad}{file}: ")
     message = _engine_error(bad)
     assert str(info.value) in message, message
+
+
+# ---------------------------------------------------------------------------
+# The command line: a bad file ends in one line naming the file, what is
+# wrong and the fix, with exit code 2; never a traceback.
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_readme.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def cli_error_line(result: subprocess.CompletedProcess, command: str, file) -> str:
+    """The one error line of a failed command, which must name ``file``."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"vllm-readme {command}: error: ")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"vllm-readme {command}: error: {file}"), lines[0]
+    return lines[0]
+
+
+def _shard_with_index(path, index) -> None:
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    (path / "model.safetensors.index.json").write_text(index)
+
+
+def _truncate(file) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _without_field(path, field) -> None:
+    data = json.loads((path / "config.json").read_text())
+    del data[field]
+    (path / "config.json").write_text(json.dumps(data))
+
+
+BAD_FILES = {
+    "config.json not JSON": (
+        lambda p: (p / "config.json").write_text('{"model_type": "readme",'),
+        "config.json",
+        r"not valid JSON .* Restore config.json",
+    ),
+    "config.json without a field": (
+        lambda p: _without_field(p, "num_experts"),
+        "config.json",
+        r"lacks \['num_experts'\], which size the checkpoint's tensors",
+    ),
+    "config.json with a wrong type": (
+        lambda p: edit_config(p, num_experts="four"),
+        "config.json",
+        r"num_experts='four' is not of type int; correct it in config.json",
+    ),
+    "truncated safetensors": (
+        lambda p: _truncate(p / "model.safetensors"),
+        "model.safetensors",
+        r"not a readable safetensors file .* truncated or corrupt\. Copy or export the checkpoint again",
+    ),
+    "index not JSON": (
+        lambda p: _shard_with_index(p, "weight_map:"),
+        "model.safetensors.index.json",
+        r"not valid JSON .* Write the index again",
+    ),
+    "index without weight_map": (
+        lambda p: _shard_with_index(p, '{"metadata": {}}'),
+        "model.safetensors.index.json",
+        r"has no weight_map object",
+    ),
+    "index naming a missing file": (
+        lambda p: _shard_with_index(p, json.dumps({"weight_map": {"lm_head.weight": "model-2.safetensors"}})),
+        "model.safetensors.index.json",
+        r"lists file\(s\) \['model-2.safetensors'\] that are not in",
+    ),
+    "narrower experts": (
+        _narrower_experts,
+        "model.safetensors",
+        r"has shape \[4, 128, 64\], but config.json implies \[4, 128, 96\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad_file", list(BAD_FILES))
+def test_validate_names_a_bad_file_in_one_line(tiny_gqa, tmp_path, bad_file):
+    corrupt, file, message = BAD_FILES[bad_file]
+    bad = _copy(tiny_gqa, tmp_path / "bad")
+    corrupt(bad)
+    line = cli_error_line(_cli("validate", bad), "validate", bad / file)
+    assert re.search(message, line), line
+
+
+def test_validate_accepts_a_sharded_checkpoint_with_its_index(tiny_gqa, tmp_path):
+    good = _copy(tiny_gqa, tmp_path / "good")
+    names = load_file(good / "model.safetensors").keys()
+    _shard_with_index(good, json.dumps({"weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}))
+    assert validate_checkpoint(good).num_experts == 4
+
+
+def test_the_debug_option_shows_the_traceback(tiny_gqa, tmp_path):
+    bad = _copy(tiny_gqa, tmp_path / "bad")
+    (bad / "config.json").write_text("{")
+    result = _cli("--debug", "validate", bad)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointFileError" in result.stderr
+
+
+def _dense_folder(tiny_gqa, path):
+    """A folder shaped like a dense HF model: config.json and safetensors."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    shutil.copy(tiny_gqa / "model.safetensors", path / "model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("command", ["refactor", "export-dense"])
+@pytest.mark.parametrize("bad_file", ["config.json", "model.safetensors"])
+def test_refactor_and_export_dense_name_a_bad_dense_folder_in_one_line(tiny_gqa, tmp_path, command, bad_file):
+    dense = _dense_folder(tiny_gqa, tmp_path / "dense")
+    if bad_file == "config.json":
+        (dense / "config.json").write_text("hidden_size = 128")
+    else:
+        _truncate(dense / "model.safetensors")
+    extra = ["--no-eval"] if command == "refactor" else []
+    line = cli_error_line(_cli(command, "--dense", dense, "--out", tmp_path / "out", *extra), command, dense / bad_file)
+    assert ("not valid JSON" if bad_file == "config.json" else "truncated or corrupt") in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_eval_names_a_damaged_build_in_one_line(tmp_path):
+    options = tmp_path / "build" / ".refactor" / "options.json"
+    options.parent.mkdir(parents=True)
+    options.write_text('{"out": "build", "dense": ')
+    line = cli_error_line(_cli("eval", "--out", tmp_path / "build"), "eval", options)
+    assert "not valid JSON" in line and "run `vllm-readme refactor --out" in line
