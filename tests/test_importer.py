@@ -3,6 +3,9 @@ them: vLLM on the imported model against an independent
 implementation of the authors' forward (tests/authors_layout.py)."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,4 +274,73 @@ def test_the_cli_names_the_problem_and_exits_2(tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
     assert cli_main(["import", "--llama", str(src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "vllm-readme import: error: config.json has no n_head" in err and "--router-heads" in err
+    assert f"vllm-readme import: error: {src}/config.json has no n_head" in err and "--router-heads" in err
+
+
+# ---------------------------------------------------------------------------
+# The output appears whole or not at all; unreadable inputs end the command
+# in one line naming the file.
+
+
+def test_an_import_that_fails_after_writing_leaves_no_folder(tmp_path):
+    """The tokenizer has more tokens than the router can route: the check
+    runs on the written checkpoint, and what was written is removed."""
+    from vllm_readme.checkpoint.tiny import train_tokenizer
+
+    src = tmp_path / "authors"
+    write_authors_checkpoint(src, "safetensors")
+    train_tokenizer(vocab_size=512).save_pretrained(src)
+    with pytest.raises(ReadMEConfigError, match=r"the tokenizer has 512 tokens but router.vocab_size is"):
+        import_authors_checkpoint(src, None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["authors"]
+
+
+def test_an_import_does_not_write_into_a_folder_that_holds_files(authors_safetensors, tmp_path):
+    src, _ = authors_safetensors
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ReadMEConfigError, match=r"already exists and is not empty"):
+        import_authors_checkpoint(src, None, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def _garbage(file) -> None:
+    file.write_bytes(b"PK\x03\x04 not a torch file")
+
+
+def _truncate(file) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bad_file", "corrupt", "message"),
+    [
+        ("bin", "mask.pt", _garbage, r"not a readable mask file .* Pass the mask.pt"),
+        ("bin", "pytorch_model.bin", _truncate, r"cannot be read as weights .* truncated or corrupt"),
+        ("bin", "config.json", lambda f: f.write_text("{'n_head': 2}"), r"not valid JSON"),
+        (
+            "bin-sharded",
+            "pytorch_model.bin.index.json",
+            lambda f: f.write_text('{"metadata": {}}'),
+            r"has no weight_map object",
+        ),
+        ("safetensors", "model.safetensors", _truncate, r"cannot be read as weights .* truncated or corrupt"),
+    ],
+)
+def test_import_names_an_unreadable_file_in_one_line(tmp_path, fmt, bad_file, corrupt, message):
+    src = tmp_path / "authors"
+    write_authors_checkpoint(src, fmt)
+    corrupt(src / bad_file)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_readme.cli", "import", "--llama", str(src), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("vllm-readme import: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"vllm-readme import: error: {src / bad_file}: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["authors"]
