@@ -252,6 +252,10 @@ def test_unequal_experts_and_compiled(tiny_mha):
         ({"backing_store": "nvme"}, "'nvme' is not one of"),
         ({"prefetch": "maybe"}, "prefetch: expected bool"),
         ({"prefetch_layers": 0}, r"prefetch_layers must be >= 1 .* \"prefetch\": false"),
+        ({"expert_pool": "nan"}, r"expert_pool: cannot read 'nan'"),
+        ({"expert_pool": "1.2.3MiB"}, r"expert_pool: cannot read '1\.2\.3MiB'"),
+        ({"expert_pool": "1KiB"}, r"expert_pool='1KiB' gives 1 expert pages .*\(expert_pool >= \"[0-9.]+KiB\","),
+        ({"prefetch_layers": 2.5}, r"prefetch_layers: expected int"),
     ],
 )
 def test_bad_cache_options_fail_at_start(tiny_gqa, options, message):

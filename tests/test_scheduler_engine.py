@@ -32,17 +32,18 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
-def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, observe=None, **options):
-    """Half the requests first, the rest after three steps; returns outputs
-    by request id and the scheduler's figures (None for vLLM's own).
-    ``observe(scheduler)`` is called after every step."""
+def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, observe=None, requests=None, **options):
+    """Half the requests (default: ``workload(12)``) first, the rest after
+    three steps; returns outputs by request id and the scheduler's figures
+    (None for vLLM's own). ``observe(scheduler)`` is called after every
+    step."""
     from vllm import SamplingParams
 
     kwargs = {}
     if policy is not None:
         options = {"policy": policy, "log_every": 0, **options}
         kwargs = dict(scheduler_cls=SCHEDULER, additional_config={"vllm_readme": options})
-    requests = workload(12)
+    requests = requests or workload(12)
     with vllm_engine(
         model, kv_cache_memory_bytes=kv_bytes, max_num_seqs=8, block_size=32, max_model_len=256, **kwargs
     ) as llm:
@@ -63,10 +64,10 @@ def run(model, tmp_path, policy: str | None, kv_bytes: int = 32 << 20, observe=N
             if observe is not None:
                 observe(engine.engine_core.engine_core.scheduler)
 
-        add(0, 6)
+        add(0, len(requests) // 2)
         for _ in range(3):
             step()
-        add(6, 12)
+        add(6, len(requests))
         for _ in range(2000):
             if not engine.has_unfinished_requests():
                 break
@@ -251,6 +252,12 @@ def test_router_copy_matches_model(tiny_gqa):
         ({"max_held_back": "soon"}, "max_held_back: expected int"),
         ({"route_source": "oracle"}, "route_source: 'oracle' is not one of ['router', 'model']"),
         ({"self_check_window": 3}, "self_check_window must be 0 (off) or >= 8 steps"),
+        ({"max_held_back": 1000}, "max_held_back must be >= 0 and <= 64"),
+        (
+            {"route_source": "router", "route_window": 10**6},
+            "route_window must be <= the router's max_position_embeddings",
+        ),
+        ({"log_every": float("nan")}, "log_every: expected int"),
     ],
 )
 def test_bad_options_fail_at_start(tiny_gqa, options, message):

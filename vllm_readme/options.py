@@ -218,7 +218,9 @@ class PoolSize:
 
 
 def _round_up(value: float) -> str:
-    return f"{math.ceil(value * 100 - 1e-9) / 100:g}"
+    """``value`` rounded up to two decimals, written without an exponent
+    (the parsers read it back)."""
+    return f"{math.ceil(value * 100 - 1e-9) / 100:.2f}".rstrip("0").rstrip(".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,9 +276,10 @@ class ExpertCacheOptions(PluginOptions):
         raise ReadMEOptionsError(
             f"{self.where('expert_pool')}={self.expert_pool!r} gives {pages} expert pages "
             f"({pages * page_bytes / 2**20:.2f} MiB), but a step may route to all {num_experts} experts of a layer: "
-            f"the pool needs at least {minimum_pages} pages. Give expert_pool >= "
-            f"{size.in_same_form(minimum_pages, num_layers, num_experts, page_bytes)} (that is {share} of this "
-            f"model's {num_layers * num_experts} pages), or leave expert_pool out to keep every expert resident."
+            f"the pool needs at least {minimum_pages} pages (expert_pool >= "
+            f"{size.in_same_form(minimum_pages, num_layers, num_experts, page_bytes)}, that is {share} of this "
+            f"model's {num_layers * num_experts} pages). Give at least that, or leave expert_pool out to keep every "
+            "expert resident."
         )
 
     def pool_size(self) -> PoolSize | None:
