@@ -268,6 +268,14 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     ratio = after.get("vllm_readme:scheduler_policy_vs_fcfs")
     if ratio is not None and ratio > 0:  # the self-check's latest verdict (NaN: it has not compared yet)
         out["self_check_policy_vs_fcfs"] = ratio
+    per_expert = after.get("vllm_readme:scheduler_fit_per_expert_ms")
+    if per_expert is not None and not math.isnan(per_expert):  # costs fitted online (no cost model file)
+        out["scheduler_fit"] = {
+            "per_expert_ms": per_expert,
+            "per_expert_ms_se": after.get("vllm_readme:scheduler_fit_per_expert_ms_se"),
+            "per_token_ms": after.get("vllm_readme:scheduler_fit_per_token_ms"),
+            "policy_active": bool(after.get("vllm_readme:scheduler_fit_active")),
+        }
     guesses = delta("vllm_readme:scheduler_route_guesses_total")
     if guesses:  # route_source=model: the previous token's route was this token's
         out["scheduler_route_guesses_right"] = delta("vllm_readme:scheduler_route_guesses_right_total") / guesses
@@ -329,6 +337,16 @@ def _scheduler_engine(label: str, **options) -> str:
 # Named runs: ``--preset NAME`` sets the engines (``{readme}``: the Read-ME
 # model), workloads and results file that a README figure comes from.
 PRESETS = {
+    # The scheduler as a new user selects it (no other option) against the
+    # same model and server without --scheduler-cls (vLLM's own scheduler).
+    "scheduler-default": {
+        "datasets": ["random"],
+        "concurrency": [1, 8, 32, 64],
+        "rate_fractions": [],
+        "no_dense": True,
+        "out": RESULTS / "serve_scheduler_default.json",
+        "engine": [f"expert-aware scheduler, default options={{readme}} {SCHEDULER_CLS.strip()}"],
+    },
     "scheduler": {
         "datasets": ["random", "chat"],
         "concurrency": [32, 64],
@@ -482,7 +500,8 @@ def main() -> None:
         choices=sorted(PRESETS),
         help="a named run (engines, workloads, results file): expert-cache = the expert pool at 75/50/25%%, "
         "Belady + prefetch against LRU on demand, with and without the expert-aware scheduler; scheduler = "
-        "the cost-model policy with either route source against FCFS at c 32/64; expert-cache-scheduler = "
+        "the cost-model policy with either route source against FCFS at c 32/64; scheduler-default = "
+        "--scheduler-cls alone against the same model without it at c 1/8/32/64 (random); expert-cache-scheduler = "
         "a 25%% pool under FCFS + LRU, Belady + prefetch, and the scheduler with either route source; "
         "expert-cache-large = pools of 50 and 25%% on a model whose experts dominate its bytes (give --readme "
         "models/smollm2-readme-v1); expert-cache-depth = a 50%% pool prefetching 1 or 2 layers ahead (same model)",

@@ -10,13 +10,26 @@ once, and does work per token. So its time is modelled as
 Whether grouping tokens by expert pays is exactly the question of how large
 ``per_expert_ms`` is against ``per_token_ms``: the fit on a machine answers
 it. Plain Python: no vLLM, no torch.
+
+``OnlineCostFit`` answers it while the engine serves: a least-squares fit
+over the engine's own recent steps, with standard errors, and a verdict on
+whether a distinct expert is measured to cost time at all. Until it is,
+the scheduler keeps vLLM's order.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import math
 from pathlib import Path
+
+# The least time a step can take in a model: a step of tokens is never free,
+# and the policy divides tokens by step time.
+MIN_STEP_MS = 1e-3
+
+COEFFICIENTS = ("base_ms", "per_token_ms", "per_expert_ms", "per_load_ms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +41,15 @@ class StepCostModel:
     source: str = "default"
 
     def __post_init__(self):
-        for name in ("base_ms", "per_token_ms", "per_expert_ms", "per_load_ms"):
+        for name in COEFFICIENTS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0 or value != value:
-                raise ValueError(f"step cost model: {name} must be a number >= 0, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (milliseconds), got {value!r}")
+        if self.base_ms + self.per_token_ms < MIN_STEP_MS:
+            raise ValueError(
+                f"base_ms + per_token_ms must be >= {MIN_STEP_MS} ms (a step of one token takes time), "
+                f"got {self.base_ms!r} + {self.per_token_ms!r}"
+            )
 
     def step_ms(self, tokens: int, experts: int, loads: int = 0) -> float:
         if tokens <= 0:
@@ -40,14 +58,18 @@ class StepCostModel:
 
     @classmethod
     def fit(cls, samples: list[tuple[int, int, float]], per_load_ms: float = 0.0, source: str = "fit") -> StepCostModel:
-        """Least squares over (tokens, distinct experts, measured ms) samples;
-        coefficients clamped at 0 (a negative cost is noise)."""
+        """Least squares over (tokens, distinct experts, measured ms) samples.
+        A negative per-token or per-expert cost is noise (0); the fixed part
+        is floored so that a step always takes time."""
         if len(samples) < 3:
             raise ValueError(f"step cost model: need at least 3 samples to fit, got {len(samples)}.")
         rows = [(1.0, float(t), float(e)) for t, e, _ in samples]
         ys = [float(ms) for _, _, ms in samples]
         coef = _least_squares(rows, ys)
-        base, per_token, per_expert = (max(0.0, c) for c in coef)
+        if not all(math.isfinite(c) for c in coef):
+            raise ValueError("step cost model: the samples give no finite fit (non-finite times?).")
+        per_token, per_expert = max(0.0, coef[1]), max(0.0, coef[2])
+        base = max(coef[0], MIN_STEP_MS - per_token, 0.0)
         return cls(base, per_token, per_expert, per_load_ms, source)
 
     def save(self, path: str | Path) -> None:
@@ -62,6 +84,8 @@ class StepCostModel:
             raise ValueError(f"step cost model file {path} cannot be read ({exc.strerror}).") from exc
         except json.JSONDecodeError as exc:
             raise ValueError(f"step cost model file {path} is not JSON ({exc.msg}).") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"step cost model file {path}: expected a JSON object of coefficients, got {data!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         missing = sorted({"base_ms", "per_token_ms", "per_expert_ms"} - set(data))
@@ -72,7 +96,119 @@ class StepCostModel:
                 + (f"missing {missing}; " if missing else "")
                 + f"expected {sorted(known)}."
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(
+                f"step cost model file {path}: {exc}. Measure this machine's costs with "
+                "`python benchmarks/calibrate_cost_model.py --out FILE`, or leave cost_model out to fit them online."
+            ) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class CostFit:
+    """One online fit: coefficients, their standard errors, and whether a
+    distinct expert is measured to cost time (``significant``)."""
+
+    samples: int
+    base_ms: float
+    per_token_ms: float
+    per_expert_ms: float
+    per_token_se: float
+    per_expert_se: float
+    mean_step_ms: float
+    mean_experts: float
+    significant: bool
+
+    def model(self) -> StepCostModel:
+        """The fit as a step-cost model; a distinct expert costs nothing in it
+        until its cost is significant."""
+        per_token = max(0.0, self.per_token_ms)
+        base = max(self.base_ms, MIN_STEP_MS - per_token, 0.0)
+        per_expert = max(0.0, self.per_expert_ms) if self.significant else 0.0
+        return StepCostModel(base, per_token, per_expert, source="fitted online")
+
+    def describe(self) -> str:
+        return (
+            f"{self.base_ms:.2f} ms + {self.per_token_ms:.3f} ms/token (SE {self.per_token_se:.3f}) + "
+            f"{self.per_expert_ms:.3f} ms/expert (SE {self.per_expert_se:.3f}) over the last {self.samples} steps"
+        )
+
+
+class OnlineCostFit:
+    """The step-cost model fitted from the engine's own recent steps.
+
+    Least squares of step time on tokens and distinct experts over a sliding
+    window of ``window`` steps (running sums: O(1) per step). A distinct
+    expert counts as costing time only when the fitted per-expert cost is
+    above ``z`` standard errors and its share of a mean step
+    (``per_expert_ms * mean experts / mean step ms``) is at least
+    ``min_share``; until then the fitted model charges nothing per expert
+    and the scheduler keeps vLLM's order. Steps whose tokens and experts move together (every
+    decode a new expert) cannot tell the two costs apart: such a fit is not
+    significant either.
+    """
+
+    def __init__(self, window: int = 512, min_samples: int = 64, z: float = 3.0, min_share: float = 0.02):
+        if window < min_samples or min_samples < 4:
+            raise ValueError(f"online cost fit: need window ({window}) >= min_samples ({min_samples}) >= 4.")
+        self.window, self.min_samples, self.z, self.min_share = window, min_samples, z, min_share
+        self.samples: collections.deque[tuple[float, float, float]] = collections.deque()
+        self.latest: CostFit | None = None
+        self._sums = [0.0] * 9  # t, e, y, tt, ee, te, ty, ey, yy
+        self._since_rebuild = 0
+
+    def add(self, tokens: int, experts: int, ms: float) -> None:
+        """One finished step; a non-finite or non-positive time is dropped."""
+        if not (math.isfinite(ms) and ms > 0 and tokens > 0):
+            return
+        sample = (float(tokens), float(experts), float(ms))
+        self.samples.append(sample)
+        self._accumulate(sample, 1.0)
+        if len(self.samples) > self.window:
+            self._accumulate(self.samples.popleft(), -1.0)
+        self._since_rebuild += 1
+        if self._since_rebuild >= self.window:  # running sums drift; rebuild them now and then
+            self._sums = [0.0] * 9
+            for old in self.samples:
+                self._accumulate(old, 1.0)
+            self._since_rebuild = 0
+
+    def _accumulate(self, sample: tuple[float, float, float], sign: float) -> None:
+        t, e, y = sample
+        for i, value in enumerate((t, e, y, t * t, e * e, t * e, t * y, e * y, y * y)):
+            self._sums[i] += sign * value
+
+    def refit(self) -> CostFit | None:
+        """Fit the current window; None until it holds ``min_samples`` steps."""
+        n = len(self.samples)
+        if n < self.min_samples:
+            return None
+        st, se, sy, stt, see, ste, sty, sey, syy = self._sums
+        # Centred sums: the intercept drops out, leaving a 2x2 system.
+        ctt, cee, cte = stt - st * st / n, see - se * se / n, ste - st * se / n
+        cty, cey, cyy = sty - st * sy / n, sey - se * sy / n, syy - sy * sy / n
+        det = ctt * cee - cte * cte
+        mean_t, mean_e, mean_y = st / n, se / n, sy / n
+        if ctt <= 0 or cee <= 0 or det <= 1e-9 * ctt * cee:
+            # Tokens or experts never vary independently: no expert cost can be measured.
+            per_token = cty / ctt if ctt > 0 else 0.0
+            fit = CostFit(n, mean_y - per_token * mean_t, per_token, 0.0, math.inf, math.inf, mean_y, mean_e, False)
+        else:
+            per_token = (cee * cty - cte * cey) / det
+            per_expert = (ctt * cey - cte * cty) / det
+            residual = max(0.0, cyy - per_token * cty - per_expert * cey) / (n - 3)
+            token_se = math.sqrt(residual * cee / det)
+            expert_se = math.sqrt(residual * ctt / det)
+            significant = per_expert - self.z * expert_se > 0 and per_expert * mean_e >= self.min_share * mean_y
+            base = mean_y - per_token * mean_t - per_expert * mean_e
+            fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, mean_y, mean_e, significant)
+        self.latest = fit
+        return fit
+
+    def model(self) -> StepCostModel | None:
+        """The latest fit's model, None before the first fit."""
+        return None if self.latest is None else self.latest.model()
 
 
 def _least_squares(rows: list[tuple[float, ...]], ys: list[float]) -> list[float]:

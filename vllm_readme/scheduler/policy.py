@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from vllm_readme.scheduler.cost_model import StepCostModel
+from vllm_readme.scheduler.cost_model import MIN_STEP_MS, StepCostModel
 
 POLICIES = ("fcfs", "decode-first", "prefill-first", "greedy-expert", "cost-model")
 
@@ -158,7 +158,7 @@ def _by_cost(
         groups: dict[frozenset[int], list[Candidate]] = {}
         for c in remaining:
             groups.setdefault(frozenset(c.experts - opened), []).append(c)
-        current = tokens / model.step_ms(tokens, len(opened), loads) if tokens else 0.0
+        current = _tokens_per_ms(model, tokens, len(opened), loads)
         best, best_ratio = None, current
         for new, group in groups.items():
             take, spare = [], budget.copy()
@@ -170,7 +170,7 @@ def _by_cost(
                 continue
             t = tokens + sum(c.tokens for c in take)
             new_loads = len(new - resident) if resident is not None else 0
-            ratio = t / model.step_ms(t, len(opened) + len(new), loads + new_loads)
+            ratio = _tokens_per_ms(model, t, len(opened) + len(new), loads + new_loads)
             if ratio > best_ratio or (ratio == best_ratio and best is not None and len(take) > len(best[1])):
                 best, best_ratio = (new, take), ratio
         if best is None:
@@ -185,6 +185,14 @@ def _by_cost(
         taken_ids = {id(c) for c in take}
         remaining = [c for c in remaining if id(c) not in taken_ids]
     return picked
+
+
+def _tokens_per_ms(model: StepCostModel, tokens: int, experts: int, loads: int) -> float:
+    """Throughput of a step in the model; a step of tokens never counts as free
+    (a model given from outside may not guarantee it)."""
+    if not tokens:
+        return 0.0
+    return tokens / max(model.step_ms(tokens, experts, loads), MIN_STEP_MS)
 
 
 class HoldBackTracker:

@@ -4,16 +4,20 @@ Read-ME's router reads token ids only, so the scheduler can know a token's
 expert before any step runs it (paper §4.2, "pre-gating"). This module keeps
 one small incremental state per request:
 
-* when a request is added, its prompt runs through the router once (the full
-  causal sequence, exactly as the model computes it): the route of every
-  prompt token;
+* when a request is added, its prompt joins a backlog of tokens not routed
+  yet; the backlog is routed oldest request first, at most a given number
+  of tokens per scheduler step, in chunks of ``chunk`` tokens that attend
+  to the previous ``window`` positions: memory per chunk is ``chunk x
+  (window + chunk)`` scores whatever the prompt's length, and a burst of
+  long prompts delays no decode by more than one budget of router work;
 * each newly sampled token takes one router step against that request's key
   and value cache (one query per request, batched over requests);
 * the cache holds the last ``window`` positions only (a ring per request in
   one preallocated pool), so memory is bounded: ``slots x layers x 2 x
-  window x kv_width`` floats. Beyond ``window`` tokens of context a decode
-  route may differ from the model's own (measured agreement:
-  docs/scheduling.md); prompt routes are exact.
+  window x kv_width`` floats. Every token attends to the ``window``
+  positions up to itself, so routes equal the model's while a sequence is
+  within ``window`` tokens; beyond it a route may differ (measured
+  agreement: docs/scheduling.md).
 
 The model keeps computing its own routes: outputs never depend on this copy,
 only the order in which requests run does.
@@ -61,16 +65,19 @@ def load_router(model_dir: str | Path) -> ReadMERouter:
 class RouteTracker:
     """Per-request routes of every token so far, extended as tokens arrive."""
 
-    def __init__(self, router: ReadMERouter, window: int = 64, initial_slots: int = 64):
+    def __init__(self, router: ReadMERouter, window: int = 64, initial_slots: int = 64, chunk: int = 128):
         self.router = router.eval()
         cfg: RouterConfig = router.layers[0].self_attn.config if router.layers else None
         self.config = cfg
         self.window = window
+        self.chunk = chunk
         self.num_layers = len(router.layers)
         self.kv_heads = cfg.num_key_value_heads
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
         self.routes: dict[str, list[int]] = {}
+        # Tokens received but not routed yet, per request (oldest added first).
+        self.backlog: dict[str, list[int]] = {}
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         # Per layer, [slots, kv_heads, window, head_dim]: a step gathers its
@@ -103,54 +110,98 @@ class RouteTracker:
     def __len__(self) -> int:
         return len(self.routes)
 
+    def known(self, request_id: str) -> int | None:
+        """Tokens received for the request, routed or not (None: unknown request)."""
+        routes = self.routes.get(request_id)
+        return None if routes is None else len(routes) + len(self.backlog.get(request_id, ()))
+
     def release(self, request_id: str) -> None:
         self.routes.pop(request_id, None)
+        self.backlog.pop(request_id, None)
         slot = self._slot.pop(request_id, None)
         if slot is not None:
             self._free.append(slot)
 
     # -- routing -----------------------------------------------------------
-    @torch.inference_mode()
-    def add(self, request_id: str, token_ids: list[int]) -> list[int]:
-        """Routes of a prompt (the full causal sequence); keeps its cache."""
+    def add(self, request_id: str, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
+        """Takes a prompt and routes up to ``max_tokens`` of it now (all of it
+        by default); the rest waits for ``route_backlog``. Returns the routes
+        known so far."""
         if request_id in self.routes:
             self.release(request_id)
         if not self._free:
             self._grow(2 * self._slots)
-        slot = self._free.pop()
-        self._slot[request_id] = slot
-        if not token_ids:
-            self.routes[request_id] = []
-            return []
+        self._slot[request_id] = self._free.pop()
+        self.routes[request_id] = []
+        if token_ids:
+            self.backlog[request_id] = list(token_ids)
+            self.route_backlog(max_tokens, request_ids=[request_id])
+        return self.routes[request_id]
+
+    def route_backlog(self, max_tokens: int | None = None, request_ids: list[str] | None = None) -> int:
+        """Routes up to ``max_tokens`` backlogged tokens (None: all), oldest
+        request first; returns how many it routed."""
+        routed = 0
+        for request_id in list(self.backlog if request_ids is None else request_ids):
+            pending = self.backlog.get(request_id)
+            while pending and (max_tokens is None or routed < max_tokens):
+                n = min(self.chunk, len(pending), len(pending) if max_tokens is None else max_tokens - routed)
+                self._route_chunk(request_id, pending[:n])
+                del pending[:n]
+                routed += n
+            if not pending:
+                self.backlog.pop(request_id, None)
+            if max_tokens is not None and routed >= max_tokens:
+                break
+        return routed
+
+    @torch.inference_mode()
+    def _route_chunk(self, request_id: str, token_ids: list[int]) -> None:
+        """Routes consecutive tokens of one request: each attends to the
+        ``window`` positions up to itself (the ring's earlier ones and the
+        chunk's own), as a decode step does."""
         r = self.router
-        ids = torch.tensor([token_ids])
-        t = ids.shape[1]
-        positions = torch.arange(t)[None]
-        x = r.embed_tokens(ids)
-        cos, sin = r.rotary_emb(x, positions)
-        causal = torch.full((t, t), float("-inf")).triu(1)
-        keep = min(t, self.window)
-        ring = torch.arange(t - keep, t) % self.window
+        slot = self._slot[request_id]
+        start = len(self.routes[request_id])
+        count = len(token_ids)
+        past = min(start, self.window - 1)  # earlier positions some query of the chunk can see
+        positions = torch.arange(start, start + count)
+        distance = positions[:, None] - torch.arange(start - past, start + count)[None]
+        bias = torch.zeros(count, past + count).masked_fill((distance < 0) | (distance >= self.window), float("-inf"))
+        past_ring = torch.arange(start - past, start) % self.window
+        kept = min(count, self.window)  # the chunk's last positions stay in the ring
+        ring = positions[count - kept :] % self.window
+        x = r.embed_tokens(torch.tensor([token_ids]))
+        cos, sin = r.rotary_emb(x, positions[None])
         for layer_index, layer in enumerate(r.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = self._qkv(attn, h, cos, sin)  # [1, heads|kv_heads, t, d]
-            self._keys[layer_index][slot][:, ring] = k[0, :, t - keep :]
-            self._values[layer_index][slot][:, ring] = v[0, :, t - keep :]
-            k, v = self._expand(k), self._expand(v)
-            scores = (q @ k.transpose(-1, -2)) * self.config.scale + causal
-            out = scores.softmax(-1) @ v
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            q, k, v = self._qkv(attn, h, cos, sin)  # [1, heads|kv_heads, count, d]
+            keys, values = self._keys[layer_index][slot], self._values[layer_index][slot]  # [kv_heads, window, d]
+            # Read the earlier positions before the chunk's own overwrite their ring entries.
+            all_keys = self._expand(torch.cat([keys[:, past_ring][None], k], dim=2))
+            all_values = self._expand(torch.cat([values[:, past_ring][None], v], dim=2))
+            keys[:, ring] = k[0, :, count - kept :]
+            values[:, ring] = v[0, :, count - kept :]
+            scores = (q @ all_keys.transpose(-1, -2)) * self.config.scale + bias
+            out = scores.softmax(-1) @ all_values
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, count, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        routes = r.expert_head(r.norm(x)).argmax(-1)[0].tolist()
-        self.routes[request_id] = routes
-        return routes
+        self.routes[request_id].extend(r.expert_head(r.norm(x)).argmax(-1)[0].tolist())
 
     @torch.inference_mode()
     def extend(self, new_tokens: dict[str, list[int]]) -> None:
         """Route newly arrived tokens; one batched router step per token
-        position, all requests with a token at that position together."""
-        pending = {rid: list(tokens) for rid, tokens in new_tokens.items() if tokens and rid in self.routes}
+        position, all requests with a token at that position together. A
+        request with a backlog queues them behind it."""
+        pending = {}
+        for rid, tokens in new_tokens.items():
+            if not tokens or rid not in self.routes:
+                continue
+            if rid in self.backlog:
+                self.backlog[rid].extend(tokens)
+            else:
+                pending[rid] = list(tokens)
         while pending:
             batch = list(pending)
             token = torch.tensor([pending[rid].pop(0) for rid in batch])

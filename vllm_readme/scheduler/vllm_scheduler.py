@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
-from vllm_readme.scheduler.cost_model import StepCostModel
+from vllm_readme.scheduler.cost_model import OnlineCostFit, StepCostModel
 from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
@@ -64,6 +65,13 @@ class ExpertAwareMixin:
         self.readme_cost_model = self.readme_options.load_cost_model()
         self.readme_held = HoldBackTracker()
         self.readme_stats = SchedulerStatsLog(self.readme_options.log_every)
+        # Without a cost model file the step costs are fitted from this
+        # engine's own steps, and the cost-model policy keeps vLLM's order
+        # until a distinct expert is measured to cost time.
+        self.readme_cost_fit = OnlineCostFit() if self.readme_options.cost_model is None else None
+        if self.readme_cost_fit is not None:
+            self.readme_cost_model = StepCostModel(1.0, 0.0, 0.0, source="fitted online")  # until the first fit
+            self.readme_stats.cost_fit = self.readme_cost_fit
         self.readme_arrival: dict[str, int] = {}
         self._readme_arrivals = 0
         self._readme_plan = None  # experts/plan.py: with an expert pool, or the model's routes
@@ -81,15 +89,23 @@ class ExpertAwareMixin:
         if self.readme_routes is None:
             logger.info("vllm-readme scheduler: not a Read-ME model; scheduling exactly as vLLM does.")
             return
+        if self.readme_cost_fit is not None:
+            cost = (
+                "fitted online from this engine's steps; scheduling in vLLM's order until a distinct expert is "
+                "measured to cost time"
+            )
+        else:
+            model = self.readme_cost_model
+            cost = (
+                f"{self.readme_options.cost_model} ({model.base_ms:.2f} ms + {model.per_token_ms:.3f} ms/token + "
+                f"{model.per_expert_ms:.2f} ms/expert)"
+            )
         logger.info(
-            "vllm-readme scheduler: policy %s, a request waits at most %d step(s), cost model %s "
-            "(%.2f ms + %.3f ms/token + %.2f ms/expert), routes ahead from %s.",
+            "vllm-readme scheduler: policy %s, a request waits at most %d step(s), cost model: %s, "
+            "routes ahead from %s.",
             self.readme_options.policy,
             self.readme_options.max_held_back,
-            self.readme_options.cost_model or "default",
-            self.readme_cost_model.base_ms,
-            self.readme_cost_model.per_token_ms,
-            self.readme_cost_model.per_expert_ms,
+            cost,
             self.readme_routes.describe(),
         )
         has_pool = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None
@@ -115,86 +131,144 @@ class ExpertAwareMixin:
             self._readme_plan = None
         super().shutdown()
 
-    def _readme_guarded(self, bookkeeping, *args) -> bool:
-        """Route bookkeeping degrades instead of stopping the engine: on an
-        error the scheduler logs it once and schedules as vLLM does from then
-        on (routes only order requests; outputs never depend on them).
-        False when it failed."""
+    def _readme_guarded(self, bookkeeping, *args, what: str = "route bookkeeping") -> bool:
+        """Everything the plugin adds degrades instead of stopping the engine:
+        on an error the scheduler logs it once and schedules as vLLM does
+        from then on (routes only order requests; outputs never depend on
+        them). False when it failed."""
         try:
             bookkeeping(*args)
             return True
         except Exception:
-            logger.exception("vllm-readme scheduler: route bookkeeping failed; scheduling as vLLM does from now on.")
-            self.readme_routes = None
+            self._readme_give_up(what)
             return False
+
+    def _readme_give_up(self, what: str, marked: dict | None = None) -> None:
+        """Log the fault once, release every request this step marked to wait
+        (``marked``: request -> its eligible step before), and leave the
+        scheduling to vLLM from now on."""
+        # The traceback as text: a record holding the exception would keep
+        # this scheduler's frames, and with them the engine, alive as long
+        # as any handler keeps the record.
+        logger.error(
+            "vllm-readme scheduler: %s failed; scheduling as vLLM does from now on.\n%s", what, traceback.format_exc()
+        )
+        for request, eligible_step in (marked or {}).items():
+            request.next_decode_eligible_step = eligible_step
+        self.readme_routes = None
 
     # -- requests in and out ---------------------------------------------
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         if self.readme_routes is not None and request.prompt_token_ids is not None:
             if request.request_id not in self.readme_arrival:
-                self.readme_routes.add(request.request_id, list(request.prompt_token_ids))
-                self.readme_arrival[request.request_id] = self._readme_arrivals
-                self._readme_arrivals += 1
+                self._readme_guarded(self._readme_add, request)
+
+    def _readme_add(self, request: Request) -> None:
+        self.readme_routes.add(request.request_id, list(request.prompt_token_ids))
+        self.readme_arrival[request.request_id] = self._readme_arrivals
+        self._readme_arrivals += 1
 
     def _free_request(self, request: Request, *args, **kwargs):
         if self.readme_routes is not None:
-            self.readme_routes.release(request.request_id)
-            self.readme_held.forget(request.request_id)
-            self.readme_arrival.pop(request.request_id, None)
+            self._readme_guarded(self._readme_forget, request.request_id)
         return super()._free_request(request, *args, **kwargs)
+
+    def _readme_forget(self, request_id: str) -> None:
+        self.readme_routes.release(request_id)
+        self.readme_held.forget(request_id)
+        self.readme_arrival.pop(request_id, None)
 
     # -- the step ----------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        """vLLM's ``schedule()``, run exactly once per step, after the policy
+        marked the requests it holds back. A fault anywhere in the policy's
+        own work hands the step, and every later one, to vLLM's order."""
         if self.readme_routes is None:
             return super().schedule(throttle_prefills)
         started = time.perf_counter()
-        if not self._readme_guarded(self.readme_routes.catch_up, self.running):
+        marked: dict[Request, int] = {}
+        try:
+            decision = self._readme_decide(marked)
+        except Exception:
+            self._readme_give_up("the expert-aware policy", marked)
+            decision = None
+        if decision is None:
             return super().schedule(throttle_prefills)
-        candidates = self._readme_candidates()
-        cost_model, resident = self._readme_residency()
-        policy = self.readme_options.policy
-        if self.readme_check is not None and not self.readme_check.uses_policy():
-            policy = "fcfs"
-        by_id = {c.request_id: c for c in candidates}
-        if policy == "fcfs":  # vLLM's order: nothing held back
-            chosen = set(by_id)
-        else:
-            chosen = set(
-                choose(
-                    policy,
-                    candidates,
-                    max_tokens=self.max_num_scheduled_tokens,
-                    max_requests=self.max_num_running_reqs,
-                    max_held_back=self.readme_options.max_held_back,
-                    cost_model=cost_model,
-                    resident=resident,
-                )
-            )
-        for request in self.running:
-            candidate = by_id.get(request.request_id)
-            # Only the policy's choices hold a request back: a candidate
-            # without routes that did not fit the policy's estimate of the
-            # budget (a prefill whose whole chunk did not) is left to vLLM,
-            # which runs what fits.
-            if candidate is not None and candidate.experts is not None and request.request_id not in chosen:
-                # schedule() advances current_step before it checks, so +2
-                # skips exactly this step (vLLM's DiffusionAsyncScheduler).
-                request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
         decided = time.perf_counter()
         output = super().schedule(throttle_prefills)
         resumed = time.perf_counter()
+        try:
+            self._readme_after_step(output, *decision, own_s=decided - started, resumed=resumed)
+        except Exception:
+            self._readme_give_up("the expert-aware policy's bookkeeping")
+        return output
+
+    def _readme_decide(self, marked: dict[Request, int]) -> tuple[list[Candidate], set[str]] | None:
+        """Choose the step and mark the requests held back (recorded in
+        ``marked`` as they are marked); None when the route source failed."""
+        if not self._readme_guarded(self.readme_routes.catch_up, self.running):
+            return None
+        candidates = self._readme_candidates()
+        cost_model, resident = self._readme_residency()
+        policy = self._readme_policy(cost_model)
+        by_id = {c.request_id: c for c in candidates}
+        if policy == "fcfs":  # vLLM's order: nothing held back
+            return candidates, set()
+        chosen = set(
+            choose(
+                policy,
+                candidates,
+                max_tokens=self.max_num_scheduled_tokens,
+                max_requests=self.max_num_running_reqs,
+                max_held_back=self.readme_options.max_held_back,
+                cost_model=cost_model,
+                resident=resident,
+            )
+        )
+        # Only the policy's choices hold a request back: a candidate without
+        # routes that did not fit the policy's estimate of the budget (a
+        # prefill whose whole chunk did not) is left to vLLM, which runs what
+        # fits.
+        held = {rid for rid, c in by_id.items() if rid not in chosen and c.experts is not None}
+        for request in self.running:
+            if request.request_id in held:
+                marked.setdefault(request, request.next_decode_eligible_step)
+                self._readme_hold_back(request)
+        return candidates, held
+
+    def _readme_hold_back(self, request: Request) -> None:
+        # schedule() advances current_step before it checks, so +2 skips
+        # exactly this step (vLLM's DiffusionAsyncScheduler).
+        request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+
+    def _readme_policy(self, cost_model: StepCostModel) -> str:
+        """The policy for this step: FCFS in the self-check's FCFS windows,
+        and for the cost-model policy with online costs while no expert cost
+        is measured (the fit's per-expert cost, or the expert cache's loads)."""
+        policy = self.readme_options.policy
+        if self.readme_check is not None and not self.readme_check.uses_policy():
+            return "fcfs"
+        if policy == "cost-model" and self.readme_cost_fit is not None:
+            fit = self.readme_cost_fit.latest
+            if fit is None or not (fit.significant or cost_model.per_load_ms > 0):
+                return "fcfs"
+        return policy
+
+    def _readme_after_step(
+        self, output: SchedulerOutput, candidates: list[Candidate], held: set[str], own_s: float, resumed: float
+    ) -> None:
         ran = output.num_scheduled_tokens
         if not self._readme_guarded(self.readme_routes.scheduled, self, ran):
-            return output
+            return
+        by_id = {c.request_id: c for c in candidates}
         # A wait counts against the bound only when the policy held the
         # request back; one it chose that vLLM then did not run (no KV
         # blocks: vLLM preempts) keeps its count: it waited on vLLM, as under
         # vLLM's own scheduler, and stays first in line if it was.
-        held = {rid for rid, c in by_id.items() if rid not in chosen and c.experts is not None}
         waited = [rid for rid in by_id if rid not in ran and rid not in held]
         self.readme_held.update(by_id, ran, keep=waited)
-        own_s = (decided - started) + (time.perf_counter() - resumed)  # ours, not vLLM's schedule()
+        own_s += time.perf_counter() - resumed  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
         self.readme_stats.step(
             self._readme_step_experts(ran),
@@ -204,8 +278,15 @@ class ExpertAwareMixin:
             {rid: self.readme_held.get(rid) for rid in held},
             decision_s=own_s,
         )
+        self._readme_follow_fit()
         self._readme_publish_plan(candidates)
-        return output
+
+    def _readme_follow_fit(self) -> None:
+        """With online costs: the policy's model is the latest fit, its
+        per-expert cost counted only while it is measured to be one."""
+        model = self.readme_cost_fit.model() if self.readme_cost_fit is not None else None
+        if model is not None:
+            self.readme_cost_model = model
 
     def _readme_residency(self) -> tuple[StepCostModel, set[int] | None]:
         """With an expert cache: which experts are resident in every layer and
@@ -294,12 +375,18 @@ def _route_source(scheduler) -> RouterCopySource | ModelRouteSource | None:
 
 class RouterCopySource:
     """Routes ahead from the scheduler's own copy of the router
-    (routes_ahead.py): a prompt is routed when it is added, each sampled
-    token before the step that runs it (sync scheduler)."""
+    (routes_ahead.py): prompts are routed at most ``tokens_per_step`` tokens
+    per step, oldest first, so that a burst of long prompts cannot stall the
+    decodes; each sampled token before the step that runs it (sync
+    scheduler). A request whose prompt is not routed yet has no experts and
+    is never held back."""
+
+    tokens_per_step = 256
 
     def __init__(self, tracker, window: int):
         self.tracker = tracker
         self.window = window
+        self.routed_last_step = 0  # prompt tokens routed in the latest step
 
     def describe(self) -> str:
         return f"the scheduler's router copy (last {self.window} tokens)"
@@ -308,7 +395,7 @@ class RouterCopySource:
         return len(self.tracker)
 
     def add(self, request_id: str, prompt: list[int]) -> None:
-        self.tracker.add(request_id, prompt)
+        self.tracker.add(request_id, prompt, max_tokens=0)
 
     def release(self, request_id: str) -> None:
         self.tracker.release(request_id)
@@ -317,11 +404,12 @@ class RouterCopySource:
         """Route every token that reached a running request since last step."""
         new = {}
         for request in running:
-            routes = self.tracker.routes.get(request.request_id)
-            if routes is not None and len(routes) < request.num_tokens:
-                new[request.request_id] = request.all_token_ids[len(routes) : request.num_tokens]
+            known = self.tracker.known(request.request_id)
+            if known is not None and known < request.num_tokens:
+                new[request.request_id] = request.all_token_ids[known : request.num_tokens]
         if new:
             self.tracker.extend(new)
+        self.routed_last_step = self.tracker.route_backlog(self.tokens_per_step)
 
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         pass
@@ -331,7 +419,7 @@ class RouterCopySource:
 
     def experts(self, request_id: str, start: int, tokens: int, is_prefill: bool) -> frozenset[int] | None:
         routes = self.tracker.routes.get(request_id)
-        if not routes:
+        if not routes or request_id in self.tracker.backlog:
             return None
         if start >= len(routes):  # async: the newest token is not routed yet; its predecessor's route
             return frozenset(routes[-1:])
@@ -440,6 +528,7 @@ class SchedulerStatsLog:
         self.metrics = _prometheus()
         self.routes_summary = str  # the route source's figures for the log line ("" by default)
         self.self_check = None  # self_check.SelfCheck, when on
+        self.cost_fit = None  # cost_model.OnlineCostFit, without a cost model file
 
     def step(
         self, experts: set[int], tokens: int, scheduled: int, candidates, held: dict[str, int], decision_s: float
@@ -454,6 +543,8 @@ class SchedulerStatsLog:
             self.window.step_s += now - p_started
             if self.self_check is not None:
                 self._record_self_check(p_tokens, now - p_started)
+            if self.cost_fit is not None:
+                self._record_cost_fit(p_tokens, p_experts, self.samples[-1][-1])
         self._pending = (tokens, scheduled, len(experts), now) if tokens else None
         if tokens == 0:
             return
@@ -492,6 +583,32 @@ class SchedulerStatsLog:
                 self.routes_summary(),
             )
             self.window = _Window()
+            if self.cost_fit is not None and self.cost_fit.latest is not None:
+                self._log_cost_fit(self.cost_fit.latest)
+
+    def _record_cost_fit(self, tokens: int, experts: int, ms: float) -> None:
+        fit = self.cost_fit
+        before = fit.latest
+        fit.add(tokens, experts, ms)
+        latest = fit.refit()
+        if latest is None:
+            return
+        if self.metrics:
+            self.metrics.fit_per_expert.set(latest.per_expert_ms)
+            self.metrics.fit_per_expert_se.set(latest.per_expert_se)
+            self.metrics.fit_per_token.set(latest.per_token_ms)
+            self.metrics.fit_active.set(float(latest.significant))
+        if before is None or before.significant != latest.significant:
+            self._log_cost_fit(latest)
+
+    def _log_cost_fit(self, fit) -> None:
+        logger.info(
+            "vllm-readme scheduler: step cost fitted online: %s; %s.",
+            fit.describe(),
+            "a distinct expert costs time: the cost-model policy groups requests by expert"
+            if fit.significant
+            else "a distinct expert is not measured to cost time: scheduling in vLLM's order",
+        )
 
     def _record_self_check(self, tokens: int, seconds: float) -> None:
         check = self.self_check
@@ -563,6 +680,29 @@ def _prometheus() -> types.SimpleNamespace | None:
                 "Self-check: the policy's measured throughput over FCFS's (windows taking turns; NaN: none yet)",
                 multiprocess_mode="mostrecent",
             ),
+            fit_per_expert=Gauge(
+                "vllm_readme:scheduler_fit_per_expert_ms",
+                "Online step-cost fit: milliseconds a distinct expert adds to a step (NaN: no fit yet)",
+                multiprocess_mode="mostrecent",
+            ),
+            fit_per_expert_se=Gauge(
+                "vllm_readme:scheduler_fit_per_expert_ms_se",
+                "Online step-cost fit: standard error of the per-expert milliseconds",
+                multiprocess_mode="mostrecent",
+            ),
+            fit_per_token=Gauge(
+                "vllm_readme:scheduler_fit_per_token_ms",
+                "Online step-cost fit: milliseconds a token adds to a step",
+                multiprocess_mode="mostrecent",
+            ),
+            fit_active=Gauge(
+                "vllm_readme:scheduler_fit_active",
+                "1 while the fitted per-expert cost is significant and the cost-model policy may hold requests "
+                "back; 0 while it schedules in vLLM's order",
+                multiprocess_mode="mostrecent",
+            ),
         )
+        for unmeasured in (_METRICS["all"].fit_per_expert, _METRICS["all"].fit_per_expert_se):
+            unmeasured.set(float("nan"))
         _METRICS["all"].policy_vs_fcfs.set(float("nan"))  # not 0: nothing is measured until a self-check compares
     return _METRICS["all"]
