@@ -42,7 +42,7 @@ from vllm_readme.configuration_readme import ReadMEConfigError
 from vllm_readme.experts.eviction import NEVER, make_policy
 from vllm_readme.experts.plan import PROCESS_ENGINE_ID, PlanReader
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
-from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFileStore
+from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFileStore, StoreFileChanged
 from vllm_readme.options import WHERE, ExpertCacheOptions
 
 # Under vLLM's "vllm" logger, so its handlers and level apply. This module
@@ -58,6 +58,13 @@ _CACHES: weakref.WeakValueDictionary[int, ExpertCache] = weakref.WeakValueDictio
 
 def cache_by_id(cache_id: int) -> ExpertCache:
     return _CACHES[cache_id]
+
+
+class ExpertPageUnreadable(RuntimeError):
+    """A page that no source could read as it was at start-up. Raised in the
+    model's forward, where vLLM's engine core treats any exception as fatal:
+    the engine stops with this message instead of computing with other
+    weights (docs/expert_cache.md, "I/O faults while serving")."""
 
 
 @dataclass
@@ -137,6 +144,10 @@ class ExpertCache:
         self.pool = PagePool(
             pages, make_policy(options.eviction, next_use=self._next_use, ticks_per_step=self.num_layers)
         )
+        # A second source for a page the store fails to read: the checkpoint,
+        # where the page file was written from it (_make_store).
+        self.fallback: DiskExpertStore | None = None
+        self.fallback_loads = 0
         self.store = store or self._make_store(
             options.backing_store, w13_layers, w2_layers, checkpoint, tp_rank, tp_size
         )
@@ -202,16 +213,25 @@ class ExpertCache:
             return store
         if kind == "disk":
             if not self.streamed:
-                return PageFileStore.from_layers(w13_layers, w2_layers)
+                return PageFileStore.from_layers(w13_layers, w2_layers, self.options.page_dir)
             # Page by page from the checkpoint, packed as the kernel reads it.
             source = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
             self.store = source
             self._check_layout(w13_layers, w2_layers)
             started = time.perf_counter()
-            store = PageFileStore(
-                lambda layer, expert: self._read_packed((layer, expert)), self.num_layers, self.num_experts
-            )
-            source.close()
+            try:
+                store = PageFileStore(
+                    lambda layer, expert: self._read_packed((layer, expert)),
+                    self.num_layers,
+                    self.num_experts,
+                    self.options.page_dir,
+                )
+            except BaseException:
+                source.close()
+                raise
+            # Kept open: the checkpoint as it was at start-up is the second
+            # source of a page the page file fails to give.
+            self.fallback = source
             logger.info(
                 "expert cache: wrote %d expert pages from the checkpoint to the page file in %.1f s",
                 self.num_layers * self.num_experts,
@@ -240,7 +260,9 @@ class ExpertCache:
         pages = self.pool.capacity
         store = self.store.kind
         if isinstance(self.store, PageFileStore):
-            store += f" ({self.store.path}, " + ("O_DIRECT)" if self.store.direct else "page cache dropped)")
+            store += f" (a {self.store.nbytes / 2**20:.1f} MiB page file in {self.store.folder}, unlinked, " + (
+                "O_DIRECT)" if self.store.direct else "page cache dropped)"
+            )
         elif isinstance(self.store, DiskExpertStore):
             store += " (safetensors, convert and pack per load, " + (
                 "O_DIRECT)" if self.store.direct else "page cache dropped)"
@@ -417,13 +439,14 @@ class ExpertCache:
         self.now.bytes_loaded += self.page_bytes
 
     # ------------------------------------------------------------ loading
-    def _read_packed(self, page) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_packed(self, page, store=None) -> tuple[torch.Tensor, torch.Tensor]:
         layer, expert = page
-        if not isinstance(self.store, DiskExpertStore):
-            return self.store.packed(layer, expert)
+        store = store or self.store
+        if not isinstance(store, DiskExpertStore):
+            return store.packed(layer, expert)
         from vllm_readme.model_executor.kernels import pack_expert_page
 
-        gate, up, down = self.store.read(layer, expert)
+        gate, up, down = store.read(layer, expert)
         return pack_expert_page(gate, up, down, self.w13[:1], self.w2[:1], self.isa)
 
     def _write(self, slot: int, w13: torch.Tensor, w2: torch.Tensor, non_blocking: bool = False):
@@ -431,10 +454,52 @@ class ExpertCache:
         self.w2[slot].copy_(w2, non_blocking=non_blocking)
 
     def _load(self, page, slot: int, non_blocking: bool = False) -> None:
-        """``page`` into ``slot``: straight from the page file into the
-        slot's memory where the store and the pool allow it (CPU), else read
-        (and pack) then copy; on a GPU on the current stream, after every
-        kernel that read the old page, asynchronous from a pinned host copy."""
+        """``page`` into ``slot`` from the store; a read that fails is tried
+        once more (a transient fault may pass), then the page comes from the
+        fallback source, if there is one. Never other weights: what no
+        source can read raises ExpertPageUnreadable."""
+        try:
+            self._load_from_store(page, slot, non_blocking)
+            return
+        except StoreFileChanged as exc:  # read again, the changed file would be refused again
+            error = exc
+        except OSError:
+            try:
+                self._load_from_store(page, slot, non_blocking)
+                return
+            except OSError as exc:
+                error = exc
+        if self.fallback is None:
+            raise ExpertPageUnreadable(
+                f"expert cache: page (layer {page[0]}, expert {page[1]}) cannot be read from the {self.store.kind} "
+                f"backing store ({error}), and there is no second source. The engine stops rather than compute with "
+                'other weights; restart it (with "backing_store": "disk", the page file written at start-up is read, '
+                "and the checkpoint is its second source)."
+            ) from error
+        try:
+            w13, w2 = self._read_packed(page, self.fallback)
+        except OSError as exc:
+            raise ExpertPageUnreadable(
+                f"expert cache: page (layer {page[0]}, expert {page[1]}) cannot be read from the page file ({error}) "
+                f"nor from the checkpoint ({exc}). The engine stops rather than compute with other weights; check "
+                "the disk and restart it."
+            ) from exc
+        self._write(slot, w13, w2, non_blocking=non_blocking)
+        if not self.fallback_loads:
+            logger.warning(
+                "expert cache: reading page (layer %d, expert %d) from the %s backing store failed twice (%s); such "
+                "pages are read from the checkpoint instead (the same weights, converted per load: slower)",
+                *page,
+                self.store.kind,
+                error,
+            )
+        self.fallback_loads += 1
+
+    def _load_from_store(self, page, slot: int, non_blocking: bool) -> None:
+        """Straight from the page file into the slot's memory where the
+        store and the pool allow it (CPU), else read (and pack) then copy;
+        on a GPU on the current stream, after every kernel that read the old
+        page, asynchronous from a pinned host copy."""
         if self.slot_buffers is not None:
             self.store.read_into(*page, self.slot_buffers[slot])
             return
@@ -450,20 +515,33 @@ class ExpertCache:
         On a GPU the host runs ahead of the device: kernels of earlier layers
         that read the page this slot held may not have run yet. ``ready`` was
         recorded on the compute stream when the load was decided (after every
-        kernel that can read the old page), and the copy waits for it."""
+        kernel that can read the old page), and the copy waits for it.
+
+        Returns ``(event, failed)``: ``failed``, the pages whose read
+        failed; ``_harvest`` gives their slots back and the layer that needs
+        one loads it on demand (retried, with the fallback source): an I/O
+        error on this thread never ends the engine by itself."""
+        failed = set()
         if self.copy_stream is None:
             for page, slot in jobs:
                 started = time.perf_counter()
-                self._load(page, slot)
+                try:
+                    self._load_from_store(page, slot, non_blocking=False)
+                except OSError:
+                    failed.add(page)
+                    continue
                 self._timed_load(time.perf_counter() - started)
-            return None
+            return None, failed
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(ready)
             for page, slot in jobs:
-                self._load(page, slot, non_blocking=True)
+                try:
+                    self._load_from_store(page, slot, non_blocking=True)
+                except OSError:
+                    failed.add(page)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        return event
+        return event, failed
 
     def _prefetch(self, layer: int, clock: int) -> None:
         """Start loading the pages of the next ``prefetch_layers`` layers
@@ -494,10 +572,13 @@ class ExpertCache:
             job = self.inflight[page]
             if page not in wanted and not job.done():
                 continue
-            event = job.result()  # a failed read raises here, in the model's thread
+            event, failed = job.result()
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
             del self.inflight[page]
+            if page in failed:  # a layer that needs it loads it on demand
+                self.pool.cancel(page)
+                continue
             self._finish(page, self.pool.slot(page))
             self.prefetched_unused.add(page)
 
@@ -505,6 +586,8 @@ class ExpertCache:
         if self.executor is not None:
             self.executor.shutdown(wait=True)
         self.store.close()
+        if self.fallback is not None:
+            self.fallback.close()
         self.plan.close()
         _CACHES.pop(self.id, None)
 

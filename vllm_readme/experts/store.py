@@ -18,14 +18,22 @@
 
 Both hand out one page as the three checkpoint projections; packing them
 into the kernel's layout is kernels.py's (``pack_expert_page``).
+
+Every file a store reads is opened once, at start-up, and read through that
+descriptor: a file renamed over or deleted while serving is still the one
+the engine opened; one rewritten in place (its size or mtime changed) is
+refused (``StoreFileChanged``) rather than read at offsets of the old one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import mmap
 import os
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +42,31 @@ from pathlib import Path
 import torch
 
 from vllm_readme.configuration_readme import ReadMEConfigError
+from vllm_readme.options import WHERE
+
+logger = logging.getLogger(f"vllm.{__name__}")
 
 _ALIGN = 4096  # O_DIRECT: offsets, sizes and buffers aligned to the logical block (4 KiB covers common disks)
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_RAM_FILE_SYSTEMS = ("tmpfs", "ramfs")
+
+
+class StoreFileChanged(OSError):
+    """A file a store reads changed in place since the engine opened it: its
+    bytes are no longer the weights the engine loaded."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileIdentity:
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -74,27 +103,63 @@ def safetensors_index(folder: Path) -> dict[str, StoredTensor]:
 
 class DirectReader:
     """Reads byte ranges with O_DIRECT into an aligned buffer (one per
-    thread: the prefetch thread and the model's thread read at once)."""
+    thread: the prefetch thread and the model's thread read at once).
+
+    Each file is opened once (``open``, at start-up) and its identity
+    recorded; every read checks that the open file still has that size and
+    mtime, and notes (once) when its path names another file now."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self.opened: dict[Path, FileIdentity] = {}
+        self._path_moved: set[Path] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct = True
 
-    def _fd(self, path: Path) -> int:
+    def open(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
                 try:
-                    self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
                     self.direct = self.direct and hasattr(os, "O_DIRECT")
                 except OSError:  # e.g. tmpfs: EINVAL
-                    self._fds[path] = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY)
                     self.direct = False
+                self._fds[path] = fd
+                self.opened[path] = FileIdentity.of(os.fstat(fd))
             return self._fds[path]
 
+    def checked_fd(self, path: Path) -> int:
+        """The open descriptor of ``path``, after checking that the file is
+        still the one opened (StoreFileChanged if it was rewritten)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self.open(path)
+        opened, now = self.opened[path], FileIdentity.of(os.fstat(fd))
+        if (now.size, now.mtime_ns) != (opened.size, opened.mtime_ns):
+            raise StoreFileChanged(
+                f"{path} was rewritten in place while the engine served from it (size {opened.size} -> {now.size} "
+                f"bytes, mtime changed: {opened.mtime_ns != now.mtime_ns}); its offsets no longer hold the weights "
+                "the engine loaded. Restart the engine after changing a checkpoint, and replace files by writing a "
+                "new one and renaming it over the old (an engine keeps reading the file it opened)."
+            )
+        if path not in self._path_moved:
+            try:
+                moved = FileIdentity.of(os.stat(path)).inode != opened.inode
+            except FileNotFoundError:
+                moved = True
+            if moved:
+                self._path_moved.add(path)
+                logger.warning(
+                    "expert cache: %s was replaced or deleted while serving; the engine keeps reading the file it "
+                    "opened at start-up (the weights it loaded) until it restarts",
+                    path,
+                )
+        return fd
+
     def read(self, path: Path, offset: int, nbytes: int) -> memoryview:
-        fd = self._fd(path)
+        fd = self.checked_fd(path)
         start = offset - offset % _ALIGN
         end = -(-(offset + nbytes) // _ALIGN) * _ALIGN
         buf = getattr(self._local, "buf", None)
@@ -138,6 +203,8 @@ class DiskExpertStore:
                     raise ReadMEConfigError(f"{folder}: {name} holds {stored.shape[0]} experts, config {num_experts}.")
                 self.tensors[layer, projection] = stored
         self.reader = DirectReader()
+        for path in sorted({stored.path for stored in self.tensors.values()}):
+            self.reader.open(path)  # now: a later rename over it or deletion does not change what is read
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.bytes_read = 0
 
@@ -191,10 +258,18 @@ class PageFileStore:
     """Every page already in the kernel's layout and dtype, one aligned
     record per page in a file written at start-up from the weights vLLM
     loaded (so it always matches them): a load is one ``O_DIRECT`` read and
-    a copy, with no conversion or packing (docs/expert_cache.md). The file
-    is created in ``VLLM_README_PAGE_DIR`` (default ``~/.cache/vllm_readme``,
-    on disk, where O_DIRECT works) and unlinked once open, so it disappears
-    with the engine however it ends."""
+    a copy, with no conversion or packing (docs/expert_cache.md, "Files").
+
+    The file lives in ``folder`` (``page_dir``; by default
+    ``default_page_dir()``) under a name that marks it partial
+    (``expert-pages-<pid>-*.partial``) while it is written. Its writer opens
+    it for reading and takes a shared ``flock`` on it before the first byte
+    is written, and unlinks it once written or on any failure: a finished
+    page file has no name, so it disappears with the engine however the
+    engine ends. Only a writer killed mid-write leaves its partial file; the
+    kernel drops a dead process's lock, and the next start in that folder
+    removes every partial file nobody holds (a lock, unlike a pid, also
+    tells apart engines in containers that share the folder)."""
 
     kind = "disk"
 
@@ -203,43 +278,77 @@ class PageFileStore:
         page: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
         num_layers: int,
         num_experts: int,
-        folder: Path | None = None,
+        folder: Path | str | None = None,
     ):
         """``page(layer, expert)``: that page's ``(w13, w2)`` in the kernel's
         layout (``from_layers`` for weights already in memory; the expert
         cache passes pages read and packed from the checkpoint when the
         model never held them all). Written one page at a time."""
-        import tempfile
-
-        folder = Path(folder or os.environ.get("VLLM_README_PAGE_DIR") or Path.home() / ".cache" / "vllm_readme")
+        self.folder = Path(folder) if folder else default_page_dir()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:  # e.g. a read-only home: any disk folder will do
-            folder = Path(tempfile.gettempdir())
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReadMEConfigError(
+                f"expert cache: cannot create the page-file folder {self.folder} ({exc}). Choose a writable folder on "
+                f'disk with {WHERE}.page_dir (or VLLM_README_PAGE_DIR), or use "backing_store": "checkpoint" '
+                "(no page file)."
+            ) from exc
+        remove_leftover_page_files(self.folder)
         self.num_experts = num_experts
         w13, w2 = page(0, 0)
         self.w13_shape, self.w2_shape = tuple(w13.shape), tuple(w2.shape)
         self.dtype = w13.dtype
         self.w13_nbytes, self.w2_nbytes = w13.nbytes, w2.nbytes
         self.record = -(-(self.w13_nbytes + self.w2_nbytes) // _ALIGN) * _ALIGN
-        fd, name = tempfile.mkstemp(prefix="expert-pages-", suffix=".bin", dir=folder)
+        self.nbytes = self.record * num_layers * num_experts
+        self.file_system = file_system_type(self.folder)
+        _check_free_space(self.folder, self.nbytes)
+        logger.info(
+            "expert cache: writing the page file (%.1f MiB) in %s (%s)",
+            self.nbytes / 2**20,
+            self.folder,
+            self.file_system or "file system unknown",
+        )
+        if self.file_system in _RAM_FILE_SYSTEMS:
+            logger.warning(
+                "expert cache: the page-file folder %s is on %s, i.e. in memory: the whole expert set (%.1f MiB) "
+                'sits in RAM next to the pool. Give a folder on disk with %s.page_dir, or "backing_store": '
+                '"checkpoint" to read the checkpoint instead.',
+                self.folder,
+                self.file_system,
+                self.nbytes / 2**20,
+                WHERE,
+            )
+        fd, name = tempfile.mkstemp(prefix=f"expert-pages-{os.getpid()}-", suffix=".partial", dir=self.folder)
         self.path = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            pad = bytes(self.record - self.w13_nbytes - self.w2_nbytes)
-            for layer in range(num_layers):
-                for expert in range(num_experts):
-                    if (layer, expert) != (0, 0):
-                        w13, w2 = page(layer, expert)
-                    f.write(_raw_bytes(w13))
-                    f.write(_raw_bytes(w2))
-                    f.write(pad)
-            f.flush()
-            os.fsync(f.fileno())
-            if hasattr(os, "posix_fadvise"):  # the reads bypass the page cache: do not keep a copy there
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self.reader = DirectReader()
-        self.reader._fd(self.path)  # noqa: SLF001 - opened now, so the name can go:
-        self.path.unlink()  # the file lives as long as the engine, even one that crashes
+        try:
+            # Held first: whatever happens to the name from now on, the
+            # engine reads the file it wrote.
+            fcntl.flock(self.reader.open(self.path), fcntl.LOCK_SH)
+            with os.fdopen(fd, "wb") as f:
+                pad = bytes(self.record - self.w13_nbytes - self.w2_nbytes)
+                for layer in range(num_layers):
+                    for expert in range(num_experts):
+                        if (layer, expert) != (0, 0):
+                            w13, w2 = page(layer, expert)
+                        f.write(_raw_bytes(w13))
+                        f.write(_raw_bytes(w2))
+                        f.write(pad)
+                f.flush()
+                os.fsync(f.fileno())
+                if hasattr(os, "posix_fadvise"):  # the reads bypass the page cache: do not keep a copy there
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            self.reader.opened[self.path] = FileIdentity.of(os.fstat(self.reader.open(self.path)))
+        except OSError as exc:
+            self.reader.close()
+            raise ReadMEConfigError(
+                f"expert cache: writing the page file ({self.nbytes} bytes) in {self.folder} failed: {exc}. Free "
+                f"space there, choose another folder on disk with {WHERE}.page_dir (or VLLM_README_PAGE_DIR), or use "
+                '"backing_store": "checkpoint" (no page file).'
+            ) from exc
+        finally:
+            self.path.unlink(missing_ok=True)  # written (and open) or failed: the name goes either way
         self.bytes_read = 0
 
     @property
@@ -274,7 +383,7 @@ class PageFileStore:
         """One page read into ``buffers`` (its w13 and w2 slot memory; see
         reads_into) with one ``preadv``."""
         offset = (layer * self.num_experts + expert) * self.record
-        fd = self.reader._fd(self.path)  # noqa: SLF001 - opened at start-up (the name is gone since)
+        fd = self.reader.checked_fd(self.path)
         got = os.preadv(fd, buffers, offset)
         if got != self.record:
             raise OSError(f"{self.path}: short read of page ({layer}, {expert}): {got} of {self.record} bytes")
@@ -293,6 +402,66 @@ class PageFileStore:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def default_page_dir() -> Path:
+    """``$XDG_CACHE_HOME/vllm_readme`` (``~/.cache/vllm_readme``): a
+    user's cache on disk, where O_DIRECT works, unlike the temp folder,
+    which is often tmpfs (memory)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm_readme"
+
+
+def remove_leftover_page_files(folder: Path) -> list[Path]:
+    """Partial page files in ``folder`` that no process holds (their writer
+    was killed mid-write), removed; a live writer's file is left alone.
+    Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob("expert-pages-*.partial"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only while no writer holds it
+            path.unlink()
+        except OSError:  # held by a live writer, gone meanwhile, or not ours to remove
+            continue
+        finally:
+            os.close(fd)
+        removed.append(path)
+        logger.info("expert cache: removed %s, left by an engine that stopped while writing it", path)
+    return removed
+
+
+def file_system_type(folder: Path) -> str | None:
+    """The type of the file system holding ``folder`` (``/proc/mounts``,
+    the longest mount point above it); None where that cannot be read."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(folder)
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def _check_free_space(folder: Path, nbytes: int) -> None:
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise ReadMEConfigError(
+            f"expert cache: the page file needs {nbytes} bytes ({nbytes / 2**30:.2f} GiB) in {folder}, which has "
+            f"{free} bytes free. Free space there, choose another folder with {WHERE}.page_dir (or "
+            'VLLM_README_PAGE_DIR), or use "backing_store": "checkpoint" (no page file).'
+        )
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:

@@ -538,7 +538,7 @@ class ReadMEForCausalLM(nn.Module):
             slot_table=self.model.slot_table,
             pages=pages,
             options=options,
-            checkpoint=Path(self.vllm_config.model_config.model),
+            checkpoint=checkpoint_folder(self.vllm_config),
             isa=mlps[0].routed_kernel.isa,
             tp_rank=get_tensor_model_parallel_rank(),
             tp_size=get_tensor_model_parallel_world_size(),
@@ -555,6 +555,23 @@ class ReadMEForCausalLM(nn.Module):
         self.model.expert_pool = (cache.w13, cache.w2)
         self.model.expert_cache_id = cache.id
         logger.info("Read-ME %s", cache.describe())
+
+
+def checkpoint_folder(vllm_config: VllmConfig) -> Path:
+    """The local folder of the checkpoint's safetensors, found as vLLM's
+    loader found it (``DefaultModelLoader._prepare_weights``): the model
+    path itself, or for a hub id its snapshot in the Hugging Face cache or
+    ``--download-dir``, at ``--revision``. vLLM has fetched the files by now,
+    so this only looks them up."""
+    from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf, maybe_download_from_modelscope
+
+    model_config = vllm_config.model_config
+    model = maybe_download_from_modelscope(model_config.model, model_config.revision) or model_config.model
+    if os.path.isdir(model):
+        return Path(model)
+    return Path(
+        download_weights_from_hf(model, vllm_config.load_config.download_dir, ["*.safetensors"], model_config.revision)
+    )
 
 
 def streams_experts(vllm_config: VllmConfig) -> bool:
