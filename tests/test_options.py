@@ -129,6 +129,16 @@ def test_integral_values_in_any_json_form_are_accepted():
     assert cache.prefetch is False and cache.pool_size() == PoolSize(experts_per_layer=2.0)
 
 
+def test_byte_sizes_are_read_to_the_byte():
+    """2.01 * 10**6 is 2009999.99... in floating point: one byte short of
+    what the user wrote, and a page short when that is a page boundary."""
+    assert [parse({"expert_pool": text})[1].pool_size().nbytes for text in ("2.01MB", "0.29MB", "1.5KiB")] == [
+        2_010_000,
+        290_000,
+        1536,
+    ]
+
+
 COST_FILES = {
     "not JSON": "{base_ms: 1",
     "a list": "[1, 2, 3]",
