@@ -12,7 +12,8 @@ The policy is a mixin over vLLM's own scheduler (the pattern of vLLM's
    (``route_source``): by default the model's own, which it publishes after
    each forward by KV slot (``ModelRouteSource``, model_routes.py); or its
    own copy of the router (``RouterCopySource``, routes_ahead.py), which
-   routes a prompt when it is added and each new token before its step;
+   routes prompts a bounded number of tokens per step and each new token
+   before its step;
 2. lists the running requests vLLM would consider, with the experts their
    next tokens route to, and lets ``policy.choose`` pick the step;
 3. holds the others back one step the way vLLM's own schedulers do
@@ -20,6 +21,12 @@ The policy is a mixin over vLLM's own scheduler (the pattern of vLLM's
    removing a request from ``running``), then runs vLLM's ``schedule()``,
    which keeps admission, chunked prefill, preemption, prefix caching and
    the KV budget exactly as they are.
+
+Without a cost model file the step costs are fitted online from the
+engine's own steps (``cost_model.OnlineCostFit``), and the cost-model policy
+holds nothing back, scheduling exactly as vLLM does, until a distinct expert
+is measured to cost time. Anything that fails in the policy's own work is
+logged once and the scheduler schedules as vLLM does from then on.
 
 Admission of waiting requests stays vLLM's (FCFS or its priority order): the
 policy orders the running set, where decode steps are formed. A model that is
@@ -110,10 +117,14 @@ class ExpertAwareMixin:
         )
         has_pool = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None
         if has_pool or isinstance(self.readme_routes, ModelRouteSource):
-            from vllm_readme.experts.plan import PlanWriter
+            from vllm_readme.experts.plan import PlanWriter, expected_readers
 
+            model_routes = isinstance(self.readme_routes, ModelRouteSource)
+            tp_size = self.vllm_config.parallel_config.tensor_parallel_size
             self._readme_plan = PlanWriter.create(
-                self.vllm_config.model_config.hf_config.num_experts, self.vllm_config.instance_id
+                self.vllm_config.model_config.hf_config.num_experts,
+                self.vllm_config.instance_id,
+                readers=expected_readers(tp_size, caches=has_pool, routes=model_routes),
             )
             if isinstance(self.readme_routes, ModelRouteSource):
                 self.readme_routes.plan = self._readme_plan
