@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,6 +196,33 @@ def test_a_dead_engines_file_is_removed_and_never_attached(plan_dir):
         live.close()
 
 
+def test_the_name_goes_once_every_reader_has_the_file_open(plan_dir):
+    """The name is only how readers find the file: once every reader the
+    engine starts (a cache per tensor-parallel rank, the route publisher)
+    has it open, the writer unlinks it, so an engine killed before it shuts
+    down leaves nothing behind; the blocks keep working."""
+    from vllm_readme.experts.plan import ROUTES_READER, expected_readers
+
+    writer = PlanWriter.create(8, "engine", readers=expected_readers(2, caches=True, routes=True))
+    readers = [PlanReader(8, "engine", rank=0), PlanReader(8, "engine", rank=0, role=ROUTES_READER)]
+    try:
+        for reader in readers:
+            assert reader.attach()
+            writer.publish({1})
+            assert writer.path.exists()  # rank 1's cache has not opened it yet
+        readers.append(PlanReader(8, "engine", rank=1))
+        assert readers[-1].read() == frozenset({1})
+        writer.publish({2})
+        assert not list(plan_dir.iterdir())
+        assert [r.read() for r in (readers[0], readers[2])] == [frozenset({2})] * 2
+        readers[1].publish_routes(struct.pack("<q", 7), struct.pack("<i", 3), bytes([5]))
+        assert writer.model_routes() == ((7,), (3,), bytes([5]))
+    finally:
+        for reader in readers:
+            reader.close()
+        writer.close()
+
+
 def _cache(tp_rank: int, engine_id: str):
     from vllm_readme.experts.cache import ExpertCache
     from vllm_readme.options import ExpertCacheOptions
@@ -277,8 +305,8 @@ def test_engine_without_a_usable_plan_folder_serves_vllms_tokens(tiny_gqa, tmp_p
 
 def test_engine_names_its_file_after_itself_and_removes_it(tiny_gqa, plan_dir):
     """The scheduler and the workers find one file by the engine's id, the
-    model's routes and the cache's residency arrive through it, and it is
-    gone after the engine shuts down."""
+    model's routes and the cache's residency arrive through it, and its name
+    is gone once they have it open, and after the engine shuts down."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -286,9 +314,105 @@ def test_engine_names_its_file_after_itself_and_removes_it(tiny_gqa, plan_dir):
         llm.generate(PROMPTS, params, use_tqdm=False)
         engine_id = llm.llm_engine.vllm_config.instance_id
         scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-        assert [p.name for p in plan_dir.iterdir()] == [plan_path(engine_id).name]
+        assert scheduler._readme_plan.path == plan_path(engine_id)
+        assert not list(plan_dir.iterdir())  # the cache and the route publisher have it open
         assert scheduler.readme_last_residency is not None  # the cache's residency arrived
         assert scheduler.readme_routes.book.predicted > 0  # the model's routes arrived
         llm.llm_engine.engine_core.shutdown()  # what collecting the engine does
         assert not list(plan_dir.iterdir())
     assert not warnings_of(records)
+
+
+SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], **json.loads(sys.argv[2]))
+    outs = llm.generate(json.loads(sys.argv[3]), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+"""
+# Root that file permissions stop like any other user: what an engine of an
+# ordinary user meets in a /dev/shm shared with other users.
+WITHOUT_ROOTS_FILE_PRIVILEGES = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def _serve_in_processes(model, plan_folder: Path, **overrides) -> tuple[list[list[int]], str]:
+    """The engine as ``vllm serve`` runs it (engine core and workers in their
+    own processes), as a user without root's file privileges; (greedy tokens,
+    log)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import engine_kwargs
+
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="1",
+        VLLM_CPU_OMP_THREADS_BIND="0|1",
+        VLLM_LOGGING_LEVEL="INFO",
+        VLLM_README_PLAN_DIR=str(plan_folder),
+    )
+    options = dict(
+        EXPERT_AWARE, additional_config={"vllm_readme": {"route_source": "model", "expert_pool": "50%", "log_every": 5}}
+    )
+    kwargs = engine_kwargs(max_num_seqs=4, **options, **overrides)
+    proc = subprocess.run(
+        [
+            *WITHOUT_ROOTS_FILE_PRIVILEGES,
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(model),
+            json.dumps(kwargs),
+            json.dumps(PROMPTS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    log = proc.stdout + proc.stderr
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, log[-4000:]
+    return json.loads(results[0][len("RESULT ") :]), log
+
+
+def _owned_by_another_user(path: Path, mode: int) -> None:
+    os.chown(path, OTHER_USER, OTHER_USER)
+    path.chmod(mode)
+
+
+@pytest.mark.slow
+def test_stale_file_of_another_user_does_not_stop_a_tensor_parallel_engine(tiny_gqa, plan_dir):
+    """An ordinary user's TP=2 engine (engine core and two workers in their
+    own processes) next to another user's stale plan file in the shared
+    folder: the file is left alone, the scheduler and both workers find this
+    engine's file by its id (the cache reads the scheduler's plan, the model
+    hands its routes over), greedy tokens are vLLM's scheduler's, and the
+    engine's file is gone when it exits."""
+    reference = _engine_outputs(tiny_gqa)
+    stale = plan_dir / "vllm_readme_plan_1765000000000000000"
+    stale.write_bytes(b"\1" * 4096)
+    _owned_by_another_user(stale, 0o600)
+    outputs, log = _serve_in_processes(tiny_gqa, plan_dir, tensor_parallel_size=2)
+    assert outputs == reference
+    assert "cannot create the plan file" not in log
+    assert "next-step plan: the scheduler's (#" in log  # a worker's cache read the engine core's plan
+    assert "handing the model's routes to the expert-aware scheduler" in log
+    assert stale.read_bytes() == b"\1" * 4096
+    assert list(plan_dir.iterdir()) == [stale]
+
+
+@pytest.mark.slow
+def test_plan_folder_of_another_user_degrades_with_one_line(tiny_gqa, plan_dir):
+    """The plan folder belongs to another user and this one may not write
+    there: start-up goes on without a plan, one log line says why, greedy
+    tokens are vLLM's scheduler's, nothing is left behind."""
+    reference = _engine_outputs(tiny_gqa)
+    _owned_by_another_user(plan_dir, 0o755)
+    outputs, log = _serve_in_processes(tiny_gqa, plan_dir)
+    assert outputs == reference
+    lines = [line for line in log.splitlines() if "cannot create the plan file" in line]
+    assert len(lines) == 1 and "Permission denied" in lines[0] and str(plan_dir) in lines[0], lines
+    assert not list(plan_dir.iterdir())

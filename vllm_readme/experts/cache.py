@@ -183,7 +183,7 @@ class ExpertCache:
         self.expert_index: torch.Tensor | None = None  # the step's expert ids as int64, for the slot gather
         self.resident_step = False  # every page of the step was resident at its start (_begin_step)
         # Every rank's cache decides the same: the first one tells the scheduler.
-        self.plan = PlanReader(self.num_experts, engine_id, writes=tp_rank == 0)
+        self.plan = PlanReader(self.num_experts, engine_id, rank=tp_rank)
         self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()

@@ -25,7 +25,11 @@ drops it when the process ends, however it ends. A starting writer removes
 files nobody holds (engines that died without closing), and a reader only
 attaches to a held file. The lock is taken before the name is published, so
 a starting engine never removes the file of another one starting at the
-same time. Files of another user are left alone.
+same time. Files of another user are left alone. Once every reader the
+engine starts has the file open (each marks its own byte), the writer
+unlinks the name: the mapping lives on in every process that has it, and
+nothing is left behind however the engine ends (an engine core killed
+before its scheduler shut down included).
 
 Three blocks, each with exactly one writer:
 
@@ -78,12 +82,28 @@ MAX_ROUTES = 8192  # sequences per forward whose last route is published (more a
 _PLAN = 0  # u64 seq, flags
 _RESIDENCY = 8 + MAX_EXPERTS  # u64 seq, f64 load ms, flags
 _ROUTES = _RESIDENCY + 16 + MAX_EXPERTS  # u64 seq, u32 count, i64 slots[], i32 positions[], u8 routes[]
-_SIZE = _ROUTES + 16 + 13 * MAX_ROUTES
+_ATTACHED = _ROUTES + 16 + 13 * MAX_ROUTES  # u8 per reader: 1 once it has the file open
+MAX_READERS = 256
+_SIZE = _ATTACHED + MAX_READERS
 _PREFIX = "vllm_readme_plan_"
 
 # The engine id of writers and readers not given one (benchmarks, tests): one
 # per process, inherited by forked children.
 PROCESS_ENGINE_ID = f"local-{uuid.uuid4().hex}"
+
+CACHE_READER, ROUTES_READER = 0, 1  # the expert cache (every rank), the route publisher (rank 0)
+
+
+def reader_slot(role: int, rank: int) -> int:
+    return 2 * rank + role
+
+
+def expected_readers(tp_size: int, caches: bool, routes: bool) -> list[int]:
+    """The readers an engine's workers open: an expert cache on every
+    tensor-parallel rank with an expert pool, the route publisher on rank 0
+    with ``route_source: "model"``."""
+    slots = [reader_slot(CACHE_READER, rank) for rank in range(tp_size)] if caches else []
+    return slots + ([reader_slot(ROUTES_READER, 0)] if routes else [])
 
 
 def plan_folder() -> Path:
@@ -237,7 +257,9 @@ class PlanWriter:
     makes one: it returns None, after one log line, when the file cannot be
     made."""
 
-    def __init__(self, num_experts: int = MAX_EXPERTS, engine_id: str = PROCESS_ENGINE_ID):
+    def __init__(self, num_experts: int = MAX_EXPERTS, engine_id: str = PROCESS_ENGINE_ID, readers=()):
+        """``readers``: the slots (``expected_readers``) whose opening ends
+        the name's use; none: the name stays until ``close``."""
         remove_stale_plans()
         self.path = plan_path(engine_id)
         # Made under a name no cleaner looks at, locked, sized, then published
@@ -270,11 +292,12 @@ class PlanWriter:
         self.residency_block = _Block(_RESIDENCY, with_value=True)
         self.routes_block = _RoutesBlock(_ROUTES)
         self.routes_seen = 0
+        self.awaited_readers = sorted({slot for slot in readers if 0 <= slot < MAX_READERS}) or None
 
     @classmethod
-    def create(cls, num_experts: int, engine_id: str) -> PlanWriter | None:
+    def create(cls, num_experts: int, engine_id: str, readers=()) -> PlanWriter | None:
         try:
-            return cls(num_experts, engine_id)
+            return cls(num_experts, engine_id, readers)
         except OSError as error:
             why = "another file has its name" if error.errno == errno.EEXIST else error.strerror or str(error)
             logger.warning(
@@ -288,6 +311,13 @@ class PlanWriter:
 
     def publish(self, experts) -> None:
         self.plan.write(self.buf, experts)
+        if self.awaited_readers is not None:
+            self._unlink_once_opened()
+
+    def _unlink_once_opened(self) -> None:
+        if all(self.buf[_ATTACHED + slot] for slot in self.awaited_readers):
+            self.path.unlink(missing_ok=True)
+            self.awaited_readers = None
 
     def residency(self) -> tuple[frozenset[int], float] | None:
         """The cache's latest (resident experts, ms to load one expert), or
@@ -317,14 +347,18 @@ def _remove(buf: mmap.mmap, fd: int, path: Path) -> None:
 class PlanReader:
     """Opened in the worker: by the expert cache, which reads the plan and
     writes residency, and by the model's route publisher, which writes the
-    routes; ``read()`` is None until a plan exists. ``writes``: whether this
-    reader writes its blocks (False on every tensor-parallel rank but the
-    first, so each block has one writer)."""
+    routes; ``read()`` is None until a plan exists. Only the first
+    tensor-parallel rank's readers write their blocks (every rank computes
+    the same), so each block has one writer.
 
-    def __init__(self, num_experts: int, engine_id: str = PROCESS_ENGINE_ID, writes: bool = True):
+    ``role`` and ``rank`` (the tensor-parallel rank) name this reader's
+    byte, which tells the writer it has opened the file."""
+
+    def __init__(self, num_experts: int, engine_id: str = PROCESS_ENGINE_ID, rank: int = 0, role: int = CACHE_READER):
         self.num_experts = num_experts
         self.engine_id = engine_id
-        self.writes = writes
+        self.writes = rank == 0
+        self.slot = reader_slot(role, rank)
         self.buf = None
         self.unusable = False  # the engine's name holds no live writer's file: stop looking
         self.last_seq = 0
@@ -352,6 +386,8 @@ class PlanReader:
                 self.unusable = True
                 return False
             self.buf = mmap.mmap(fd, _SIZE)
+            if self.slot < MAX_READERS:
+                self.buf[_ATTACHED + self.slot] = 1
         except (OSError, ValueError):  # shorter than this layout: not a writer's of this version
             self.unusable = True
             return False

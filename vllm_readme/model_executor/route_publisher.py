@@ -21,7 +21,7 @@ import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 
-from vllm_readme.experts.plan import PlanReader
+from vllm_readme.experts.plan import ROUTES_READER, PlanReader
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -35,7 +35,7 @@ class RoutePublisher:
     """A route observer (ReadMEForCausalLM.route_observers)."""
 
     def __init__(self, num_experts: int, engine_id: str, layer: str = ANCHOR_LAYER):
-        self.plan = PlanReader(num_experts, engine_id)
+        self.plan = PlanReader(num_experts, engine_id, role=ROUTES_READER)
         self.layer = layer
         self.published = 0
         self._looked = float("-inf")  # when the scheduler's file was last looked for and not found
