@@ -245,6 +245,23 @@ def test_corrupt_weights_fail_at_load_when_the_options_are_good(tiny_gqa, tmp_pa
     assert "SafetensorError" in chain and "expert_pool" not in chain, chain
 
 
+@pytest.mark.slow  # a real `vllm-readme serve`, multi-process
+def test_served_bad_pool_exits_before_weights_load(tiny_gqa, tmp_path):
+    """As users run it: the server process refuses the option and exits;
+    its engine never starts, so the unreadable weights are never reached."""
+    from conftest import served
+
+    corrupt = corrupt_copy(tiny_gqa, tmp_path)
+    log = tmp_path / "serve.log"
+    options = '{"vllm_readme": {"expert_pool": "nan"}}'
+    with pytest.raises(RuntimeError, match="the server exited"):
+        with served(corrupt, log, "--dtype", "float32", "--additional-config", options):
+            pass
+    text = log.read_text()
+    assert "additional_config[\"vllm_readme\"].expert_pool: cannot read 'nan'" in text, text[-3000:]
+    assert "SafetensorError" not in text and "Loading weights" not in text, text[-3000:]
+
+
 def _pool_pages(model):
     cache = model.model.expert_cache
     return cache.pool.capacity, cache.page_bytes
