@@ -322,7 +322,11 @@ def check_valid(scheduler: SchedulerOptions, cache: ExpertCacheOptions) -> None:
 @given(
     options=st.one_of(
         JSON,
-        st.dictionaries(st.sampled_from(FUZZED_FIELDS) | st.text(max_size=8), JSON | NUMBERS | POOL_TEXT, max_size=4),
+        st.dictionaries(
+            st.sampled_from(FUZZED_FIELDS) | st.text(max_size=8) | st.integers() | st.none(),
+            JSON | NUMBERS | POOL_TEXT,
+            max_size=4,
+        ),
     ),
     env=st.dictionaries(st.sampled_from([f"VLLM_README_{f.upper()}" for f in FUZZED_FIELDS]), NUMBERS | POOL_TEXT),
 )

@@ -73,7 +73,7 @@ class PluginOptions:
             raise ReadMEOptionsError(f'{WHERE} must be a JSON object, e.g. {{"policy": "cost-model"}}; got {given!r}.')
         fields = {f.name: f for f in dataclasses.fields(cls)}
         known = {f.name for group in PluginOptions.groups for f in dataclasses.fields(group)}
-        unknown = sorted(set(given) - known)
+        unknown = sorted(set(given) - known, key=repr)  # keys from Python need not be strings
         if unknown:
             raise ReadMEOptionsError(f"{WHERE}: unknown option(s) {unknown}; the options are {sorted(known)}.")
         values, from_environment = {}, set()
