@@ -28,7 +28,7 @@ setup(
         "gpu": ["vllm>=0.32"],
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
         "bench": ["matplotlib", "pandas"],  # pandas: vLLM's benchmark client reads custom datasets with it
-        "test": ["pytest>=8", "openai>=1.0", "ruff", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "ruff", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["readme = vllm_readme:register"],
