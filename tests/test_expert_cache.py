@@ -4,9 +4,11 @@ every pool size and policy, the start-up refusal, bad options)."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +419,48 @@ def test_route_log_records_every_step_as_the_model_routed_it(tiny_gqa, tmp_path,
     assert len(expected) >= 12, "the run must span many steps"
     assert logged[-len(expected) :] == expected  # earlier lines: the engine's warm-up steps
     assert any(len(step) > 1 for step in expected), "steps must mix experts for the test to mean anything"
+
+
+def test_page_dir_option_is_checked_and_read_from_the_environment(tmp_path):
+    from vllm_readme.options import ExpertCacheOptions, ReadMEOptionsError
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ReadMEOptionsError, match=rf"page_dir: {not_a_folder} is not a folder"):
+        ExpertCacheOptions(page_dir=str(not_a_folder / "pages")).validated()
+    later = tmp_path / "made" / "at" / "start"
+    assert ExpertCacheOptions(page_dir=str(later)).validated().page_dir == str(later)
+    assert not later.exists()  # checking creates nothing
+    options = ExpertCacheOptions.from_additional_config({}, env={"VLLM_README_PAGE_DIR": str(tmp_path)})
+    assert options.page_dir == str(tmp_path)
+
+
+def test_a_page_file_on_tmpfs_is_written_with_a_warning(tmp_path):
+    """A page-file folder in memory works (read back exactly) but warns:
+    the whole expert set would sit in RAM. Nothing stays in the folder."""
+    import logging
+    import tempfile
+
+    from vllm_readme.experts.store import PageFileStore, file_system_type
+
+    if file_system_type(Path("/dev/shm")) != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm here")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("vllm.vllm_readme.experts.store")
+    logger.addHandler(handler)
+    try:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+            pages = {(layer, expert): torch.randn(2, 1024) for layer in range(2) for expert in range(3)}
+            store = PageFileStore(lambda layer, expert: (pages[layer, expert], pages[layer, expert][0]), 2, 3, folder)
+            for (layer, expert), w13 in pages.items():
+                got13, got2 = store.packed(layer, expert)
+                assert torch.equal(got13, w13) and torch.equal(got2, w13[0])
+            assert os.listdir(folder) == []
+            store.close()
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert store.file_system == "tmpfs"
+    assert any("is on tmpfs, i.e. in memory" in w and "page_dir" in w for w in warnings), warnings

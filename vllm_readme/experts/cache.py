@@ -491,7 +491,7 @@ class ExpertCache:
                 "pages are read from the checkpoint instead (the same weights, converted per load: slower)",
                 *page,
                 self.store.kind,
-                error,
+                str(error),  # not the exception: a log record that holds its traceback keeps the engine alive
             )
         self.fallback_loads += 1
 
