@@ -12,7 +12,7 @@ from conftest import edit_config, error_chain, vllm_engine
 from safetensors.torch import load_file, save_file
 
 from vllm_readme.checkpoint.io import validate_checkpoint
-from vllm_readme.configuration_readme import TensorShapeError
+from vllm_readme.configuration_readme import ReadMEConfigError, TensorShapeError
 
 
 def _copy(src, dst):
@@ -263,6 +263,24 @@ def test_the_debug_option_shows_the_traceback(tiny_gqa, tmp_path):
     (bad / "config.json").write_text("{")
     result = _cli("--debug", "validate", bad)
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointFileError" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("router.rms_norm_eps", True),
+        ("router.gated_mlp", "no"),
+        ("expert_intermediate_sizes", [64, 64, 64, "64"]),
+        ("num_experts", 4.0),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_refused(tiny_gqa, tmp_path, field, value):
+    """A value JSON can hold but the field cannot (true as an epsilon, a
+    string as a flag) is named, not used as whatever Python makes of it."""
+    bad = _copy(tiny_gqa, tmp_path / "bad")
+    edit_config(bad, **{field: value})
+    with pytest.raises(ReadMEConfigError, match=rf"{bad}/config.json: {re.escape(field)}=.* is not of type"):
+        validate_checkpoint(bad)
 
 
 def _dense_folder(tiny_gqa, path):

@@ -166,10 +166,19 @@ MASK_VALUES = st.one_of(
     st.lists(st.integers(0, 1), min_size=8, max_size=8).map(lambda v: torch.tensor(v, dtype=torch.float16)),
 )
 MASK_ENTRIES = (
-    st.dictionaries(st.sampled_from(["residual", "experts", 0, 1, "0", "2", "a"]), MASK_VALUES, max_size=4)
+    st.fixed_dictionaries(
+        {"residual": MASK_VALUES}, optional={0: MASK_VALUES, "1": MASK_VALUES, "experts": MASK_VALUES}
+    )
+    | st.dictionaries(st.sampled_from(["residual", "experts", 0, 1, "2", "a"]), MASK_VALUES, max_size=4)
     | MASK_VALUES
 )
-MASK_FILES = st.one_of(st.dictionaries(MASK_KEYS, MASK_ENTRIES, max_size=3), st.lists(MASK_ENTRIES, max_size=3))
+# Mostly one entry per layer of the 2-layer model the reader is asked for,
+# so that the values themselves are read.
+MASK_FILES = st.one_of(
+    st.fixed_dictionaries({"model.layers.0.mlp.down_proj": MASK_ENTRIES, 1: MASK_ENTRIES}),
+    st.dictionaries(MASK_KEYS, MASK_ENTRIES, max_size=3),
+    st.lists(MASK_ENTRIES, max_size=3),
+)
 
 
 def test_mask_file(authors_checkpoint, scratch):

@@ -57,6 +57,7 @@ import logging
 import pickle
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -123,8 +124,20 @@ _ROUTER_IGNORED = re.compile(r"^rotary_emb\.inv_freq$")
 _DENSE_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 _MASK_MODULE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
 # What torch.load raises for a file that is not a (readable) torch save:
-# pickle's errors, a broken zip archive (RuntimeError), a short file.
-_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError)
+# pickle's errors, a broken zip archive (RuntimeError), a short file, and
+# the unpickler's own IndexError/KeyError/struct.error on corrupt opcodes.
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    OSError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    ArithmeticError,
+    struct.error,
+)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
