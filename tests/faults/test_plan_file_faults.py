@@ -416,3 +416,37 @@ def test_plan_folder_of_another_user_degrades_with_one_line(tiny_gqa, plan_dir):
     lines = [line for line in log.splitlines() if "cannot create the plan file" in line]
     assert len(lines) == 1 and "Permission denied" in lines[0] and str(plan_dir) in lines[0], lines
     assert not list(plan_dir.iterdir())
+
+
+NO_SPACE_SCRIPT = r"""
+import sys
+from vllm_readme.experts.plan import PlanReader, PlanWriter
+writer = PlanWriter.create(8, "engine")
+reader = PlanReader(8, "engine")
+print("RESULT", writer is None, reader.read(), reader.publish_routes(b"\0" * 8, b"\0" * 4, b"\1"), flush=True)
+"""
+
+
+def test_a_full_plan_folder_degrades_with_one_line(tmp_path):
+    """A tmpfs with no room for the file (a private 64 KiB mount): the
+    writer fails at start-up with one log line instead of the process dying
+    of SIGBUS at a later write into pages the tmpfs cannot give."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    command = f"mount -t tmpfs -o size=64k tmpfs {folder} && exec {sys.executable} -c '{NO_SPACE_SCRIPT}'"
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, VLLM_README_PLAN_DIR=str(folder)),
+        timeout=120,
+    )
+    if "mount" in proc.stderr and "RESULT" not in proc.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RESULT True None False" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "cannot create the plan file" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-2000:]
