@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vllm_readme.checkpoint.authors import import_authors_checkpoint, load_mask_file, read_checkpoint_weights
@@ -91,6 +91,8 @@ def test_config_json(tiny_gqa, scratch):
 
     @FUZZ
     @given(file_contents(valid, config_documents(json.loads(valid))))
+    @example(valid[:-2])
+    @example(json.dumps({**json.loads(valid), "num_experts": "4"}).encode())
     def check(content: bytes):
         (folder / "config.json").write_bytes(content)
         config = value_or_named_error(load_readme_config, folder)
@@ -114,6 +116,7 @@ def test_safetensors_header(tiny_gqa, scratch):
 
     @FUZZ
     @given(file_contents(valid, safetensors_with_mutated_header(valid)))
+    @example(valid[:-1])
     def check(content: bytes):
         file.write_bytes(content)
         value_or_named_error(read_safetensors_shapes, file)
@@ -186,7 +189,11 @@ def test_mask_file(authors_checkpoint, scratch):
     valid = (authors_checkpoint / "mask.pt").read_bytes()
 
     @FUZZ
-    @given(file_contents(valid) | MASK_FILES.map(lambda masks: masks))
+    @given(file_contents(valid) | MASK_FILES)
+    @example(b"\x80")  # the unpickler's own IndexError
+    @example({0: {"residual": "01", 0: [0] * 8}, 1: {"residual": [0] * 8, 0: [0] * 8}})
+    @example({0: {"residual": [[0, 1], [0]], 0: [0] * 8}, 1: {"residual": [0] * 8, 0: [0] * 8}})
+    @example({0: {"residual": [0] * 8, "experts": None}, 1: {"residual": [0] * 8, 0: [0] * 8}})
     def check(content):
         if isinstance(content, bytes):
             path.write_bytes(content)
@@ -204,6 +211,8 @@ def test_pytorch_model_bin(authors_checkpoint, scratch):
 
     @SLOW_FUZZ
     @given(file_contents(valid))
+    @example(b"\x80")
+    @example(valid[: len(valid) // 2])
     def check(content: bytes):
         (folder / "pytorch_model.bin").write_bytes(content)
         value_or_named_error(read_checkpoint_weights, folder)
