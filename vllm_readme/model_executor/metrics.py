@@ -43,7 +43,7 @@ def _prometheus(num_experts: int):
     several engines; prometheus_client refuses a name registered twice)."""
     from prometheus_client import Counter, Histogram
 
-    if not _metrics:
+    if "unique" not in _metrics:  # the cache counters (below) may have been made first
         _metrics["unique"] = Histogram(
             UNIQUE_EXPERTS,
             "Distinct experts among the tokens of one engine step (Read-ME routes)",
