@@ -464,3 +464,4 @@ def test_a_page_file_on_tmpfs_is_written_with_a_warning(tmp_path):
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert store.file_system == "tmpfs"
     assert any("is on tmpfs, i.e. in memory" in w and "page_dir" in w for w in warnings), warnings
+    assert not any("replaced or deleted" in w for w in warnings), "its writer unlinks the page file on purpose"

@@ -107,18 +107,21 @@ class DirectReader:
 
     Each file is opened once (``open``, at start-up) and its identity
     recorded; every read checks that the open file still has that size and
-    mtime, and notes (once) when its path names another file now."""
+    mtime, and notes (once) when its path names another file now (unless
+    opened with ``watch_name=False``: a file whose name its owner removes)."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
         self.opened: dict[Path, FileIdentity] = {}
-        self._path_moved: set[Path] = set()
+        self._unwatched_names: set[Path] = set()  # gone on purpose, or already reported
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct = True
 
-    def open(self, path: Path) -> int:
+    def open(self, path: Path, watch_name: bool = True) -> int:
         with self._lock:
+            if not watch_name:
+                self._unwatched_names.add(path)
             if path not in self._fds:
                 try:
                     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -144,13 +147,13 @@ class DirectReader:
                 "the engine loaded. Restart the engine after changing a checkpoint, and replace files by writing a "
                 "new one and renaming it over the old (an engine keeps reading the file it opened)."
             )
-        if path not in self._path_moved:
+        if path not in self._unwatched_names:
             try:
                 moved = FileIdentity.of(os.stat(path)).inode != opened.inode
             except FileNotFoundError:
                 moved = True
             if moved:
-                self._path_moved.add(path)
+                self._unwatched_names.add(path)
                 logger.warning(
                     "expert cache: %s was replaced or deleted while serving; the engine keeps reading the file it "
                     "opened at start-up (the weights it loaded) until it restarts",
@@ -325,7 +328,7 @@ class PageFileStore:
         try:
             # Held first: whatever happens to the name from now on, the
             # engine reads the file it wrote.
-            fcntl.flock(self.reader.open(self.path), fcntl.LOCK_SH)
+            fcntl.flock(self.reader.open(self.path, watch_name=False), fcntl.LOCK_SH)
             with os.fdopen(fd, "wb") as f:
                 pad = bytes(self.record - self.w13_nbytes - self.w2_nbytes)
                 for layer in range(num_layers):
