@@ -229,13 +229,21 @@ class LogLines(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_default_options_keep_vllms_order_when_experts_cost_nothing(tiny_gqa, tmp_path):
+def test_default_options_keep_vllms_order_when_experts_cost_nothing(tiny_gqa, tmp_path, monkeypatch):
     """No option but the scheduler class: costs are fitted online from the
     engine's steps; on the tiny model on a CPU a distinct expert is not
-    measured to cost time, so nothing is held back and the outputs are
-    vLLM's."""
+    measured to cost time, so the policy never runs (vLLM's order, nothing
+    held back) and the outputs are vLLM's."""
     requests = [(prompt, 3 * max_tokens) for prompt, max_tokens in workload(12, seed=4)]
     fits = []
+    policy_calls = []
+    real_choose = vllm_scheduler.choose
+
+    def counted_choose(*args, **kwargs):  # observes, then runs the real policy
+        policy_calls.append(args[0])
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(vllm_scheduler, "choose", counted_choose)
 
     def observe(scheduler):
         fits.append(scheduler.readme_cost_fit.latest)
@@ -251,6 +259,7 @@ def test_default_options_keep_vllms_order_when_experts_cost_nothing(tiny_gqa, tm
         logger.removeHandler(lines)
         logger.setLevel(level)
     assert outputs == expected and stats["held"] == 0
+    assert policy_calls == [], f"the policy ran {len(policy_calls)} times: not vLLM's order"
     assert any("cost model: fitted online from this engine's steps" in line for line in lines.messages), lines.messages
     fitted = [f for f in fits if f is not None]
     assert len(fitted) > 16, f"the engine ran {len(fits)} steps, too few for the fit to be tested"
