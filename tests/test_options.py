@@ -267,18 +267,26 @@ def _pool_pages(model):
     return cache.pool.capacity, cache.page_bytes
 
 
-def test_byte_pool_is_checked_at_start_up_with_the_page_size_loading_gives(tiny_gqa):
+def loaded_pool(model, expert_pool: str) -> tuple[int, int]:
+    """(pages, page bytes) of the engine's expert cache. The engine lives in
+    this frame only, so it is gone before the next one starts."""
+    with vllm_engine(model, additional_config={"vllm_readme": {"expert_pool": expert_pool}}) as llm:
+        return llm.apply_model(_pool_pages)[0]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gqa", "tiny_mha"])  # mha: 48 expert channels, padded to 64
+def test_byte_pool_is_checked_at_start_up_with_the_page_size_loading_gives(checkpoint, request):
     """Start-up knows a page's bytes from config.json alone: the smallest
     byte pool it accepts is exactly the smallest the loaded cache can hold."""
     import torch
 
-    config = ReadMEConfig.from_pretrained(tiny_gqa)
+    model = request.getfixturevalue(checkpoint)
+    config = ReadMEConfig.from_pretrained(model)
     page_bytes = expert_page_bytes(config, torch.float32, tp=1)
     smallest = config.num_experts * page_bytes
-    with vllm_engine(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": f"{smallest}b"}}) as llm:
-        assert llm.apply_model(_pool_pages)[0] == (config.num_experts, page_bytes)
+    assert loaded_pool(model, f"{smallest}b") == (config.num_experts, page_bytes)
     with pytest.raises(Exception) as info:
-        with vllm_engine(tiny_gqa, additional_config={"vllm_readme": {"expert_pool": f"{smallest - 1}b"}}):
+        with vllm_engine(model, additional_config={"vllm_readme": {"expert_pool": f"{smallest - 1}b"}}):
             pass
     assert f"needs at least {config.num_experts} pages" in error_chain(info.value)
 
