@@ -236,10 +236,11 @@ def check_tokenizer_fits(config: ReadMEConfig, tokenizer_path: str | Path) -> No
     router_vocab = config.router_config.vocab_size
     if size > router_vocab:
         raise ReadMEConfigError(
-            f"the tokenizer has {size} tokens but router.vocab_size is {router_vocab}: token ids "
+            f"{tokenizer_path}: the tokenizer has {size} tokens but router.vocab_size is {router_vocab}: token ids "
             f">= {router_vocab} could not be routed. Re-export the router with vocab_size >= {size}."
         )
     if size > config.vocab_size:
         raise ReadMEConfigError(
-            f"the tokenizer has {size} tokens but vocab_size is {config.vocab_size}; the embedding is too small."
+            f"{tokenizer_path}: the tokenizer has {size} tokens but vocab_size is {config.vocab_size}; the "
+            "embedding is too small. Re-export the checkpoint with vocab_size >= the tokenizer's size."
         )

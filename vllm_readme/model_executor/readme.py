@@ -128,8 +128,6 @@ class ReadMEMoE(nn.Module):
 
     def __init__(self, config: ReadMEConfig, prefix: str, streamed: bool):
         super().__init__()
-        self.prefix = prefix  # named in loading errors
-        self.num_experts = config.num_experts
         self.tp_size = get_tensor_model_parallel_world_size()
         # Set after loading, once FusedMoE has prepacked its weights; None:
         # FusedMoE's own forward.
