@@ -509,6 +509,8 @@ def main() -> None:
     parser.add_argument("--report-from", type=Path, help="redo the Markdown table and the plot of a results JSON")
     args = parser.parse_args()
     for name, value in PRESETS.get(args.preset, {}).items():
+        if name == "out" and args.out != parser.get_default("out"):
+            continue  # an --out given on the command line wins
         setattr(args, name, value)
     if args.report_from:
         results = json.loads(args.report_from.read_text())

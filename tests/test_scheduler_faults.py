@@ -350,3 +350,18 @@ def test_router_copy_in_the_engine_routes_a_bounded_number_of_tokens_per_step(
     assert outputs == reference
     assert max(per_step) == 16 and per_step.count(16) >= 3, per_step  # prompts did wait for their turn
     assert stats["held"] > 0 and stats["longest_wait"] <= 2 and stats["routes_left"] == 0
+
+
+def test_the_online_fit_learns_from_steps_with_known_experts_and_no_idle_wait():
+    """A step followed by an idle wait (no requests left) and a step whose
+    experts were not all known (a prompt without routes) teach the fit
+    nothing; the calibration samples still keep the latter."""
+    stats = vllm_scheduler.SchedulerStatsLog(log_every=0)
+    stats.cost_fit = OnlineCostFit(window=8, min_samples=4)
+    stats.step({1}, 4, 4, [], {}, decision_s=0.0)
+    stats.idle()  # the engine ran out of requests after that step
+    stats.step({1, 2}, 9, 2, [], {}, decision_s=0.0, experts_known=False)
+    stats.step({1}, 1, 1, [], {}, decision_s=0.0)
+    stats.step({2}, 1, 1, [], {}, decision_s=0.0)
+    assert [s[0] for s in stats.samples] == [9, 1]
+    assert [s[0] for s in stats.cost_fit.samples] == [1.0]

@@ -281,13 +281,15 @@ class ExpertAwareMixin:
         self.readme_held.update(by_id, ran, keep=waited)
         own_s += time.perf_counter() - resumed  # ours, not vLLM's schedule()
         self.readme_stats.preemptions += len(output.preempted_req_ids or ())
+        experts, experts_known = self._readme_step_experts(ran)
         self.readme_stats.step(
-            self._readme_step_experts(ran),
+            experts,
             sum(ran.values()),
             len(ran),
             candidates,
             {rid: self.readme_held.get(rid) for rid in held},
             decision_s=own_s,
+            experts_known=experts_known,
         )
         self._readme_follow_fit()
         self._readme_publish_plan(candidates)
@@ -340,14 +342,31 @@ class ExpertAwareMixin:
             )
         return out
 
-    def _readme_step_experts(self, ran: dict[str, int]) -> set[int]:
+    def _readme_step_experts(self, ran: dict[str, int]) -> tuple[set[int], bool]:
+        """The distinct experts of the step's tokens, and whether every
+        scheduled request's were known (a prompt without routes has none)."""
         experts: set[int] = set()
+        known = True
         for rid, n in ran.items():
             request = self.requests.get(rid)
             if request is not None:
                 start = request.num_computed_tokens - n
-                experts |= self.readme_routes.experts(rid, start, n, start < request.num_prompt_tokens) or set()
-        return experts
+                routed = self.readme_routes.experts(rid, start, n, start < request.num_prompt_tokens)
+                known = known and routed is not None
+                experts |= routed or set()
+        return experts, known
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        if self.readme_routes is not None:
+            self._readme_guarded(self._readme_note_idle, what="the step statistics")
+        return outputs
+
+    def _readme_note_idle(self) -> None:
+        # With nothing left to run the engine waits for requests before its
+        # next schedule(): that wait is no step's cost.
+        if not self.has_unfinished_requests():
+            self.readme_stats.idle()
 
 
 class ExpertAwareScheduler(ExpertAwareMixin, Scheduler):
@@ -541,12 +560,23 @@ class SchedulerStatsLog:
         self.self_check = None  # self_check.SelfCheck, when on
         self.cost_fit = None  # cost_model.OnlineCostFit, without a cost model file
 
+    def idle(self) -> None:
+        """The engine ran out of requests: the step now pending ends in a wait."""
+        self._pending = None
+
     def step(
-        self, experts: set[int], tokens: int, scheduled: int, candidates, held: dict[str, int], decision_s: float
+        self,
+        experts: set[int],
+        tokens: int,
+        scheduled: int,
+        candidates,
+        held: dict[str, int],
+        decision_s: float,
+        experts_known: bool = True,
     ) -> None:
         now = time.perf_counter()
         if self._pending is not None:  # the previous step ran from its schedule() to this one
-            p_tokens, p_requests, p_experts, p_started = self._pending
+            p_tokens, p_requests, p_experts, p_started, p_known = self._pending
             # The step itself: the model's forward, vLLM's bookkeeping and
             # its schedule(), less this scheduler's own work, which the cost
             # model must not learn as step cost.
@@ -554,9 +584,9 @@ class SchedulerStatsLog:
             self.window.step_s += now - p_started
             if self.self_check is not None:
                 self._record_self_check(p_tokens, now - p_started)
-            if self.cost_fit is not None:
+            if self.cost_fit is not None and p_known:  # a step with unknown experts would teach a wrong cost
                 self._record_cost_fit(p_tokens, p_experts, self.samples[-1][-1])
-        self._pending = (tokens, scheduled, len(experts), now) if tokens else None
+        self._pending = (tokens, scheduled, len(experts), now, experts_known) if tokens else None
         if tokens == 0:
             return
         all_experts = set().union(*(c.experts or () for c in candidates)) if candidates else set()
