@@ -60,7 +60,7 @@ def test_a_request_held_back_to_the_bound_is_taken_first():
 def test_unknown_policy_and_bad_cost_model_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown scheduling policy 'lifo'"):
         choose("lifo", decodes([0]), 10, 1, 1)
-    with pytest.raises(ValueError, match="per_expert_ms must be a number >= 0"):
+    with pytest.raises(ValueError, match="per_expert_ms must be a finite number >= 0"):
         StepCostModel(1.0, 0.1, -2.0)
     (tmp_path / "bad.json").write_text('{"base_ms": 1}')
     with pytest.raises(ValueError, match=r"missing \['per_expert_ms', 'per_token_ms'\]"):
