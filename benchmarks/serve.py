@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -134,11 +135,17 @@ class Workload:
     concurrency: int | None  # None: unbounded
     rate: float | None  # requests/s (Poisson); None: all at once
     num_prompts: int
+    round: int = 1  # with --rounds: the same workload again, the servers' order alternating
 
     @property
     def key(self) -> str:
         load = f"c{self.concurrency}" if self.rate is None else f"rate {self.rate:.2f}/s"
-        return f"{self.dataset} {load}"
+        return f"{self.dataset} {load}" + (f", round {self.round}" if self.round > 1 else "")
+
+
+def concurrency_of(key: str) -> int:
+    """The concurrency in a fixed-concurrency workload's key."""
+    return int(re.search(r" c(\d+)", key).group(1))
 
 
 def write_chat_dataset(path: Path, tokenizer_dir: Path, n: int, seed: int, max_model_len: int, scale: float) -> dict:
@@ -485,6 +492,9 @@ def main() -> None:
     )
     parser.add_argument("--prompts-per-concurrency", type=float, default=2.0, help="requests = max(8, this x c)")
     parser.add_argument("--prompts-per-rate", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every fixed-concurrency workload this many times (order alternating)"
+    )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: c 1 and 4, one rate, short outputs")
@@ -559,12 +569,14 @@ def main() -> None:
             server.wait_ready()
             results["engines"][server.spec.label]["resident_mib_after_start"] = resident_mib(server.proc.pid)
         workloads = [
-            Workload(dataset, c, None, max(8, int(args.prompts_per_concurrency * c)))
+            Workload(dataset, c, None, max(8, int(args.prompts_per_concurrency * c)), round=r)
+            for r in range(1, args.rounds + 1)
             for dataset in args.datasets
             for c in args.concurrency
         ]
         for i, workload in enumerate(workloads):
-            run_in_turns(servers, workload, i, results, chat_path, random_lens, args)
+            # A workload's later round starts with the server that went second in the one before.
+            run_in_turns(servers, workload, i + workload.round - 1, results, chat_path, random_lens, args)
         rates = args.rate_fractions if "chat" in args.datasets else []  # rates are fractions of chat saturation
         for j, fraction in enumerate(rates):
             saturated = results["runs"][f"chat c{largest}"][specs[0].label]["request_throughput"]
@@ -726,7 +738,7 @@ def plot(results: dict, specs: list[EngineSpec], path: Path) -> None:
     runs = results["runs"]
     concurrency_keys = [k for k in runs if " c" in k]
     cdf_keys = [k for k in concurrency_keys if k.startswith("chat")] or concurrency_keys
-    cdf_key = max(cdf_keys, key=lambda k: int(k.split(" c")[1]))
+    cdf_key = max(cdf_keys, key=concurrency_of)
     for i, spec in enumerate(specs):
         color = colors[i % len(colors)]
         samples = runs[cdf_key].get(spec.label, {}).get("normalised_latency_samples", [])
@@ -738,9 +750,14 @@ def plot(results: dict, specs: list[EngineSpec], path: Path) -> None:
         axes[1].plot(rates, tput, marker="o", color=color, label=spec.label)
         for dataset, style in (("random", "-"), ("chat", "--")):
             keys = [k for k in concurrency_keys if k.startswith(dataset)]
-            xs = [int(k.split(" c")[1]) for k in keys]
-            ys = [runs[k].get(spec.label, {}).get("p95_tpot_ms") for k in keys]
-            axes[2].plot(xs, ys, style, marker="o", color=color, label=f"{spec.label}, {dataset}")
+            first = [k for k in keys if ", round" not in k]  # a line through the first round, later rounds as marks
+            ys = [runs[k].get(spec.label, {}).get("p95_tpot_ms") for k in first]
+            axes[2].plot(
+                list(map(concurrency_of, first)), ys, style, marker="o", color=color, label=f"{spec.label}, {dataset}"
+            )
+            again = [k for k in keys if ", round" in k]
+            ys = [runs[k].get(spec.label, {}).get("p95_tpot_ms") for k in again]
+            axes[2].plot(list(map(concurrency_of, again)), ys, "x", color=color)
     axes[0].set(
         xlabel="end-to-end latency / output tokens (ms)", ylabel="fraction of requests", title=f"CDF, {cdf_key}"
     )
