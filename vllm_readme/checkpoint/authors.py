@@ -71,6 +71,7 @@ from vllm_readme.checkpoint.convert import split_dense_mlp
 from vllm_readme.checkpoint.io import (
     config_errors_named,
     read_json_file,
+    read_weight_map,
     validate_checkpoint,
     write_folder_atomically,
 )
@@ -171,7 +172,7 @@ def read_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
         index = folder / index_name
         if index.is_file():
-            shards = _shards_of_index(index)
+            shards = sorted(set(read_weight_map(index, "Restore the index the checkpoint was saved with.").values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise ReadMEConfigError(f"{index}: lists shard(s) {missing} that are not in {folder}.")
@@ -195,15 +196,6 @@ def read_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
                 "corrupt. Copy the checkpoint again."
             ) from None
     return weights
-
-
-def _shards_of_index(index: Path) -> list[str]:
-    fix = "Restore the index the checkpoint was saved with."
-    weight_map = read_json_file(index, fix)
-    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointFileError(f"{index}: has no weight_map object of tensor name -> file name. {fix}")
-    return sorted(set(weight_map.values()))
 
 
 def load_mask_file(

@@ -127,6 +127,16 @@ def read_safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         ) from None
 
 
+def read_weight_map(index_file: Path, fix: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> file name) of a sharded
+    checkpoint's index, or a CheckpointFileError naming the file and ``fix``."""
+    index = read_json_file(index_file, fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointFileError(f"{index_file}: has no weight_map object of tensor name -> file name. {fix}")
+    return weight_map
+
+
 def safetensors_files(folder: Path) -> dict[Path, set[str] | None]:
     """The weight files of ``folder``: with ``model.safetensors.index.json``
     the files it lists, each with the names it puts there; without, every
@@ -135,10 +145,7 @@ def safetensors_files(folder: Path) -> dict[Path, set[str] | None]:
     if not index_file.exists():
         return {file: None for file in sorted(folder.glob("*.safetensors"))}
     fix = "Write the index again (transformers' save_pretrained) or remove it for a single model.safetensors."
-    index = read_json_file(index_file, fix)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointFileError(f"{index_file}: has no weight_map object of tensor name -> file name. {fix}")
+    weight_map = read_weight_map(index_file, fix)
     files: dict[Path, set[str]] = {}
     for name, file_name in weight_map.items():
         files.setdefault(folder / file_name, set()).add(name)
