@@ -116,8 +116,6 @@ class CostFit:
     per_expert_ms: float
     per_token_se: float
     per_expert_se: float
-    mean_step_ms: float
-    mean_experts: float
     significant: bool
 
     def model(self) -> StepCostModel:
@@ -193,7 +191,7 @@ class OnlineCostFit:
         if ctt <= 0 or cee <= 0 or det <= 1e-9 * ctt * cee:
             # Tokens or experts never vary independently: no expert cost can be measured.
             per_token = cty / ctt if ctt > 0 else 0.0
-            fit = CostFit(n, mean_y - per_token * mean_t, per_token, 0.0, math.inf, math.inf, mean_y, mean_e, False)
+            fit = CostFit(n, mean_y - per_token * mean_t, per_token, 0.0, math.inf, math.inf, False)
         else:
             per_token = (cee * cty - cte * cey) / det
             per_expert = (ctt * cey - cte * cty) / det
@@ -202,7 +200,7 @@ class OnlineCostFit:
             expert_se = math.sqrt(residual * ctt / det)
             significant = per_expert - self.z * expert_se > 0 and per_expert * mean_e >= self.min_share * mean_y
             base = mean_y - per_token * mean_t - per_expert * mean_e
-            fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, mean_y, mean_e, significant)
+            fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, significant)
         self.latest = fit
         return fit
 
