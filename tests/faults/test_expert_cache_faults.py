@@ -351,3 +351,38 @@ def test_a_hub_id_with_a_pool_serves_from_the_hub_cache(tiny_gqa, resident_outpu
     proc, outputs = run_engine_child("org/tiny-readme", kwargs, env=env)
     assert outputs == resident_outputs, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert page_files(tmp_path / "pages") == []
+
+
+def test_another_engines_cleanup_at_the_moment_a_page_file_is_created_leaves_it_alone(tmp_path, monkeypatch):
+    """Two engines starting in one folder: the second's clean-up of leftovers
+    can run at any instant of the first's writing, including right after the
+    file is created (injected here at exactly that instant). The file being
+    written must survive and be read back whole."""
+    import tempfile
+
+    import torch
+
+    from vllm_readme.experts import store as store_module
+
+    created = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_another_engine_cleans(*args, **kwargs):
+        made = real_mkstemp(*args, **kwargs)
+        created.append(made[1])
+        created.append(store_module.remove_leftover_page_files(tmp_path))
+        return made
+
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", mkstemp_then_another_engine_cleans)
+    w13 = [torch.arange(2 * 64 * 32, dtype=torch.float32).view(2, 64, 32) + layer for layer in range(2)]
+    w2 = [torch.arange(2 * 32 * 32, dtype=torch.float32).view(2, 32, 32) - layer for layer in range(2)]
+    store = store_module.PageFileStore.from_layers(w13, w2, folder=tmp_path)
+    try:
+        assert created and created[1] == [], f"the other engine's clean-up removed {created[1]}"
+        for layer in range(2):
+            for expert in range(2):
+                got13, got2 = store.packed(layer, expert)
+                assert torch.equal(got13, w13[layer][expert]) and torch.equal(got2, w2[layer][expert])
+    finally:
+        store.close()
+    assert not list(tmp_path.iterdir()), f"files left behind: {list(tmp_path.iterdir())}"

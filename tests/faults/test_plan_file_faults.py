@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -450,3 +451,20 @@ def test_a_full_plan_folder_degrades_with_one_line(tmp_path):
     assert "RESULT True None False" in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if "cannot create the plan file" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-2000:]
+
+
+def test_a_draft_left_by_a_writer_killed_mid_creation_is_removed_once_old(plan_dir):
+    """A writer killed between making its draft and publishing it leaves a
+    dot-file no engine's name points to; a later writer removes it once it
+    is too old to belong to a writer still starting, and keeps a young one."""
+    old, young = plan_dir / ".vllm_readme_plan_gone.0", plan_dir / ".vllm_readme_plan_starting.1"
+    for path in (old, young):
+        path.write_bytes(b"\0" * 64)
+    os.utime(old, (time.time() - 600, time.time() - 600))
+    writer = PlanWriter.create(8, "engine-after-a-crash")
+    try:
+        assert writer is not None
+        assert not old.exists(), "a killed writer's draft was left behind"
+        assert young.exists(), "a draft young enough to be a starting writer's was removed"
+    finally:
+        writer.close()

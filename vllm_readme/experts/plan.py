@@ -71,6 +71,7 @@ import mmap
 import os
 import struct
 import tempfile
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -86,6 +87,7 @@ _ATTACHED = _ROUTES + 16 + 13 * MAX_ROUTES  # u8 per reader: 1 once it has the f
 MAX_READERS = 256
 _SIZE = _ATTACHED + MAX_READERS
 _PREFIX = "vllm_readme_plan_"
+_DRAFT_GRACE_S = 60.0  # a draft older than this whose writer holds no lock was left by a killed one
 
 # The engine id of writers and readers not given one (benchmarks, tests): one
 # per process, inherited by forked children.
@@ -128,9 +130,14 @@ def _held(fd: int) -> bool:
 
 
 def remove_stale_plans() -> None:
-    """Remove the files of engines that ended without closing their writer."""
+    """Remove the files of engines that ended without closing their writer,
+    and drafts of writers killed while making theirs (a draft is unlocked
+    for an instant after its creation: only old ones are candidates)."""
     try:
-        paths = list(plan_folder().glob(f"{_PREFIX}*"))
+        folder = plan_folder()
+        young = time.time() - _DRAFT_GRACE_S
+        drafts = [path for path in folder.glob(f".{_PREFIX}*") if _modified_before(path, young)]
+        paths = [*folder.glob(f"{_PREFIX}*"), *drafts]
     except OSError:
         return
     for path in paths:
@@ -145,6 +152,13 @@ def remove_stale_plans() -> None:
             pass
         finally:
             os.close(fd)
+
+
+def _modified_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime < when
+    except OSError:  # gone meanwhile
+        return False
 
 
 class _Seqlock:

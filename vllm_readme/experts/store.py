@@ -35,6 +35,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +288,7 @@ class PageFileStore:
         layout (``from_layers`` for weights already in memory; the expert
         cache passes pages read and packed from the checkpoint when the
         model never held them all). Written one page at a time."""
-        self.folder = Path(folder) if folder else default_page_dir()
+        self.folder = Path(folder).expanduser() if folder else default_page_dir()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -322,8 +323,13 @@ class PageFileStore:
                 self.nbytes / 2**20,
                 WHERE,
             )
-        fd, name = tempfile.mkstemp(prefix=f"expert-pages-{os.getpid()}-", suffix=".partial", dir=self.folder)
-        self.path = Path(name)
+        # Created under a name the cleaners of other engines pass over while
+        # it is young, locked, then given its .partial name: a .partial file
+        # is always held by its writer while the writer lives.
+        fd, name = tempfile.mkstemp(prefix=f"expert-pages-{os.getpid()}-", suffix=_CREATING, dir=self.folder)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.path = Path(name[: -len(_CREATING)] + ".partial")
+        os.rename(name, self.path)
         self.reader = DirectReader()
         try:
             # Held first: whatever happens to the name from now on, the
@@ -407,6 +413,10 @@ class PageFileStore:
         self.reader.close()
 
 
+_CREATING = ".creating"  # a page file's name from creation until its writer holds it
+_CREATING_GRACE_S = 60.0
+
+
 def default_page_dir() -> Path:
     """``$XDG_CACHE_HOME/vllm_readme`` (``~/.cache/vllm_readme``): a
     user's cache on disk, where O_DIRECT works, unlike the temp folder,
@@ -419,8 +429,11 @@ def remove_leftover_page_files(folder: Path) -> list[Path]:
     was killed mid-write), removed; a live writer's file is left alone.
     Returns what was removed."""
     removed = []
-    for path in Path(folder).glob("expert-pages-*.partial"):
+    young = time.time() - _CREATING_GRACE_S
+    for path in [*Path(folder).glob("expert-pages-*.partial"), *Path(folder).glob(f"expert-pages-*{_CREATING}")]:
         try:
+            if path.suffix == _CREATING and path.stat().st_mtime > young:
+                continue  # an engine may be between creating and locking it
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # gone meanwhile, or another user's
             continue
