@@ -386,3 +386,33 @@ def test_another_engines_cleanup_at_the_moment_a_page_file_is_created_leaves_it_
     finally:
         store.close()
     assert not list(tmp_path.iterdir()), f"files left behind: {list(tmp_path.iterdir())}"
+
+
+def _fail_prefetches(model) -> bool:
+    """Every prefetch on the loader thread raises (not an I/O error: any
+    fault of the store or the packing); loads on demand still work."""
+    import threading
+
+    cache = model.model.expert_cache
+    load = cache._load_from_store  # noqa: SLF001
+
+    def failing_on_the_loader_thread(*args, **kwargs):
+        if threading.current_thread().name.startswith("readme-prefetch"):
+            cache.injected_prefetch_faults = getattr(cache, "injected_prefetch_faults", 0) + 1
+            raise RuntimeError("injected fault on the loader thread")
+        return load(*args, **kwargs)
+
+    cache._load_from_store = failing_on_the_loader_thread  # noqa: SLF001
+    return cache.executor is not None
+
+
+def test_any_fault_on_the_loader_thread_is_loaded_on_demand_instead(tiny_gqa, resident_outputs):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with vllm_engine(tiny_gqa, max_num_seqs=4, **pool_config()) as llm:
+        assert llm.apply_model(_fail_prefetches)[0], "the cache has no loader thread to fault"
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        faults = llm.apply_model(lambda model: getattr(model.model.expert_cache, "injected_prefetch_faults", 0))[0]
+    assert faults > 0, "no prefetch ran, so nothing was injected"
+    assert outputs == resident_outputs
