@@ -172,13 +172,13 @@ class SchedulerOptions(PluginOptions):
             return DEFAULT_COST_MODEL
         try:
             return StepCostModel.load(self.cost_model)
-        # Any failure to read a user's file (malformed JSON of any shape
-        # included) is the same error: this file cannot be the cost model.
-        except Exception as exc:
+        # Every way a user's file can fail to be read (malformed JSON of any
+        # shape and depth included) is the same error: it cannot be the cost model.
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise ReadMEOptionsError(
                 f"{self.where('cost_model')}: cannot read {self.cost_model!r} ({type(exc).__name__}: {exc}). "
                 "Write one with `python benchmarks/calibrate_cost_model.py --out FILE`, or leave the option out "
-                "for the default."
+                "to fit step costs online from the engine's own steps."
             ) from exc
 
 
