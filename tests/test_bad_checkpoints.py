@@ -283,6 +283,17 @@ def test_a_config_value_of_the_wrong_type_is_refused(tiny_gqa, tmp_path, field, 
         validate_checkpoint(bad)
 
 
+@pytest.mark.parametrize(("field", "value"), [("torch_dtype", []), ("torch_dtype", 0.0), ("dtype", "float33")])
+def test_a_dtype_that_is_not_a_torch_dtype_is_refused(tiny_gqa, tmp_path, field, value):
+    """transformers reads a dtype with getattr(torch, value): anything but a
+    dtype's name fails there, or later when the config is saved, without
+    naming the file or the field."""
+    bad = _copy(tiny_gqa, tmp_path / "bad")
+    edit_config(bad, **{field: value})
+    with pytest.raises(ReadMEConfigError, match=rf"{bad}/config.json: {field}=.* is not a torch dtype"):
+        validate_checkpoint(bad)
+
+
 def _dense_folder(tiny_gqa, path):
     """A folder shaped like a dense HF model: config.json and safetensors."""
     path.mkdir()

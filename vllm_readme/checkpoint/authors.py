@@ -70,7 +70,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from vllm_readme.checkpoint.convert import split_dense_mlp
 from vllm_readme.checkpoint.io import (
     config_errors_named,
-    read_json_file,
+    read_config_json,
     read_weight_map,
     validate_checkpoint,
     write_folder_atomically,
@@ -497,9 +497,7 @@ def _read_dense_folder(llama_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not config_file.is_file():
         raise ReadMEConfigError(f"{llama_dir}: config.json is missing; pass the folder the authors' code saved.")
     fix = "Pass the folder the authors' code saved, with its config.json."
-    config = read_json_file(config_file, fix)
-    if not isinstance(config, dict):
-        raise CheckpointFileError(f"{config_file}: holds a JSON {type(config).__name__}, not an object. {fix}")
+    config = read_config_json(config_file, fix)
     for field in ("num_hidden_layers", "intermediate_size"):
         if not isinstance(config.get(field), int) or isinstance(config[field], bool) or config[field] < 1:
             raise CheckpointFileError(

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
@@ -77,6 +78,24 @@ def read_json_file(path: Path, fix: str) -> Any:
         raise CheckpointFileError(f"{path}: JSON nested too deeply to read. {fix}") from None
 
 
+def read_config_json(path: Path, fix: str) -> dict[str, Any]:
+    """A model's config.json as a dict, or a CheckpointFileError naming the
+    file: not JSON, not an object, or a dtype transformers cannot read (it
+    would fail later with an error that names neither file nor field)."""
+    config = read_json_file(path, fix)
+    if not isinstance(config, dict):
+        raise CheckpointFileError(f"{path}: holds a JSON {type(config).__name__}, not an object. {fix}")
+    for field in ("torch_dtype", "dtype"):
+        value = config.get(field)
+        if value is not None and not (
+            isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype)
+        ):
+            raise CheckpointFileError(
+                f'{path}: {field}={value!r} is not a torch dtype; give one such as "float32" or "bfloat16", or null.'
+            )
+    return config
+
+
 @contextmanager
 def config_errors_named(config_file: Path) -> Iterator[None]:
     """Turn the errors of building a config from ``config_file``'s values
@@ -100,9 +119,7 @@ def load_readme_config(path: str | Path) -> ReadMEConfig:
     if not config_file.is_file():
         raise ReadMEConfigError(f"{path} is not a Read-ME checkpoint: config.json is missing.")
     fix = "Restore config.json from the checkpoint's source (`vllm-readme refactor` or `vllm-readme import`)."
-    data = read_json_file(config_file, fix)
-    if not isinstance(data, dict):
-        raise CheckpointFileError(f"{config_file}: holds a JSON {type(data).__name__}, not an object. {fix}")
+    data = read_config_json(config_file, fix)
     if data.get("model_type") != ReadMEConfig.model_type:
         raise ReadMEConfigError(
             f"{config_file}: model_type is {data.get('model_type')!r}, expected 'readme'. "
@@ -208,9 +225,7 @@ def check_dense_folder(path: Path) -> None:
         return
     if not path.is_dir():
         raise CheckpointFileError(f"{path}: no such folder. Pass an HF model folder or a .gguf file with --dense.")
-    config = read_json_file(path / "config.json", "Pass the folder an HF model was saved to (save_pretrained).")
-    if not isinstance(config, dict):
-        raise CheckpointFileError(f"{path / 'config.json'}: holds a JSON {type(config).__name__}, not an object.")
+    read_config_json(path / "config.json", "Pass the folder an HF model was saved to (save_pretrained).")
     for file in safetensors_files(path):
         read_safetensors_shapes(file)
 
