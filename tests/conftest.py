@@ -72,6 +72,18 @@ def vllm_engine(model: Path, **overrides):
         cleanup_dist_env_and_memory()
 
 
+def greedy_outputs(model: Path, probe=None, max_tokens: int = 24, **overrides) -> tuple[list[list[int]], object]:
+    """Greedy token ids for PROMPTS from an in-process engine, and what
+    ``probe(model)`` returns in the worker afterwards (None without one)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with vllm_engine(model, max_num_seqs=4, **overrides) as llm:
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        found = llm.apply_model(probe)[0] if probe is not None else None
+    return outputs, found
+
+
 SERVE_TIMEOUT_S = 240
 
 
@@ -85,6 +97,19 @@ def served(model: Path, log_path: Path, *args: str, env: dict | None = None):
         model, *args, env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log_path=log_path, timeout_s=SERVE_TIMEOUT_S
     ) as (proc, url):
         yield proc, url
+
+
+def post_json(url: str, body: bytes) -> tuple[int, str]:
+    """POST raw bytes as JSON: (HTTP status, body), errors included."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def load_reference(model: Path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, vllm_engine
+from conftest import PROMPTS, greedy_outputs, vllm_engine
 
 from vllm_readme.experts.eviction import EVICTION_POLICIES, make_policy
 from vllm_readme.experts.pool import PagePool, PoolTooSmall
@@ -110,13 +110,7 @@ def test_pool_refuses_when_every_page_is_pinned():
 
 
 def generate(model, **overrides) -> tuple[list[list[int]], dict | None]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    with vllm_engine(model, max_num_seqs=4, **overrides) as llm:
-        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        stats = llm.apply_model(_cache_stats)[0]
-    return outputs, stats
+    return greedy_outputs(model, _cache_stats, **overrides)
 
 
 def _cache_stats(model):

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import served
+from conftest import post_json, served
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
 
@@ -158,15 +158,6 @@ BAD_REQUESTS = {
 }
 
 
-def _post(url: str, body: bytes) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
     from openai import AsyncOpenAI
 
@@ -177,9 +168,9 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
         answers = {}
         for name, body in BAD_REQUESTS.items():
             data = json.dumps({"model": MODEL, **body}).encode()
-            answers[name] = await loop.run_in_executor(None, _post, server + "/v1/completions", data)
+            answers[name] = await loop.run_in_executor(None, post_json, server + "/v1/completions", data)
         answers["malformed JSON"] = await loop.run_in_executor(
-            None, _post, server + "/v1/completions", b'{"model": "tiny-readme", "prompt": "Hi",'
+            None, post_json, server + "/v1/completions", b'{"model": "tiny-readme", "prompt": "Hi",'
         )
         return answers, await background
 
@@ -190,7 +181,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
     assert not wrong, f"expected a 4xx for each bad request, got {wrong}"
     assert all(json.loads(text).get("error", {}).get("message") for _, text in answers.values())
     assert background == ("completed", 16), "a request in flight was hurt by the bad ones"
-    status, _ = _post(
+    status, _ = post_json(
         server + "/v1/completions", json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
     )
     assert status == 200

@@ -18,20 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS, error_chain, vllm_engine
+from conftest import PROMPTS, error_chain, greedy_outputs, vllm_engine
 
 MAX_TOKENS = 24
 CHILD_TIMEOUT_S = 240
 
 
 def generate(model, **overrides) -> tuple[list[list[int]], dict | None]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    with vllm_engine(model, max_num_seqs=4, **overrides) as llm:
-        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        stats = llm.apply_model(_cache_facts)[0]
-    return outputs, stats
+    return greedy_outputs(model, _cache_facts, MAX_TOKENS, **overrides)
 
 
 def _cache_facts(model):

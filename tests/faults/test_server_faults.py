@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_reference, reference_greedy, served
+from conftest import load_reference, post_json, reference_greedy, served
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
 
@@ -64,18 +64,6 @@ async def _stream(client, i: int) -> tuple[str, list[int]]:
         return f"refused {exc.status_code}", []
 
 
-def _post(url: str, body: bytes) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _plan_files() -> set[str]:
     return {p.name for p in SHM.glob("vllm_readme*")} if SHM.is_dir() else set()
 
@@ -101,7 +89,7 @@ def test_64_streams_with_scheduler_and_half_pool_amid_bad_requests(tiny_gqa, tmp
         loop = asyncio.get_running_loop()
         bad = []
         for body in BAD_BODIES:  # while the streams are in flight
-            bad.append(await loop.run_in_executor(None, _post, url + "/v1/completions", body))
+            bad.append(await loop.run_in_executor(None, post_json, url + "/v1/completions", body))
             await asyncio.sleep(0.05)
         return await asyncio.gather(*streams, return_exceptions=True), bad
 
@@ -109,7 +97,7 @@ def test_64_streams_with_scheduler_and_half_pool_amid_bad_requests(tiny_gqa, tmp
         started = time.time()
         results, bad = asyncio.run(run(url))
         elapsed = time.time() - started
-        after, _ = _post(
+        after, _ = post_json(
             url + "/v1/completions", json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
         )
         log = (tmp_path / "server.log").read_text()
