@@ -138,16 +138,19 @@ class OnlineCostFit:
 
     Least squares of step time on tokens and distinct experts over a sliding
     window of ``window`` steps (running sums: O(1) per step). A distinct
-    expert counts as costing time only when the fitted per-expert cost is
-    above ``z`` standard errors and its share of a mean step
-    (``per_expert_ms * mean experts / mean step ms``) is at least
-    ``min_share``; until then the fitted model charges nothing per expert
-    and the scheduler keeps vLLM's order. Steps whose tokens and experts move together (every
-    decode a new expert) cannot tell the two costs apart: such a fit is not
-    significant either.
+    expert counts as costing time only when even the low end of its cost
+    (``per_expert_ms - z * SE``) is above 0 and makes the step's experts at
+    least ``min_share`` of a mean step (``low end * mean experts / mean step
+    ms``); until then the fitted model charges nothing per expert and the
+    scheduler keeps vLLM's order. Grouping requests by expert can save at
+    most the experts' share of a step, and every request it holds back
+    waits a whole step: below a tenth of the step the saving cannot pay for
+    the inter-token gaps it opens. Steps whose tokens and experts move
+    together (every decode a new expert) cannot tell the two costs apart:
+    such a fit is not significant either.
     """
 
-    def __init__(self, window: int = 512, min_samples: int = 64, z: float = 3.0, min_share: float = 0.02):
+    def __init__(self, window: int = 512, min_samples: int = 64, z: float = 3.0, min_share: float = 0.10):
         if window < min_samples or min_samples < 4:
             raise ValueError(f"online cost fit: need window ({window}) >= min_samples ({min_samples}) >= 4.")
         self.window, self.min_samples, self.z, self.min_share = window, min_samples, z, min_share
@@ -198,7 +201,8 @@ class OnlineCostFit:
             residual = max(0.0, cyy - per_token * cty - per_expert * cey) / (n - 3)
             token_se = math.sqrt(residual * cee / det)
             expert_se = math.sqrt(residual * ctt / det)
-            significant = per_expert - self.z * expert_se > 0 and per_expert * mean_e >= self.min_share * mean_y
+            low_end = per_expert - self.z * expert_se
+            significant = low_end > 0 and low_end * mean_e >= self.min_share * mean_y
             base = mean_y - per_token * mean_t - per_expert * mean_e
             fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, significant)
         self.latest = fit
