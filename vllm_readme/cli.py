@@ -115,9 +115,11 @@ def _refactor_options(args: argparse.Namespace):
 
 def _cmd_refactor(args: argparse.Namespace) -> int:
     from vllm_readme.checkpoint.io import check_dense_folder
+    from vllm_readme.precision import choose_device
     from vllm_readme.refactor.pipeline import refactor
 
     options = _refactor_options(args)
+    choose_device(options.device)  # a device this machine lacks is named before any file is read
     if options.dense:
         check_dense_folder(Path(options.dense))
     results = refactor(options, evaluate=not args.no_eval)

@@ -173,11 +173,12 @@ def safetensors_files(folder: Path) -> dict[Path, set[str] | None]:
 
 
 def validate_checkpoint(path: str | Path) -> ReadMEConfig:
-    """Check config, every tensor's name and shape against the config, and
-    the tokenizer's size; raise ReadMEConfigError naming the first problem
+    """Check config, the tokenizer's size, and every tensor's name and shape
+    against the config; raise ReadMEConfigError naming the first problem
     and its fix."""
     path = Path(path)
     config = load_readme_config(path)
+    check_tokenizer_fits(config, path)  # the config's own consistency first, as vLLM checks it before weights
     files = safetensors_files(path)
     if not files:
         raise ReadMEConfigError(f"{path}: no *.safetensors weight files.")
@@ -199,7 +200,6 @@ def validate_checkpoint(path: str | Path) -> ReadMEConfig:
                 raise TensorShapeError(f"{file}: {problem}")
             found.add(name)
     check_no_tensor_missing(shapes, found, str(path))
-    check_tokenizer_fits(config, path)
     return config
 
 
