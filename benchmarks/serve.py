@@ -266,6 +266,14 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
     )
     out["normalised_latency_ms_per_token"] = _summary(normalised)
     out["normalised_latency_samples"] = normalised
+    # Each request's time per output token after the first (vLLM's TPOT), kept
+    # so that rounds of one workload can be pooled (pooled_ratios).
+    out["tpot_samples_ms"] = sorted(
+        1000 * (latency - ttft) / (n - 1)
+        for latency, ttft, n in zip(result["latencies"], result["ttfts"], result["output_lens"], strict=True)
+        if n > 1
+    )
+    out["output_tokens"] = sum(result["output_lens"])
     steps = delta("vllm:iteration_tokens_total_count")
     out["engine_steps"] = steps
     out["mean_tokens_per_step"] = delta("vllm:iteration_tokens_total_sum") / steps if steps else None
@@ -587,6 +595,8 @@ def main() -> None:
         for server in servers:
             server.stop()
     results["ratios"] = ratios(results, specs)
+    if args.rounds > 1:
+        results["pooled_ratios"] = pooled_ratios(results, specs)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, specs, args.out.with_suffix(".png"))
     args.out.with_suffix(".md").write_text(report(results, specs))
@@ -634,6 +644,40 @@ def ratios(results: dict, specs: list[EngineSpec]) -> dict:
     return out
 
 
+def pooled_ratios(results: dict, specs: list[EngineSpec]) -> dict:
+    """Each engine against the first over every round of a workload together:
+    output tokens over the summed durations, and the p95 of every request's
+    TPOT. Run-to-run noise on a small machine is as large as the differences
+    a round measures; the pooled figure has every round's requests behind it."""
+    base = specs[0].label
+    pooled: dict[str, dict[str, list[dict]]] = {}
+    for key, row in results["runs"].items():
+        workload = key.split(", round")[0]
+        for label, r in row.items():
+            if isinstance(r, dict) and "tpot_samples_ms" in r:
+                pooled.setdefault(workload, {}).setdefault(label, []).append(r)
+
+    def figures(runs: list[dict]) -> tuple[float, float]:
+        tpots = sorted(t for r in runs for t in r["tpot_samples_ms"])
+        return sum(r["output_tokens"] for r in runs) / sum(r["duration"] for r in runs), _percentile(tpots, 95)
+
+    out = {}
+    for workload, per in pooled.items():
+        if base not in per:
+            continue
+        base_tps, base_p95 = figures(per[base])
+        for spec in specs[1:]:
+            if spec.label in per:
+                tps, p95 = figures(per[spec.label])
+                out.setdefault(spec.label, {})[workload] = {
+                    "rounds": len(per[spec.label]),
+                    "output_throughput": tps / base_tps,
+                    "p95_tpot": p95 / base_p95,
+                    "requests": sum(len(r["tpot_samples_ms"]) for r in per[spec.label]),
+                }
+    return out
+
+
 def report(results: dict, specs: list[EngineSpec]) -> str:
     lines = [
         "# Serving benchmark (benchmarks/serve.py)",
@@ -675,6 +719,15 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
                 f"| {label} | {key} | {v['output_throughput']:.2f}x | {v['p95_tpot']:.2f}x | "
                 f"{v['mean_normalised_latency']:.2f}x | {v['p95_normalised_latency']:.2f}x |"
             )
+    if results.get("pooled_ratios"):
+        lines += ["", f"Every round of a workload pooled, against {specs[0].label}:", ""]
+        lines += ["| engine | workload | rounds | requests | out tok/s | p95 TPOT |", "|---|---|---|---|---|---|"]
+        for label, per in results["pooled_ratios"].items():
+            for key, v in per.items():
+                lines.append(
+                    f"| {label} | {key} | {v['rounds']} | {v['requests']} | {v['output_throughput']:.2f}x | "
+                    f"{v['p95_tpot']:.2f}x |"
+                )
     cache_rows = [
         (key, label, r)
         for key, row in results["runs"].items()

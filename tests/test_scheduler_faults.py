@@ -25,7 +25,7 @@ from test_scheduler_engine import KV_TIGHT, expensive_experts, reference, run, w
 
 from vllm_readme.options import ReadMEOptionsError, SchedulerOptions
 from vllm_readme.scheduler import vllm_scheduler
-from vllm_readme.scheduler.cost_model import OnlineCostFit, StepCostModel
+from vllm_readme.scheduler.cost_model import CostFit, OnlineCostFit, StepCostModel
 from vllm_readme.scheduler.policy import Candidate, choose
 from vllm_readme.scheduler.routes_ahead import RouteTracker, load_router
 
@@ -90,6 +90,25 @@ def synthetic_steps(per_expert_ms: float, seed: int, steps: int = 600, noise_ms:
         yield tokens, experts, 20.0 + 0.5 * tokens + per_expert_ms * experts + rng.gauss(0.0, noise_ms)
 
 
+def batched_decodes(per_expert_ms: float, seed: int, steps: int = 600):
+    """Decode steps of a batch of 1..64 requests, each on one of 4 experts at
+    random: experts saturate as the batch grows while the time per token
+    falls (time grows as the square root of the batch), as in a real engine."""
+    rng = random.Random(seed)
+    for _ in range(steps):
+        batch = rng.randint(1, 64)
+        experts = len({rng.randrange(4) for _ in range(batch)})
+        yield batch, experts, 30.0 + 40.0 * math.sqrt(batch) + per_expert_ms * experts + rng.gauss(0.0, 2.0), batch
+
+
+def fed(fit: OnlineCostFit, steps) -> CostFit:
+    """Each step added and the fit refitted, as the scheduler does."""
+    for step in steps:
+        fit.add(*step)
+        fit.refit()
+    return fit.latest
+
+
 def distinct_decodes(n: int = 8) -> list[Candidate]:
     return [Candidate(str(i), 1, frozenset({i}), i) for i in range(n)]
 
@@ -97,9 +116,7 @@ def distinct_decodes(n: int = 8) -> list[Candidate]:
 @pytest.mark.parametrize("seed", range(20))
 def test_experts_that_cost_nothing_are_not_significant_and_keep_vllms_order(seed):
     fit = OnlineCostFit()
-    for step in synthetic_steps(0.0, seed):
-        fit.add(*step)
-    latest = fit.refit()
+    latest = fed(fit, synthetic_steps(0.0, seed))
     assert latest is not None and not latest.significant, latest
     assert latest.per_token_ms == pytest.approx(0.5, abs=0.05)
     # The policy with the fitted model takes every candidate, in arrival order.
@@ -110,9 +127,7 @@ def test_experts_that_cost_nothing_are_not_significant_and_keep_vllms_order(seed
 @pytest.mark.parametrize("seed", range(5))
 def test_experts_that_cost_time_are_significant_and_fitted(seed):
     fit = OnlineCostFit()
-    for step in synthetic_steps(3.0, seed):
-        fit.add(*step)
-    latest = fit.refit()
+    latest = fed(fit, synthetic_steps(3.0, seed))
     assert latest.significant, latest
     assert latest.per_expert_ms == pytest.approx(3.0, abs=4 * latest.per_expert_se)
     assert latest.per_expert_ms == pytest.approx(3.0, rel=0.15)
@@ -126,13 +141,44 @@ def test_an_expert_cost_too_small_to_pay_for_holding_back_keeps_vllms_order(seed
     of a step: grouping could save at most that, and each request it holds
     back waits a whole step, so the policy stays out of the way."""
     fit = OnlineCostFit()
-    for step in synthetic_steps(0.4, seed, noise_ms=0.3):
-        fit.add(*step)
-    latest = fit.refit()
+    latest = fed(fit, synthetic_steps(0.4, seed, noise_ms=0.3))
     assert latest.per_expert_ms > 10 * latest.per_expert_se, latest  # the cost itself is significant
     assert not latest.significant, latest
     candidates = distinct_decodes()
     assert choose("cost-model", candidates, 64, 8, 4, cost_model=fit.model()) == [c.request_id for c in candidates]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_time_that_grows_slower_than_the_batch_is_not_read_as_an_expert_cost(seed):
+    """Experts saturate as the batch grows while the time per token falls: a
+    straight line through every step reads that curvature as about 20 ms per
+    distinct expert although experts cost nothing here. Compared only between
+    steps of the same batch, experts are free, and vLLM's order stays."""
+    latest = fed(OnlineCostFit(), batched_decodes(0.0, seed))
+    assert not latest.significant, latest
+    assert abs(latest.per_expert_ms) < 3 * latest.per_expert_se, latest
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_expert_cost_under_a_curved_batch_cost_is_still_measured(seed):
+    latest = fed(OnlineCostFit(), batched_decodes(12.0, seed))
+    assert latest.significant, latest
+    assert latest.per_expert_ms == pytest.approx(12.0, abs=4 * latest.per_expert_se)
+
+
+def test_the_verdict_must_hold_over_persist_refits_and_ends_at_once():
+    """Experts turn costly mid-run: a fit that must see the cost at 64
+    refits running turns on 63 steps after one that trusts a single refit,
+    and both turn off at the same step once experts are free again."""
+    steps = [*synthetic_steps(0.0, seed=3, steps=300), *synthetic_steps(12.0, seed=4, steps=400)]
+    steps += list(synthetic_steps(0.0, seed=5, steps=900))
+    eager, patient = OnlineCostFit(persist=1), OnlineCostFit(persist=64)
+    eager_on = [bool(fed(eager, [step]) and eager.latest.significant) for step in steps]
+    patient_on = [bool(fed(patient, [step]) and patient.latest.significant) for step in steps]
+    assert True in eager_on and not any(eager_on[:300])
+    first = eager_on.index(True)
+    assert patient_on.index(True) == first + 63 and eager_on[first : first + 64] == [True] * 64
+    assert len(eager_on) - eager_on[::-1].index(True) == len(patient_on) - patient_on[::-1].index(True)
 
 
 def test_the_fit_needs_enough_steps_drops_bad_times_and_forgets_old_ones():

@@ -136,49 +136,77 @@ class CostFit:
 class OnlineCostFit:
     """The step-cost model fitted from the engine's own recent steps.
 
-    Least squares of step time on tokens and distinct experts over a sliding
-    window of ``window`` steps (running sums: O(1) per step). A distinct
-    expert counts as costing time only when even the low end of its cost
-    (``per_expert_ms - z * SE``) is above 0 and makes the step's experts at
-    least ``min_share`` of a mean step (``low end * mean experts / mean step
-    ms``); until then the fitted model charges nothing per expert and the
-    scheduler keeps vLLM's order. Grouping requests by expert can save at
-    most the experts' share of a step, and every request it holds back
-    waits a whole step: below a tenth of the step the saving cannot pay for
-    the inter-token gaps it opens. Steps whose tokens and experts move
-    together (every decode a new expert) cannot tell the two costs apart:
-    such a fit is not significant either.
+    Over a sliding window of ``window`` steps (running sums: O(1) per step).
+    What a distinct expert costs is measured only between steps that ran the
+    same number of tokens for the same number of requests (a within-group
+    least squares, "fixed effects"): a step's time is any function of its
+    tokens and requests (attention and batching make it far from linear)
+    plus ``per_expert_ms`` per distinct expert. Across groups, experts
+    saturate as the batch grows while the time per token falls, and a
+    straight line through both would read that curvature as an expert cost.
+    The time per token is then the straight-line fit of what is left.
+
+    A distinct expert counts as costing time only when even the low end of
+    its cost (``per_expert_ms - z * SE``) is above 0 and makes the step's
+    experts at least ``min_share`` of a mean step, and has done so at each of
+    the last ``persist`` refits; until then the fitted model charges nothing
+    per expert and the scheduler keeps vLLM's order. Grouping requests by
+    expert can save at most the experts' share of a step, and every request
+    it holds back waits a whole step: below a tenth of the step the saving
+    cannot pay for the inter-token gaps it opens. Steps whose experts never
+    vary at a given batch (every decode a new expert) cannot tell the two
+    costs apart: such a fit is not significant either.
     """
 
-    def __init__(self, window: int = 512, min_samples: int = 64, z: float = 3.0, min_share: float = 0.10):
+    def __init__(
+        self, window: int = 512, min_samples: int = 64, z: float = 3.0, min_share: float = 0.10, persist: int = 64
+    ):
         if window < min_samples or min_samples < 4:
             raise ValueError(f"online cost fit: need window ({window}) >= min_samples ({min_samples}) >= 4.")
         self.window, self.min_samples, self.z, self.min_share = window, min_samples, z, min_share
-        self.samples: collections.deque[tuple[float, float, float]] = collections.deque()
+        self.persist = persist
+        self.samples: collections.deque[tuple[float, float, float, tuple]] = collections.deque()
         self.latest: CostFit | None = None
         self._sums = [0.0] * 9  # t, e, y, tt, ee, te, ty, ey, yy
+        # Per (tokens, requests): n, e, y, ee, ey, yy.
+        self._groups: dict[tuple, list[float]] = {}
         self._since_rebuild = 0
+        self._measured_for = 0  # consecutive refits whose expert cost was material
 
-    def add(self, tokens: int, experts: int, ms: float) -> None:
+    def add(self, tokens: int, experts: int, ms: float, requests: int | None = None) -> None:
         """One finished step; a non-finite or non-positive time is dropped."""
         if not (math.isfinite(ms) and ms > 0 and tokens > 0):
             return
-        sample = (float(tokens), float(experts), float(ms))
+        sample = (float(tokens), float(experts), float(ms), (tokens, requests))
         self.samples.append(sample)
         self._accumulate(sample, 1.0)
         if len(self.samples) > self.window:
             self._accumulate(self.samples.popleft(), -1.0)
         self._since_rebuild += 1
         if self._since_rebuild >= self.window:  # running sums drift; rebuild them now and then
-            self._sums = [0.0] * 9
+            self._sums, self._groups = [0.0] * 9, {}
             for old in self.samples:
                 self._accumulate(old, 1.0)
             self._since_rebuild = 0
 
-    def _accumulate(self, sample: tuple[float, float, float], sign: float) -> None:
-        t, e, y = sample
+    def _accumulate(self, sample: tuple, sign: float) -> None:
+        t, e, y, key = sample
         for i, value in enumerate((t, e, y, t * t, e * e, t * e, t * y, e * y, y * y)):
             self._sums[i] += sign * value
+        group = self._groups.setdefault(key, [0.0] * 6)
+        for i, value in enumerate((1.0, e, y, e * e, e * y, y * y)):
+            group[i] += sign * value
+        if group[0] < 0.5:
+            del self._groups[key]
+
+    def _within(self) -> tuple[float, float, float, int]:
+        """Centred sums of experts and time within each group, and the groups."""
+        cee = cey = cyy = 0.0
+        for n, e, y, ee, ey, yy in self._groups.values():
+            cee += ee - e * e / n
+            cey += ey - e * y / n
+            cyy += yy - y * y / n
+        return cee, cey, cyy, len(self._groups)
 
     def refit(self) -> CostFit | None:
         """Fit the current window; None until it holds ``min_samples`` steps."""
@@ -186,25 +214,36 @@ class OnlineCostFit:
         if n < self.min_samples:
             return None
         st, se, sy, stt, see, ste, sty, sey, syy = self._sums
-        # Centred sums: the intercept drops out, leaving a 2x2 system.
-        ctt, cee, cte = stt - st * st / n, see - se * se / n, ste - st * se / n
-        cty, cey, cyy = sty - st * sy / n, sey - se * sy / n, syy - sy * sy / n
-        det = ctt * cee - cte * cte
         mean_t, mean_e, mean_y = st / n, se / n, sy / n
-        if ctt <= 0 or cee <= 0 or det <= 1e-9 * ctt * cee:
-            # Tokens or experts never vary independently: no expert cost can be measured.
-            per_token = cty / ctt if ctt > 0 else 0.0
-            fit = CostFit(n, mean_y - per_token * mean_t, per_token, 0.0, math.inf, math.inf, False)
+        cee, cey, cyy, groups = self._within()
+        dof = n - groups - 1
+        if dof < 2 or cee <= 1e-9 * n:
+            # Experts never vary at a given batch: no expert cost can be measured.
+            per_expert, expert_se, material = 0.0, math.inf, False
         else:
-            per_token = (cee * cty - cte * cey) / det
-            per_expert = (ctt * cey - cte * cty) / det
-            residual = max(0.0, cyy - per_token * cty - per_expert * cey) / (n - 3)
-            token_se = math.sqrt(residual * cee / det)
-            expert_se = math.sqrt(residual * ctt / det)
+            per_expert = cey / cee
+            residual = max(0.0, cyy - per_expert * cey) / dof
+            expert_se = math.sqrt(residual / cee)
             low_end = per_expert - self.z * expert_se
-            significant = low_end > 0 and low_end * mean_e >= self.min_share * mean_y
-            base = mean_y - per_token * mean_t - per_expert * mean_e
-            fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, significant)
+            material = low_end > 0 and low_end * mean_e >= self.min_share * mean_y
+        self._measured_for = self._measured_for + 1 if material else 0
+        # The rest of the time, a straight line in tokens.
+        ctt, cte, cty = stt - st * st / n, ste - st * se / n, sty - st * sy / n
+        per_token = (cty - per_expert * cte) / ctt if ctt > 0 else 0.0
+        # Residual of the straight line over the whole window.
+        c_ee, c_ey, c_yy = see - se * se / n, sey - se * sy / n, syy - sy * sy / n
+        rss = (
+            c_yy
+            - 2 * per_token * cty
+            - 2 * per_expert * c_ey
+            + per_token**2 * ctt
+            + 2 * per_token * per_expert * cte
+            + per_expert**2 * c_ee
+        )
+        token_se = math.sqrt(max(0.0, rss) / (n - 3) / ctt) if ctt > 0 else math.inf
+        base = mean_y - per_token * mean_t - per_expert * mean_e
+        significant = self._measured_for >= self.persist
+        fit = CostFit(n, base, per_token, per_expert, token_se, expert_se, significant)
         self.latest = fit
         return fit
 

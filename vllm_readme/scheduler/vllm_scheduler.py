@@ -585,7 +585,7 @@ class SchedulerStatsLog:
             if self.self_check is not None:
                 self._record_self_check(p_tokens, now - p_started)
             if self.cost_fit is not None and p_known:  # a step with unknown experts would teach a wrong cost
-                self._record_cost_fit(p_tokens, p_experts, self.samples[-1][-1])
+                self._record_cost_fit(p_tokens, p_experts, self.samples[-1][-1], p_requests)
         self._pending = (tokens, scheduled, len(experts), now, experts_known) if tokens else None
         if tokens == 0:
             return
@@ -627,10 +627,10 @@ class SchedulerStatsLog:
             if self.cost_fit is not None and self.cost_fit.latest is not None:
                 self._log_cost_fit(self.cost_fit.latest)
 
-    def _record_cost_fit(self, tokens: int, experts: int, ms: float) -> None:
+    def _record_cost_fit(self, tokens: int, experts: int, ms: float, requests: int) -> None:
         fit = self.cost_fit
         before = fit.latest
-        fit.add(tokens, experts, ms)
+        fit.add(tokens, experts, ms, requests)
         latest = fit.refit()
         if latest is None:
             return
