@@ -291,6 +291,10 @@ def summarise(result: dict, before: dict, after: dict) -> dict:
             "per_token_ms": after.get("vllm_readme:scheduler_fit_per_token_ms"),
             "policy_active": bool(after.get("vllm_readme:scheduler_fit_active")),
         }
+    sent = delta("vllm_readme:pipeline_sent_bytes_total")
+    if sent:  # pipeline parallelism: what the stages handed on (metrics.StageSendCounters)
+        out["pipeline_sent_bytes_per_token"] = sent / delta("vllm_readme:pipeline_sent_tokens_total")
+        out["pipeline_sent_bytes_per_step"] = sent / steps if steps else None
     guesses = delta("vllm_readme:scheduler_route_guesses_total")
     if guesses:  # route_source=model: the previous token's route was this token's
         out["scheduler_route_guesses_right"] = delta("vllm_readme:scheduler_route_guesses_right_total") / guesses
@@ -361,6 +365,25 @@ PRESETS = {
         "no_dense": True,
         "out": RESULTS / "serve_scheduler_default.json",
         "engine": [f"expert-aware scheduler, default options={{readme}} {SCHEDULER_CLS.strip()}"],
+    },
+    # Past one process on this machine's cores: the same model and server
+    # split by pipeline, tensor and data parallelism (one core per worker),
+    # against one process. On 2 cores no speed-up is possible; the figure is
+    # what the split costs.
+    "scale-out": {
+        "datasets": ["random"],
+        "concurrency": [1, 32],
+        "rate_fractions": [],
+        "no_dense": True,
+        "out": RESULTS / "serve_scale_out.json",
+        "engine": [
+            f"{label}=VLLM_CPU_OMP_THREADS_BIND=0|1 VLLM_CPU_KVCACHE_SPACE=1 {{readme}} {flag} 2"
+            for label, flag in (
+                ("pipeline parallel x2", "--pipeline-parallel-size"),
+                ("tensor parallel x2", "--tensor-parallel-size"),
+                ("data parallel x2", "--data-parallel-size"),
+            )
+        ],
     },
     "scheduler": {
         "datasets": ["random", "chat"],
@@ -456,11 +479,17 @@ PRESETS = {
 
 
 def parse_engine(text: str) -> EngineSpec:
+    """``LABEL=[ENV=VALUE ...] MODEL [serve options]``: environment
+    assignments before the model, as a shell takes them."""
     label, _, rest = text.partition("=")
     words = shlex.split(rest)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
     if not label or not words:
-        raise SystemExit(f"--engine {text!r}: expected 'LABEL=MODEL [vllm serve options]'")
-    return EngineSpec(label, Path(words[0]), words[1:])
+        raise SystemExit(f"--engine {text!r}: expected 'LABEL=[ENV=VALUE ...] MODEL [vllm serve options]'")
+    return EngineSpec(label, Path(words[0]), words[1:], env)
 
 
 def versions() -> dict[str, str]:
@@ -567,6 +596,7 @@ def main() -> None:
         "common_serve_args": args.common_args,
         "workloads": {"random": {"prompt_tokens": random_lens[0], "output_tokens": random_lens[1]}, "chat": chat_stats},
         "paper": PAPER,
+        "readme_hidden_size": json.loads((readme / "config.json").read_text())["hidden_size"],
         "runs": {},
     }
     print(f"[serve] {results['machine']}; serving in {precision.vllm_dtype}", flush=True)
@@ -775,6 +805,28 @@ def report(results: dict, specs: list[EngineSpec]) -> str:
                 f"| {key} | {label} | {r['output_throughput']:.1f} | {r['scheduler_own_ms_per_step']:.2f} | "
                 f"{share} | {right} | {check} |"
             )
+    stage_rows = [
+        (key, label, r)
+        for key, row in results["runs"].items()
+        for label, r in row.items()
+        if isinstance(r, dict) and r.get("pipeline_sent_bytes_per_token")
+    ]
+    if stage_rows:
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[results["dtype"]]
+        bound = 2 * results["readme_hidden_size"] * itemsize + 4
+        lines += [
+            "",
+            f"Between pipeline stages (the server's /metrics): the least a token can cost is {bound} bytes "
+            f"(hidden states and residual, {results['readme_hidden_size']} x {itemsize} bytes each, and a 4-byte "
+            "expert id).",
+            "",
+            "| workload | engine | bytes/token sent | of the bound | KiB/step sent |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label, r in stage_rows:
+            per_token = r["pipeline_sent_bytes_per_token"]
+            per_step = r.get("pipeline_sent_bytes_per_step") or 0.0
+            lines.append(f"| {key} | {label} | {per_token:.0f} | {per_token / bound:.2f}x | {per_step / 1024:.1f} |")
     lines += ["", "The paper's figures (Read-ME §4, its own testbed), for comparison:", ""]
     lines += [f"- {k}: {v}" for k, v in results["paper"].items()]
     return "\n".join(lines) + "\n"

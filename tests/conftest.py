@@ -88,13 +88,13 @@ SERVE_TIMEOUT_S = 240
 
 
 @contextmanager
-def served(model: Path, log_path: Path, *args: str, env: dict | None = None):
+def served(model: Path, log_path: Path, *args: str, env: dict | None = None, timeout_s: float = SERVE_TIMEOUT_S):
     """``vllm-readme serve MODEL`` as a real multi-process server; yields
     (process, base URL without /v1). Terminated afterwards."""
     from vllm_readme.server_process import served as serve
 
     with serve(
-        model, *args, env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log_path=log_path, timeout_s=SERVE_TIMEOUT_S
+        model, *args, env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log_path=log_path, timeout_s=timeout_s
     ) as (proc, url):
         yield proc, url
 
@@ -110,6 +110,35 @@ def post_json(url: str, body: bytes) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def varied_prompt(i: int) -> str:
+    """The i-th of many different prompts for concurrent clients."""
+    words = ["logging", "the fox", "a list", "tokens", "experts", "caching", "routes", "the river"]
+    return f"Request {i} about {words[i % len(words)]}" + " and more" * (i % 5)
+
+
+async def stream_greedy(client, model: str, prompt: str, new_tokens: int) -> tuple[str, list[int]]:
+    """One streaming completion through the openai client, greedy, without
+    stopping at EOS: ("completed", its token ids) or ("refused STATUS", [])."""
+    from openai import APIStatusError
+
+    try:
+        ids: list[int] = []
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=new_tokens,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        async for chunk in stream:
+            for choice in chunk.choices:
+                ids.extend(getattr(choice, "token_ids", None) or [])
+        return "completed", ids
+    except APIStatusError as exc:
+        return f"refused {exc.status_code}", []
 
 
 def load_reference(model: Path):

@@ -110,6 +110,8 @@ class ExpertCache:
         store: MemoryExpertStore | PageFileStore | DiskExpertStore | None = None,
         num_experts: int | None = None,
         engine_id: str = PROCESS_ENGINE_ID,
+        first_layer: int = 0,
+        worker: int | None = None,
     ):
         """``store``: a backing store already made (benchmarks share one
         between caches); by default made from ``options.backing_store``.
@@ -117,8 +119,13 @@ class ExpertCache:
         streamed its experts: expert 0 only, as the layout reference), every
         other page comes from the checkpoint and never from memory.
         ``engine_id``: the engine whose scheduler's plan file to read
-        (plan.py; vLLM's ``instance_id``)."""
+        (plan.py; vLLM's ``instance_id``). ``first_layer``: under pipeline
+        parallelism, the model layer of this stage's first (``w13_layers``
+        are the stage's own). ``worker``: this worker's rank in the engine
+        (stage x tensor-parallel size + tensor-parallel rank; default
+        ``tp_rank``): worker 0 tells the scheduler what is resident."""
         self.num_layers = len(w13_layers)
+        self.first_layer = first_layer
         self.tp_rank = tp_rank
         self.num_experts = num_experts or w13_layers[0].shape[0]
         self.streamed = w13_layers[0].shape[0] < self.num_experts
@@ -182,8 +189,9 @@ class ExpertCache:
         self.step_order: list[int] = []  # the same, ascending (the order pages are pinned and loaded)
         self.expert_index: torch.Tensor | None = None  # the step's expert ids as int64, for the slot gather
         self.resident_step = False  # every page of the step was resident at its start (_begin_step)
-        # Every rank's cache decides the same: the first one tells the scheduler.
-        self.plan = PlanReader(self.num_experts, engine_id, rank=tp_rank)
+        # Every tensor-parallel rank's cache decides the same: worker 0 (the
+        # first stage's first rank) tells the scheduler.
+        self.plan = PlanReader(self.num_experts, engine_id, rank=tp_rank if worker is None else worker)
         self.next_plan: frozenset[int] | None = None  # the scheduler's, read once per step
         self.next_experts: frozenset[int] = frozenset()  # next_plan | step_experts, set once per step
         self.now = CacheStats()
@@ -207,7 +215,7 @@ class ExpertCache:
                     'expert cache: backing_store "checkpoint" converts and packs pages for the CPU grouped GEMM; on a '
                     'GPU use "memory" (pinned host memory, the default there) or "disk".'
                 )
-            store = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
+            store = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size, self.first_layer)
             self.store = store
             self._check_layout(w13_layers, w2_layers)
             return store
@@ -215,7 +223,7 @@ class ExpertCache:
             if not self.streamed:
                 return PageFileStore.from_layers(w13_layers, w2_layers, self.options.page_dir)
             # Page by page from the checkpoint, packed as the kernel reads it.
-            source = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size)
+            source = DiskExpertStore(checkpoint, self.num_layers, self.num_experts, tp_rank, tp_size, self.first_layer)
             self.store = source
             self._check_layout(w13_layers, w2_layers)
             started = time.perf_counter()
@@ -268,7 +276,7 @@ class ExpertCache:
                 "O_DIRECT)" if self.store.direct else "page cache dropped)"
             )
         return (
-            f"expert cache: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
+            f"expert cache of layers {self.first_layer}-{self.first_layer + self.num_layers - 1}: {pages} of {total} expert pages ({pages / total:.0%}; {pages * self.page_bytes / 2**20:.1f} "
             f"of {total * self.page_bytes / 2**20:.1f} MiB), page {self.page_bytes / 2**10:.0f} KiB, eviction "
             f"{self.options.eviction}, prefetch {f'{self.options.prefetch_layers} layers ahead' if self.executor else 'off'}, "
             f"backing store {store}"

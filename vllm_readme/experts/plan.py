@@ -100,12 +100,27 @@ def reader_slot(role: int, rank: int) -> int:
     return 2 * rank + role
 
 
-def expected_readers(tp_size: int, caches: bool, routes: bool) -> list[int]:
-    """The readers an engine's workers open: an expert cache on every
-    tensor-parallel rank with an expert pool, the route publisher on rank 0
+def expected_readers(workers: int, caches: bool, routes: bool) -> list[int]:
+    """The readers an engine's workers open: an expert cache on every worker
+    (each tensor-parallel rank of each pipeline stage) with an expert pool,
+    the route publisher on worker 0 (the first stage, where the router runs)
     with ``route_source: "model"``."""
-    slots = [reader_slot(CACHE_READER, rank) for rank in range(tp_size)] if caches else []
+    slots = [reader_slot(CACHE_READER, rank) for rank in range(workers)] if caches else []
     return slots + ([reader_slot(ROUTES_READER, 0)] if routes else [])
+
+
+def engine_id_of(vllm_config) -> str:
+    """The name an engine's scheduler and workers give its plan file:
+    vLLM's ``instance_id``, which every process of the engine holds. Under
+    data parallelism each rank is an engine of its own (its scheduler, its
+    workers, its cache); vLLM's Ray launcher tells them apart by adding
+    ``_dp{rank}`` to the id, its multiprocessing launcher gives them all the
+    same one, so the rank is added here when it is not there yet."""
+    engine_id = vllm_config.instance_id
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1 and not engine_id.endswith(f"_dp{parallel.data_parallel_rank}"):
+        engine_id = f"{engine_id}_dp{parallel.data_parallel_rank}"
+    return engine_id
 
 
 def plan_folder() -> Path:

@@ -190,16 +190,26 @@ class DirectReader:
 class DiskExpertStore:
     """Pages read from the checkpoint: ``model.layers.{i}.mlp.experts.
     {gate,up,down}_proj``, stacked ``[E, ...]`` (README, "Checkpoint
-    format"), sliced to this tensor-parallel rank's channels."""
+    format"), sliced to this tensor-parallel rank's channels. Under pipeline
+    parallelism a stage's pages are its own layers': page layer ``j`` is the
+    checkpoint's layer ``first_layer + j``."""
 
     kind = "checkpoint"
 
-    def __init__(self, folder: Path, num_layers: int, num_experts: int, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(
+        self,
+        folder: Path,
+        num_layers: int,
+        num_experts: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        first_layer: int = 0,
+    ):
         index = safetensors_index(folder)
         self.tensors: dict[tuple[int, str], StoredTensor] = {}
         for layer in range(num_layers):
             for projection in PROJECTIONS:
-                name = f"model.layers.{layer}.mlp.experts.{projection}"
+                name = f"model.layers.{first_layer + layer}.mlp.experts.{projection}"
                 if name not in index:
                     raise ReadMEConfigError(f"{folder}: {name} is not in the checkpoint; the expert store needs it.")
                 stored = index[name]

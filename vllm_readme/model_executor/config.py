@@ -42,7 +42,17 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
             )
         if not model_config.skip_tokenizer_init:
             check_tokenizer_fits(config, model_config.tokenizer)
-        check_tensor_parallel_split(config, vllm_config.parallel_config.tensor_parallel_size)
+        parallel = vllm_config.parallel_config
+        check_tensor_parallel_split(config, parallel.tensor_parallel_size)
+        if parallel.enable_expert_parallel:
+            raise ReadMEConfigError(
+                "--enable-expert-parallel is not supported for Read-ME models: with it FusedMoE keeps only its "
+                "rank's experts, numbered locally, while the router names experts globally, the CPU grouped GEMM "
+                "ignores FusedMoE's expert map and the expert cache pages every expert on every rank, so tokens "
+                "could reach another expert's weights. Leave "
+                "--enable-expert-parallel out; --tensor-parallel-size splits the experts, --pipeline-parallel-size "
+                "the layers (docs/scaling.md)."
+            )
         # The plugin's serving options (additional_config["vllm_readme"]): a
         # bad value fails here, before any process or weight is started.
         scheduler = SchedulerOptions.from_additional_config(vllm_config.additional_config)
@@ -60,10 +70,22 @@ class ReadMEServingChecks(VerifyAndUpdateConfig):
                 )
             from vllm_readme.experts.cache import minimum_pages
 
-            page_bytes = expert_page_bytes(config, model_config.dtype, vllm_config.parallel_config.tensor_parallel_size)
+            page_bytes = expert_page_bytes(config, model_config.dtype, parallel.tensor_parallel_size)
+            # Each pipeline stage pools its own layers' pages: checked for the
+            # stage with the fewest layers.
             cache.pool_pages(
-                config.num_hidden_layers, config.num_experts, page_bytes, minimum_pages(config.num_experts)
+                min(stage_layers(config.num_hidden_layers, parallel.pipeline_parallel_size)),
+                config.num_experts,
+                page_bytes,
+                minimum_pages(config.num_experts),
             )
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage, as vLLM splits them (``get_pp_indices``)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    return [end - start for start, end in (get_pp_indices(num_layers, rank, pp) for rank in range(pp))]
 
 
 # vLLM's CPU grouped GEMM (CPUUnquantizedExperts and its AMX/NEON kinds) pads

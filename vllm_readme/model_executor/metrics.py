@@ -16,6 +16,11 @@ vLLM's server already reads through ``get_prometheus_registry``) so these
 metrics appear beside vLLM's. Deltas between two scrapes give a workload's
 figures; engine warm-up steps are counted too, so never read absolutes.
 
+Every metric carries vLLM's own ``engine`` label: the data-parallel rank.
+Each rank is an engine with processes of its own, and the multi-process
+export sums a metric over processes that share its labels, so without it
+the ranks' figures would add up into one series.
+
 On CPU the counts are read at once (a few microseconds). On a GPU they are
 accumulated on the device and copied to the host every ``flush_every``
 steps, so the step itself never waits for the host.
@@ -38,6 +43,18 @@ ROUTED_TOKENS = "vllm_readme:routed_tokens"
 _metrics: dict[str, object] = {}
 
 
+def engine_label() -> str:
+    """The ``engine`` label of this worker's metrics: its data-parallel rank
+    (the rank in vLLM's DP group, which every worker joins), as on vLLM's
+    own metrics; "0" outside a vLLM worker."""
+    try:
+        from vllm.distributed.parallel_state import get_dp_group
+
+        return str(get_dp_group().rank_in_group)
+    except (ImportError, AssertionError):  # no vLLM, or no distributed environment
+        return "0"
+
+
 def _prometheus(num_experts: int):
     """One set of metric objects per process (an in-process test may build
     several engines; prometheus_client refuses a name registered twice)."""
@@ -47,9 +64,10 @@ def _prometheus(num_experts: int):
         _metrics["unique"] = Histogram(
             UNIQUE_EXPERTS,
             "Distinct experts among the tokens of one engine step (Read-ME routes)",
+            ["engine"],
             buckets=[float(b) for b in range(1, max(num_experts, 64) + 1)],
         )
-        _metrics["tokens"] = Counter(ROUTED_TOKENS, "Tokens routed to each expert", ["expert"])
+        _metrics["tokens"] = Counter(ROUTED_TOKENS, "Tokens routed to each expert", ["engine", "expert"])
     return _metrics["unique"], _metrics["tokens"]
 
 
@@ -59,8 +77,10 @@ class ExpertStepMetrics:
     def __init__(self, num_experts: int, flush_every: int = 32):
         self.num_experts = num_experts
         self.flush_every = flush_every
-        self.unique, tokens = _prometheus(num_experts)
-        self.tokens = [tokens.labels(expert=str(e)) for e in range(num_experts)]
+        unique, tokens = _prometheus(num_experts)
+        engine = engine_label()
+        self.unique = unique.labels(engine=engine)
+        self.tokens = [tokens.labels(engine=engine, expert=str(e)) for e in range(num_experts)]
         self._pending: list[torch.Tensor] = []  # GPU: per-step expert counts, not yet on the host
         path = os.environ.get("VLLM_README_ROUTE_LOG")
         self.route_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (lives with the engine)
@@ -115,13 +135,44 @@ class ExpertCacheCounters:
 
         if "cache" not in _metrics:
             _metrics["cache"] = {
-                field: Counter(f"vllm_readme:expert_cache_{metric}", text)
+                field: Counter(f"vllm_readme:expert_cache_{metric}", text, ["engine"])
                 for field, (metric, text) in self.NAMES.items()
             }
-        self.counters = _metrics["cache"]
+        engine = engine_label()
+        self.counters = {field: counter.labels(engine=engine) for field, counter in _metrics["cache"].items()}
 
     def record(self, stats) -> None:
         for field, counter in self.counters.items():
             value = getattr(stats, field)
             if value:
                 counter.inc(value)
+
+
+class StageSendCounters:
+    """What a pipeline stage hands the next one, per forward (same export):
+    ``vllm_readme:pipeline_sent_bytes_total`` (the IntermediateTensors: hidden
+    states, residual and the routes) and ``vllm_readme:pipeline_sent_tokens_total``,
+    counted by each stage but the last, on its first tensor-parallel rank.
+    Their ratio is the bytes a token costs between stages; the least it can
+    be is two hidden-state rows and one expert id."""
+
+    def __init__(self):
+        from prometheus_client import Counter
+
+        if "stage" not in _metrics:
+            _metrics["stage"] = (
+                Counter(
+                    "vllm_readme:pipeline_sent_bytes", "Bytes of IntermediateTensors sent to the next stage", ["engine"]
+                ),
+                Counter(
+                    "vllm_readme:pipeline_sent_tokens",
+                    "Tokens whose IntermediateTensors went to the next stage",
+                    ["engine"],
+                ),
+            )
+        engine = engine_label()
+        self.bytes, self.tokens = (counter.labels(engine=engine) for counter in _metrics["stage"])
+
+    def __call__(self, tensors: dict[str, torch.Tensor], tokens: int) -> None:
+        self.bytes.inc(sum(t.nbytes for t in tensors.values()))
+        self.tokens.inc(tokens)

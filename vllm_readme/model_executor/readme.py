@@ -29,7 +29,15 @@ Model -> ForCausalLM. Paper §3-4; docs/design.md, "The model" and "Data flow":
 Tensor parallelism: attention, router, shared MLP and experts shard like
 Llama/Mixtral (heads and intermediate channels split across ranks, one
 all-reduce); every rank computes identical router logits, hence identical
-routes. Pipeline parallelism is not supported.
+routes.
+
+Pipeline parallelism (``SupportsPP``, as vLLM's Llama): each stage builds its
+own range of layers (``make_layers``), the others are ``PPMissingLayer`` and
+their weights are skipped at load. The router runs once, on the first stage,
+where the token ids are; its expert ids travel to the later stages inside
+``IntermediateTensors`` beside the hidden states and the residual (4 bytes a
+token against 2 x hidden x dtype), so no stage routes again. Each stage's
+expert cache pools its own layers' pages (docs/scaling.md).
 """
 
 import os
@@ -42,6 +50,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import (
+    get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -64,7 +73,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import AutoWeightsLoader, PPMissingLayer, WeightsMapper, make_layers
 from vllm.sequence import IntermediateTensors
 
 from vllm_readme.checkpoint.io import weights_file_of
@@ -78,13 +88,14 @@ from vllm_readme.configuration_readme import (
     checkpoint_tensor_shapes,
     tensor_shape_problem,
 )
+from vllm_readme.experts.plan import engine_id_of
 from vllm_readme.model_executor.kernels import (
     CPUGroupedGemm,
     choose_routed_kernel,
     load_stacked_experts,
     slots_as_given,
 )
-from vllm_readme.model_executor.metrics import ExpertStepMetrics
+from vllm_readme.model_executor.metrics import ExpertStepMetrics, StageSendCounters
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
@@ -353,25 +364,50 @@ class ReadMEModel(nn.Module):
         super().__init__()
         config: ReadMEConfig = vllm_config.model_config.hf_config
         cache_config = vllm_config.cache_config
-        self.router = ReadMERouter(config.router_config, config.num_hidden_layers, cache_config, prefix="router")
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
-        )
+        pp = get_pp_group()
+        # The router and the embedding live where the token ids are: the
+        # first stage (the embedding also on the last when lm_head is tied).
+        if pp.is_first_rank:
+            self.router = ReadMERouter(config.router_config, config.num_hidden_layers, cache_config, prefix="router")
+        else:
+            self.router = PPMissingLayer()
+        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
         # [layer, expert] -> physical slot in that layer's expert weights.
-        # Identity while every expert is resident; an expert cache remaps it.
+        # Identity while every expert is resident; an expert cache remaps
+        # this stage's rows.
         slot_table = torch.arange(config.num_experts, dtype=torch.int32).repeat(config.num_hidden_layers, 1)
         self.register_buffer("slot_table", slot_table, persistent=False)
         streamed = streams_experts(vllm_config)  # the options read once, not per layer
-        self.layers = nn.ModuleList(
-            ReadMEDecoderLayer(config, cache_config, prefix=f"{prefix}.layers.{i}", streamed=streamed)
-            for i in range(config.num_hidden_layers)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: ReadMEDecoderLayer(config, cache_config, prefix=prefix, streamed=streamed),
+            prefix=f"{prefix}.layers",
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("expert_ids_buffer", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+        self.hidden_size = config.hidden_size
         # Set after loading when an expert pool is configured (ReadMEForCausalLM.process_weights_after_loading).
         self.expert_cache_id: int | None = None
         self.expert_pool: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def make_empty_intermediate_tensors(
+        self, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> IntermediateTensors:
+        """What a later stage receives: the hidden states and residual, and
+        the first stage's routes (one expert id a token)."""
+        return IntermediateTensors(
+            {
+                "hidden_states": torch.zeros((batch_size, self.hidden_size), dtype=dtype, device=device),
+                "residual": torch.zeros((batch_size, self.hidden_size), dtype=dtype, device=device),
+                "expert_ids": torch.zeros(batch_size, dtype=torch.int32, device=device),
+            }
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -382,32 +418,41 @@ class ReadMEModel(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if input_ids is None:
-            raise ValueError("Read-ME routes from token ids; prompts given as embeddings cannot be routed.")
-        router_logits = self.router(input_ids, positions)
-        expert_ids = router_logits.argmax(dim=-1)
-        self.expert_ids_buffer[: input_ids.shape[0]].copy_(expert_ids)
+    ) -> torch.Tensor | IntermediateTensors:
+        pp = get_pp_group()
+        if pp.is_first_rank:
+            if input_ids is None:
+                raise ValueError("Read-ME routes from token ids; prompts given as embeddings cannot be routed.")
+            expert_ids = self.router(input_ids, positions).argmax(dim=-1).to(torch.int32)
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+        else:
+            # The first stage's routes: no stage routes again.
+            expert_ids = intermediate_tensors["expert_ids"]
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        self.expert_ids_buffer[: expert_ids.shape[0]].copy_(expert_ids)
         weights = torch.ones((expert_ids.shape[0], 1), dtype=torch.float32, device=expert_ids.device)
         if self.expert_cache_id is None:
-            # Every layer's slots in one gather: [layers, T, 1].
-            slots = self.slot_table[:, expert_ids].unsqueeze(-1)
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        for i, layer in enumerate(self.layers):
+            # This stage's slots in one gather: [layers, T, 1].
+            slots = self.slot_table[self.start_layer : self.end_layer, expert_ids].unsqueeze(-1)
+        for i in range(self.start_layer, self.end_layer):
+            local = i - self.start_layer
             if self.expert_cache_id is None:
-                routes = Routes(slots[i], weights)
+                routes = Routes(slots[local], weights)
             else:
                 # Takes the layer's input only to run after the previous
                 # layer's experts (a slot is never rewritten mid-read).
-                layer_slots = torch.ops.vllm.readme_expert_slots(expert_ids, hidden_states, self.expert_cache_id, i)
+                layer_slots = torch.ops.vllm.readme_expert_slots(expert_ids, hidden_states, self.expert_cache_id, local)
                 routes = Routes(layer_slots, weights, self.expert_pool)
-            hidden_states, residual = layer(positions, hidden_states, residual, routes)
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual, routes)
+        if not pp.is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual, "expert_ids": expert_ids})
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 
-class ReadMEForCausalLM(nn.Module):
+class ReadMEForCausalLM(nn.Module, SupportsPP):
     """vLLM entry point for ``architectures: ["ReadMEForCausalLM"]``."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -418,35 +463,49 @@ class ReadMEForCausalLM(nn.Module):
         self.config = config
         self.vllm_config = vllm_config
         self.model = ReadMEModel(vllm_config=vllm_config, prefix="model")
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
+        pp = get_pp_group()
+        if pp.is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         # Called with (positions, expert_ids) after every forward: the
         # Prometheus metrics (metrics.py) and whatever tools add through
         # LLM.apply_model (tests record routes this way).
         self.route_observers: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
-        # Every tensor-parallel rank computes the same routes: one rank
-        # counts them (Prometheus sums counters over processes) and writes
-        # the route log, or each step would be counted tp_size times.
-        first_rank = get_tensor_model_parallel_rank() == 0
-        if first_rank and os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0":
+        # Every tensor-parallel rank computes the same routes, and the first
+        # pipeline stage computes them: one worker counts them (Prometheus
+        # sums counters over processes) and writes the route log, or each
+        # step would be counted once per worker.
+        first_rank = get_tensor_model_parallel_rank() == 0 and pp.is_first_rank
+        metrics_on = os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0"
+        if first_rank and metrics_on:
             self.route_observers.append(ExpertStepMetrics(config.num_experts))
+        self.stage_sends = None  # counts what this stage sends the next (all but the last stage)
+        if metrics_on and not pp.is_last_rank and get_tensor_model_parallel_rank() == 0:
+            self.stage_sends = StageSendCounters()
         scheduler_options = SchedulerOptions.from_additional_config(vllm_config.additional_config)
         if scheduler_options.route_source == "model" and _expert_aware_scheduler(vllm_config):
             from vllm_readme.model_executor.route_publisher import MAX_PUBLISHED_EXPERTS, RoutePublisher
 
             # The scheduler refuses the channel for more experts than a byte holds.
             if first_rank and config.num_experts <= MAX_PUBLISHED_EXPERTS:
-                self.route_observers.append(RoutePublisher(config.num_experts, vllm_config.instance_id))
+                self.route_observers.append(RoutePublisher(config.num_experts, engine_id_of(vllm_config)))
         logger.info(
-            "Read-ME model: %d layers, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden",
+            "Read-ME model: %d layers%s, %d experts x %d channels + %d shared, router %d layer(s) x %d hidden%s",
             config.num_hidden_layers,
+            f" (this pipeline stage: layers {self.model.start_layer}-{self.model.end_layer - 1})"
+            if pp.world_size > 1
+            else "",
             config.num_experts,
             config.expert_intermediate_size,
             config.shared_intermediate_size,
             config.router_config.num_hidden_layers,
             config.router_config.hidden_size,
+            " on the first stage" if pp.world_size > 1 else "",
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -458,8 +517,10 @@ class ReadMEForCausalLM(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         hidden_states = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.stage_sends is not None and isinstance(hidden_states, IntermediateTensors):
+            self.stage_sends(hidden_states.tensors, positions.shape[0])
         if self.route_observers:
             expert_ids = self.model.expert_ids_buffer[: positions.shape[0]]
             for observe in self.route_observers:
@@ -500,10 +561,14 @@ class ReadMEForCausalLM(nn.Module):
             raise ReadMEConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:3]}.")
         return loaded
 
+    def stage_layers(self) -> list[ReadMEDecoderLayer]:
+        """This pipeline stage's layers (every layer without pipeline parallelism)."""
+        return list(self.model.layers[self.model.start_layer : self.model.end_layer])
+
     def process_weights_after_loading(self) -> None:
         """vLLM's model-level hook, after FusedMoE prepacked its weights:
         pick how the routed experts run (same choice for every layer)."""
-        for layer in self.model.layers:
+        for layer in self.stage_layers():
             layer.mlp.routed_kernel, why = choose_routed_kernel(layer.mlp.experts)
         logger.info("Read-ME routed experts: %s", why)
         options = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config)
@@ -516,7 +581,7 @@ class ReadMEForCausalLM(nn.Module):
         import vllm_readme.model_executor.expert_op  # noqa: F401 - registers torch.ops.vllm.readme_expert_slots
         from vllm_readme.experts.cache import ExpertCache, minimum_pages
 
-        mlps = [layer.mlp for layer in self.model.layers]
+        mlps = [layer.mlp for layer in self.stage_layers()]
         if any(mlp.routed_kernel is None for mlp in mlps):
             raise ReadMEConfigError(
                 f"expert_pool needs the CPU grouped GEMM for the routed experts, but this engine runs {kernel}. "
@@ -533,7 +598,7 @@ class ReadMEForCausalLM(nn.Module):
             w13_layers=w13,
             w2_layers=w2,
             num_experts=experts,
-            slot_table=self.model.slot_table,
+            slot_table=self.model.slot_table[self.model.start_layer : self.model.end_layer],
             pages=pages,
             options=options,
             checkpoint=checkpoint_folder(self.vllm_config),
@@ -541,7 +606,9 @@ class ReadMEForCausalLM(nn.Module):
             tp_rank=get_tensor_model_parallel_rank(),
             tp_size=get_tensor_model_parallel_world_size(),
             log_every=SchedulerOptions.from_additional_config(self.vllm_config.additional_config).log_every,
-            engine_id=self.vllm_config.instance_id,
+            engine_id=engine_id_of(self.vllm_config),
+            first_layer=self.model.start_layer,
+            worker=worker_rank(self.vllm_config),
         )
         for mlp in mlps:  # the pool holds them now
             for name in ("w13_weight", "w2_weight"):
@@ -570,6 +637,13 @@ def checkpoint_folder(vllm_config: VllmConfig) -> Path:
     return Path(
         download_weights_from_hf(model, vllm_config.load_config.download_dir, ["*.safetensors"], model_config.revision)
     )
+
+
+def worker_rank(vllm_config: VllmConfig) -> int:
+    """This worker's rank within its engine, as vLLM numbers an engine's
+    workers: pipeline stage x tensor-parallel size + tensor-parallel rank."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return get_pp_group().rank_in_group * tp + get_tensor_model_parallel_rank()
 
 
 def streams_experts(vllm_config: VllmConfig) -> bool:

@@ -71,7 +71,9 @@ class ExpertAwareMixin:
         self.readme_options = SchedulerOptions.from_additional_config(self.vllm_config.additional_config)
         self.readme_cost_model = self.readme_options.load_cost_model()
         self.readme_held = HoldBackTracker()
-        self.readme_stats = SchedulerStatsLog(self.readme_options.log_every)
+        self.readme_stats = SchedulerStatsLog(
+            self.readme_options.log_every, engine=self.vllm_config.parallel_config.data_parallel_index
+        )
         # Without a cost model file the step costs are fitted from this
         # engine's own steps, and the cost-model policy keeps vLLM's order
         # until a distinct expert is measured to cost time.
@@ -117,14 +119,18 @@ class ExpertAwareMixin:
         )
         has_pool = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None
         if has_pool or isinstance(self.readme_routes, ModelRouteSource):
-            from vllm_readme.experts.plan import PlanWriter, expected_readers
+            from vllm_readme.experts.plan import PlanWriter, engine_id_of, expected_readers
 
             model_routes = isinstance(self.readme_routes, ModelRouteSource)
-            tp_size = self.vllm_config.parallel_config.tensor_parallel_size
+            parallel = self.vllm_config.parallel_config
             self._readme_plan = PlanWriter.create(
                 self.vllm_config.model_config.hf_config.num_experts,
-                self.vllm_config.instance_id,
-                readers=expected_readers(tp_size, caches=has_pool, routes=model_routes),
+                engine_id_of(self.vllm_config),
+                readers=expected_readers(
+                    parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
+                    caches=has_pool,
+                    routes=model_routes,
+                ),
             )
             if isinstance(self.readme_routes, ModelRouteSource):
                 self.readme_routes.plan = self._readme_plan
@@ -387,7 +393,9 @@ def _route_source(scheduler) -> RouterCopySource | ModelRouteSource | None:
         return None
     if scheduler.readme_options.route_source == "model":
         try:
-            return ModelRouteSource(scheduler.kv_cache_config, hf_config.num_experts)
+            return ModelRouteSource(
+                scheduler.kv_cache_config, hf_config.num_experts, engine=vllm_config.parallel_config.data_parallel_index
+            )
         except ValueError as exc:
             logger.warning("vllm-readme scheduler: %s Scheduling as vLLM does.", exc)
             return None
@@ -463,7 +471,7 @@ class ModelRouteSource:
     are not routed ahead (their candidates carry no experts, so the policy
     never holds them back)."""
 
-    def __init__(self, kv_cache_config, num_experts: int):
+    def __init__(self, kv_cache_config, num_experts: int, engine: int = 0):
         from vllm_readme.model_executor.route_publisher import ANCHOR_LAYER, MAX_PUBLISHED_EXPERTS
         from vllm_readme.scheduler.model_routes import ModelRouteBook
 
@@ -475,6 +483,7 @@ class ModelRouteSource:
 
         self.book = ModelRouteBook()
         self.plan = None  # the scheduler's PlanWriter, set once created
+        self.metrics = _prometheus(engine)
         self.group, self.block_size = _kv_group_of(kv_cache_config, ANCHOR_LAYER)
 
     def describe(self) -> str:
@@ -494,10 +503,9 @@ class ModelRouteSource:
         if published is not None:
             guessed, right = self.book.predicted, self.book.predicted_right
             self.book.receive(*published)
-            metrics = _prometheus()
-            if metrics and self.book.predicted > guessed:
-                metrics.guesses.inc(self.book.predicted - guessed)
-                metrics.guesses_right.inc(self.book.predicted_right - right)
+            if self.metrics and self.book.predicted > guessed:
+                self.metrics.guesses.inc(self.book.predicted - guessed)
+                self.metrics.guesses_right.inc(self.book.predicted_right - right)
 
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         """Note the slot each scheduled request's last token is written to."""
@@ -541,9 +549,10 @@ def _kv_group_of(kv_cache_config, layer: str) -> tuple[int, int]:
 
 class SchedulerStatsLog:
     """Per-step figures of the policy: a log line every ``log_every`` steps
-    and Prometheus metrics (``vllm_readme:scheduler_*``)."""
+    and Prometheus metrics (``vllm_readme:scheduler_*``) of engine
+    ``engine`` (its data-parallel rank)."""
 
-    def __init__(self, log_every: int):
+    def __init__(self, log_every: int, engine: int = 0):
         self.log_every = log_every
         self.window = _Window()
         # Since start: steps that ran tokens, their distinct experts and tokens,
@@ -555,7 +564,7 @@ class SchedulerStatsLog:
         # benchmarks/calibrate_cost_model.py fits.
         self.samples: collections.deque = collections.deque(maxlen=100_000)
         self._pending: tuple | None = None
-        self.metrics = _prometheus()
+        self.metrics = _prometheus(engine)
         self.routes_summary = str  # the route source's figures for the log line ("" by default)
         self.self_check = None  # self_check.SelfCheck, when on
         self.cost_fit = None  # cost_model.OnlineCostFit, without a cost model file
@@ -680,70 +689,91 @@ class _Window:
 _METRICS: dict = {}
 
 
-def _prometheus() -> types.SimpleNamespace | None:
-    """The scheduler's Prometheus metrics, once per process (the engine-core
-    process; ``vllm-readme serve`` sets PROMETHEUS_MULTIPROC_DIR so that
-    they reach the server's /metrics)."""
-    if not _METRICS:
+def _prometheus(engine: int = 0) -> types.SimpleNamespace | None:
+    """The scheduler's Prometheus metrics of one engine, labelled ``engine``
+    with its data-parallel rank as vLLM labels its own: each rank's
+    scheduler runs in a process of its own, and the multi-process export
+    (``vllm-readme serve`` sets PROMETHEUS_MULTIPROC_DIR so that they reach
+    the server's /metrics) would otherwise add the ranks' series up. The
+    metrics are made once per process."""
+    if "all" not in _METRICS:
         try:
             from prometheus_client import Counter, Gauge, Histogram
         except ImportError:
             return None
+        by_engine = ["engine"]
         _METRICS["all"] = types.SimpleNamespace(
             unique=Histogram(
                 "vllm_readme:scheduler_unique_experts_per_step",
                 "Distinct experts among the tokens the expert-aware scheduler ran in one step",
+                by_engine,
                 buckets=[float(b) for b in range(1, 65)],
             ),
             tokens=Histogram(
                 "vllm_readme:scheduler_tokens_per_step",
                 "Tokens the expert-aware scheduler ran in one step",
+                by_engine,
                 buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
             ),
             held=Counter(
                 "vllm_readme:scheduler_held_back",
                 "Runnable requests held back one step by the expert-aware scheduler",
+                by_engine,
             ),
             own_seconds=Counter(
                 "vllm_readme:scheduler_own_seconds",
                 "Seconds the expert-aware scheduler spent on its own work (routes ahead, policy, bookkeeping)",
+                by_engine,
             ),
             guesses=Counter(
                 "vllm_readme:scheduler_route_guesses",
                 "Decodes whose route the scheduler guessed from the previous token's (route_source=model)",
+                by_engine,
             ),
             guesses_right=Counter(
                 "vllm_readme:scheduler_route_guesses_right",
                 "Of those, guesses the model's own route then confirmed",
+                by_engine,
             ),
             policy_vs_fcfs=Gauge(
                 "vllm_readme:scheduler_policy_vs_fcfs",
                 "Self-check: the policy's measured throughput over FCFS's (windows taking turns; NaN: none yet)",
+                by_engine,
                 multiprocess_mode="mostrecent",
             ),
             fit_per_expert=Gauge(
                 "vllm_readme:scheduler_fit_per_expert_ms",
                 "Online step-cost fit: milliseconds a distinct expert adds to a step (NaN: no fit yet)",
+                by_engine,
                 multiprocess_mode="mostrecent",
             ),
             fit_per_expert_se=Gauge(
                 "vllm_readme:scheduler_fit_per_expert_ms_se",
                 "Online step-cost fit: standard error of the per-expert milliseconds",
+                by_engine,
                 multiprocess_mode="mostrecent",
             ),
             fit_per_token=Gauge(
                 "vllm_readme:scheduler_fit_per_token_ms",
                 "Online step-cost fit: milliseconds a token adds to a step",
+                by_engine,
                 multiprocess_mode="mostrecent",
             ),
             fit_active=Gauge(
                 "vllm_readme:scheduler_fit_active",
                 "1 while the fitted per-expert cost is significant and the cost-model policy may hold requests "
                 "back; 0 while it schedules in vLLM's order",
+                by_engine,
                 multiprocess_mode="mostrecent",
             ),
         )
-        for unmeasured in (_METRICS["all"].fit_per_expert, _METRICS["all"].fit_per_expert_se):
+    label = str(engine)
+    if label not in _METRICS:
+        metrics = types.SimpleNamespace(
+            **{name: metric.labels(engine=label) for name, metric in vars(_METRICS["all"]).items()}
+        )
+        for unmeasured in (metrics.fit_per_expert, metrics.fit_per_expert_se):
             unmeasured.set(float("nan"))
-        _METRICS["all"].policy_vs_fcfs.set(float("nan"))  # not 0: nothing is measured until a self-check compares
-    return _METRICS["all"]
+        metrics.policy_vs_fcfs.set(float("nan"))  # not 0: nothing is measured until a self-check compares
+        _METRICS[label] = metrics
+    return _METRICS[label]
