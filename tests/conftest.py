@@ -141,6 +141,40 @@ async def stream_greedy(client, model: str, prompt: str, new_tokens: int) -> tup
         return f"refused {exc.status_code}", []
 
 
+def scrape(url: str) -> dict[str, float]:
+    """A server's /metrics as {'name{labels}': value} (histogram buckets dropped)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k not in ("engine", "model_name"))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def streams_off_reference(model: Path, results: list, prompts: list[str], new_tokens: int) -> list[int]:
+    """The indices of the streams (``stream_greedy`` results) whose tokens
+    are not the reference's greedy tokens for their prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    reference = load_reference(model)
+    return [
+        i
+        for i, (result, prompt) in enumerate(zip(results, prompts, strict=True))
+        if not isinstance(result, tuple)
+        or result[1] != reference_greedy(reference, tokenizer(prompt).input_ids, new_tokens)
+    ]
+
+
 def load_reference(model: Path):
     from vllm_readme.modeling_readme import ReadMEForCausalLM
 

@@ -9,11 +9,9 @@ import asyncio
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import post_json, served
+from conftest import post_json, scrape, served
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
 
@@ -29,23 +27,6 @@ def server(tiny_gqa, tmp_path_factory):
     args = ("--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", MODEL)
     with served(tiny_gqa, log_path, *args, "--enforce-eager", "--max-num-seqs", "16") as (_, url):
         yield url
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The server's /metrics as {'name{labels}': value} (histogram buckets dropped)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                continue
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k not in ("engine", "model_name"))
-            key = f"{sample.name}{{{labels}}}" if labels else sample.name
-            out[key] = out.get(key, 0.0) + sample.value
-    return out
 
 
 def total(metrics: dict[str, float], prefix: str) -> float:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_reference, post_json, reference_greedy, served, stream_greedy, varied_prompt
+from conftest import post_json, served, stream_greedy, streams_off_reference, varied_prompt
 
 pytestmark = pytest.mark.slow  # multi-process vLLM
 
@@ -44,7 +44,6 @@ def _plan_files() -> set[str]:
 
 def test_64_streams_with_scheduler_and_half_pool_amid_bad_requests(tiny_gqa, tmp_path):
     from openai import AsyncOpenAI
-    from transformers import AutoTokenizer
 
     page_dir = tmp_path / "pages"
     page_dir.mkdir()
@@ -93,13 +92,7 @@ def test_64_streams_with_scheduler_and_half_pool_amid_bad_requests(tiny_gqa, tmp
     assert "expert cache of layers 0-1:" in log, "the expert pool did not start"
     assert "vllm-readme scheduler" in log, "the expert-aware scheduler did not start"
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_gqa)
-    reference = load_reference(tiny_gqa)
-    wrong = [
-        i
-        for i, (_, ids) in enumerate(results)
-        if ids != reference_greedy(reference, tokenizer(varied_prompt(i)).input_ids, NEW_TOKENS)
-    ]
+    wrong = streams_off_reference(tiny_gqa, results, [varied_prompt(i) for i in range(CLIENTS)], NEW_TOKENS)
     assert not wrong, f"{len(wrong)} of {CLIENTS} streams differ from the reference's greedy tokens: {wrong}"
 
     assert proc.poll() is not None, "the server is still running"

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.request
 
 import pytest
-from conftest import PROMPTS, load_reference, reference_greedy, served, stream_greedy, varied_prompt
+from conftest import PROMPTS, scrape, served, stream_greedy, streams_off_reference, varied_prompt
 from parallel_engines import SCHEDULER_CLS, assert_matches_reference, run_engine, workers_env
 
 from vllm_readme.checkpoint.tiny import TinyShape, build_tiny_checkpoint
@@ -31,20 +30,6 @@ def four_layers(tmp_path_factory):
     """Four layers: two a stage, so that half a stage's pages (4 of 8) still
     hold one layer's experts, the pool's minimum."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("pp") / "tiny4", TinyShape(num_hidden_layers=4), seed=11)
-
-
-def scrape(url: str) -> dict[str, float]:
-    """The server's /metrics, summed over label sets (histogram buckets dropped)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not sample.name.endswith("_bucket"):
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
 
 
 def stages_logged(log: str) -> list[str]:
@@ -119,7 +104,6 @@ def test_pp2_server_streams_32_clients_with_the_references_tokens(four_layers, t
     every one completed with the reference's greedy tokens; the bytes the
     first stage sent per token are what the IntermediateTensors hold."""
     from openai import AsyncOpenAI
-    from transformers import AutoTokenizer
 
     clients, new_tokens = 32, 12
     args = (
@@ -140,13 +124,7 @@ def test_pp2_server_streams_32_clients_with_the_references_tokens(four_layers, t
     log = (tmp_path / "server.log").read_text()
     lost = [r for r in results if not (isinstance(r, tuple) and r[0] == "completed")]
     assert not lost, lost[:3]
-    tokenizer = AutoTokenizer.from_pretrained(four_layers)
-    reference = load_reference(four_layers)
-    wrong = [
-        i
-        for i, (_, ids) in enumerate(results)
-        if ids != reference_greedy(reference, tokenizer(varied_prompt(i)).input_ids, new_tokens)
-    ]
+    wrong = streams_off_reference(four_layers, results, [varied_prompt(i) for i in range(clients)], new_tokens)
     assert not wrong, f"{len(wrong)} of {clients} streams differ from the reference's greedy tokens: {wrong}"
     assert stages_logged(log) == ["0-1", "2-3"], log[-3000:]
     config = json.loads((four_layers / "config.json").read_text())
