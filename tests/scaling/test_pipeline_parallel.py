@@ -59,26 +59,30 @@ def test_pp2_with_tied_embeddings_and_uneven_stages(tiny_mha, tmp_path):
     assert stages_logged(log) == ["0-1", "2-2"], log[-3000:]
 
 
+@pytest.mark.parametrize("scheduler", ["vllm", "expert-aware"])
 @pytest.mark.parametrize("plugin_options", [{}, {"expert_pool": "50%"}], ids=["resident", "pool-50"])
-def test_tp2_x_pp2_matches_the_reference(four_layers, tmp_path, plugin_options):
+def test_tp2_x_pp2_matches_the_reference(four_layers, tmp_path, plugin_options, scheduler):
     """Four workers on this machine's cores (they take turns)."""
+    engine = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    if scheduler == "expert-aware":
+        engine["scheduler_cls"] = SCHEDULER_CLS
     results, log = run_engine(
         four_layers,
         tmp_path,
         PROMPTS,
         NEW_TOKENS,
         workers=4,
-        tensor_parallel_size=2,
-        pipeline_parallel_size=2,
-        scheduler_cls=SCHEDULER_CLS,
         additional_config={"vllm_readme": plugin_options},
         timeout_s=900,
+        **engine,
     )
     assert_matches_reference(four_layers, results, NEW_TOKENS)
     assert stages_logged(log) == ["0-1", "2-3"], log[-3000:]
 
 
-def test_tp2_with_the_expert_aware_scheduler_matches_the_reference(four_layers, tmp_path):
+@pytest.mark.parametrize("plugin_options", [{}, {"expert_pool": "50%"}], ids=["resident", "pool-50"])
+def test_tp2_with_the_expert_aware_scheduler_matches_the_reference(four_layers, tmp_path, plugin_options):
+    """(vLLM's scheduler under TP=2: tests/scaling/test_tensor_parallel.py.)"""
     results, _ = run_engine(
         four_layers,
         tmp_path,
@@ -87,7 +91,7 @@ def test_tp2_with_the_expert_aware_scheduler_matches_the_reference(four_layers, 
         workers=2,
         tensor_parallel_size=2,
         scheduler_cls=SCHEDULER_CLS,
-        additional_config={"vllm_readme": {"expert_pool": "50%"}},
+        additional_config={"vllm_readme": plugin_options},
     )
     assert_matches_reference(four_layers, results, NEW_TOKENS)
 

@@ -159,6 +159,10 @@ class ReadMEMoE(nn.Module):
             custom_routing_function=slots_as_given,
             activation=_MOE_ACTIVATION[config.hidden_act],
             reduce_results=False,
+            # Whole experts on every data-parallel rank: FusedMoE would split
+            # each expert's channels over the DP group (it does for a model
+            # with experts), and nothing on the CPU path would join the halves.
+            dp_size=1,
             prefix=f"{prefix}.experts",
         )
         # With an expert pool whose pages come from disk, the experts are
