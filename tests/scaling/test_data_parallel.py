@@ -112,14 +112,16 @@ def assert_no_plan_file_trouble(log: str) -> None:
 
 
 @pytest.mark.parametrize("scheduler", ["vllm", "expert-aware"])
-def test_dp2_ranks_both_serve_the_reference_tokens(tiny_gqa, tmp_path, scheduler):
-    """(vllm) vLLM's scheduler, every expert resident; (expert-aware) the
-    expert-aware scheduler with each rank's expert cache at half its pages
-    (2 layers x 4 experts: 4 of 8 pages, the pool's minimum)."""
+@pytest.mark.parametrize("pool", [None, "50%"], ids=["resident", "pool-50"])
+def test_dp2_ranks_both_serve_the_reference_tokens(tiny_gqa, tmp_path, scheduler, pool):
+    """vLLM's or the expert-aware scheduler, every expert resident or each
+    rank's expert cache at half its pages (2 layers x 4 experts: 4 of 8
+    pages, the pool's minimum)."""
     args = [*SERVE_ARGS, "--data-parallel-size", "2"]
+    if pool:
+        args += ["--additional-config", json.dumps({"vllm_readme": {"expert_pool": pool}})]
     if scheduler == "expert-aware":
-        options = {"vllm_readme": {"expert_pool": "50%"}}
-        args += ["--scheduler-cls", SCHEDULER_CLS, "--additional-config", json.dumps(options)]
+        args += ["--scheduler-cls", SCHEDULER_CLS]
     log_path = tmp_path / "server.log"
     with served(tiny_gqa, log_path, *args, env=server_env(2), timeout_s=START_TIMEOUT_S) as (_, url):
         choices = complete_concurrently(url, PROMPTS * COPIES)
@@ -137,12 +139,15 @@ def test_dp2_ranks_both_serve_the_reference_tokens(tiny_gqa, tmp_path, scheduler
     assert routed.get("0", 0) > 0 and routed.get("1", 0) > 0, routed
 
     assert_no_plan_file_trouble(log)
-    if scheduler == "expert-aware":
+    if pool:
         assert ranks_logging(log, "expert cache of layers 0-1: 4 of 8 expert pages") == {"0", "1"}, log[-4000:]
+        assert set(metrics["vllm_readme:expert_cache_hits_total"]) == {"0", "1"}, metrics
+    if scheduler == "expert-aware" and pool:
         assert ranks_logging(log, "publishing each step's expert plan to the expert cache") == {"0", "1"}, log[-4000:]
-        # The scheduler's and the cache's metrics, per rank.
-        for name in ("vllm_readme:scheduler_unique_experts_per_step_count", "vllm_readme:expert_cache_hits_total"):
-            assert set(metrics[name]) == {"0", "1"}, (name, metrics[name])
+    if scheduler == "expert-aware":
+        # The scheduler's metrics, per rank.
+        name = "vllm_readme:scheduler_unique_experts_per_step_count"
+        assert set(metrics[name]) == {"0", "1"}, (name, metrics[name])
         decided = metrics["vllm_readme:scheduler_tokens_per_step_sum"]
         assert decided["0"] > 0 and decided["1"] > 0, decided
 
