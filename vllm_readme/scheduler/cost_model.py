@@ -170,6 +170,7 @@ class OnlineCostFit:
         self._sums = [0.0] * 9  # t, e, y, tt, ee, te, ty, ey, yy
         # Per (tokens, requests): n, e, y, ee, ey, yy.
         self._groups: dict[tuple, list[float]] = {}
+        self._within_sums = [0.0] * 3  # centred ee, ey, yy summed over the groups, kept as groups change
         self._since_rebuild = 0
         self._measured_for = 0  # consecutive refits whose expert cost was material
 
@@ -184,7 +185,7 @@ class OnlineCostFit:
             self._accumulate(self.samples.popleft(), -1.0)
         self._since_rebuild += 1
         if self._since_rebuild >= self.window:  # running sums drift; rebuild them now and then
-            self._sums, self._groups = [0.0] * 9, {}
+            self._sums, self._groups, self._within_sums = [0.0] * 9, {}, [0.0] * 3
             for old in self.samples:
                 self._accumulate(old, 1.0)
             self._since_rebuild = 0
@@ -194,19 +195,23 @@ class OnlineCostFit:
         for i, value in enumerate((t, e, y, t * t, e * e, t * e, t * y, e * y, y * y)):
             self._sums[i] += sign * value
         group = self._groups.setdefault(key, [0.0] * 6)
+        self._add_within(group, -1.0)  # the group's part changes: O(1) a step, not a pass over the groups
         for i, value in enumerate((1.0, e, y, e * e, e * y, y * y)):
             group[i] += sign * value
         if group[0] < 0.5:
             del self._groups[key]
+        else:
+            self._add_within(group, 1.0)
+
+    def _add_within(self, group: list[float], sign: float) -> None:
+        n, e, y, ee, ey, yy = group
+        if n >= 0.5:
+            for i, value in enumerate((ee - e * e / n, ey - e * y / n, yy - y * y / n)):
+                self._within_sums[i] += sign * value
 
     def _within(self) -> tuple[float, float, float, int]:
         """Centred sums of experts and time within each group, and the groups."""
-        cee = cey = cyy = 0.0
-        for n, e, y, ee, ey, yy in self._groups.values():
-            cee += ee - e * e / n
-            cey += ey - e * y / n
-            cyy += yy - y * y / n
-        return cee, cey, cyy, len(self._groups)
+        return (*self._within_sums, len(self._groups))
 
     def refit(self) -> CostFit | None:
         """Fit the current window; None until it holds ``min_samples`` steps."""
