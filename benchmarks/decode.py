@@ -17,7 +17,7 @@ Results go to benchmarks/results/decode.json and decode.png, with a one-line
 description of the machine (CPU, cores, bf16-relevant flags, native dtype).
 
     python benchmarks/decode.py              # the full table, native dtype
-    python benchmarks/decode.py --dtypes bfloat16 float32   # both (~15 minutes)
+    python benchmarks/decode.py --dtypes bfloat16 float32   # both dtypes, one after the other
     python benchmarks/decode.py --quick      # a smoke test of a few seconds per engine
 """
 

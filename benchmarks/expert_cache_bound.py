@@ -109,8 +109,8 @@ def main() -> None:
     serve = json.loads(args.serve_results.read_text()) if args.serve_results else None
     # The disk at its fastest: the store benchmark's best round, or what the
     # serving run's on-demand engines read at (bytes over the time layers
-    # waited for their synchronous reads), whichever is faster. This VM's
-    # disk moved between 1.1 and 2.4 GB/s over one session.
+    # waited for their synchronous reads), whichever is faster: a shared
+    # machine's disk rate moves between runs, and the bound takes the best.
     bandwidths = {"expert_store.py, best round": store["page_file_read_gb_per_s_best"]}
     bandwidths |= on_demand_read_rates(serve) if serve else {}
     read_source, read_gb_per_s = max(bandwidths.items(), key=lambda kv: kv[1])

@@ -38,7 +38,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # hidden, expert channels, shared channels, layers, experts
 PRESETS = {
-    # The default refactored SmolLM2 (8 disjoint experts of 54 channels).
+    # SmolLM2 refactored into 8 disjoint experts of 54 channels at keep 0.75
+    # (`vllm-readme refactor --num-experts 8 --keep 0.75`; not the default build).
     "smollm2": (576, 54, 1098, 30, 8),
     # Read-ME's own scale: Llama-2-7B's shapes, 8 experts of a quarter of its MLP.
     "7b": (4096, 2752, 2752, 32, 8),

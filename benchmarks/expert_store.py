@@ -95,7 +95,7 @@ def main() -> None:
     direct_into = page_file.reads_into(slot_w13, slot_w2)
     buffers = (_writable_view(slot_w13), _writable_view(slot_w2))
     read_page = (lambda p: page_file.read_into(*p, buffers)) if direct_into else (lambda p: page_file.packed(*p))
-    # This machine's disk moves by up to 2x between runs a minute apart:
+    # A shared machine's disk rate moves between runs a minute apart:
     # several rounds, the median and the best (the best is what a bound uses).
     page_file_rounds = [timed(read_page) for _ in range(args.rounds)]
     page_file_s = statistics.median(page_file_rounds)

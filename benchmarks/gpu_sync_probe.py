@@ -6,12 +6,11 @@ returns in well under a millisecond did not wait.
 
     python benchmarks/gpu_sync_probe.py    (needs a CUDA GPU)
 
-Measured on an H200 (benchmarks/results/gpu_sync_probe.log): copies from
-pinned memory, on any stream, return in 0.1-0.3 ms; writing one element of
-a device tensor from Python (table[(1, 2)] = 5) and the advanced-indexing
-gather table[1][ids] waited for the queue (~200 ms). (The index_select line,
-which the cache uses instead, was added after that run; the GPU lag test
-shows it does not wait: host stall 0.6 ms per step.)
+benchmarks/results/gpu_sync_probe.log holds one run on an H200: copies from
+pinned memory, on any stream, do not wait; writing one element of a device
+tensor from Python (table[(1, 2)] = 5) and the advanced-indexing gather
+table[1][ids] wait for the queue. The log has no line for index_select (the
+gather the cache uses); a run of this script prints it.
 """
 
 import time

@@ -18,8 +18,9 @@ Fusion: fused_shared_as_experts, the shared part cut into expert-sized
 Reference: dense_mlp_onednn, SmolLM2's dense 1536-channel MLP.
 
     python benchmarks/moe_kernels.py [--dtype auto|bfloat16|float32]
+    python benchmarks/moe_kernels.py --shared 1280 --experts 4 --expert-channels 64   # the default build's shape
     python benchmarks/moe_kernels.py --shared 1024 --experts 4 \
-        --out benchmarks/results/moe_kernels_default.json   # the default's shape
+        --out benchmarks/results/moe_kernels_default.json   # the 4 x 128 build's shape (that file)
 
 The default dtype is the machine's native one (vllm_readme/precision.py):
 bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere, where bf16 is emulated.
@@ -49,10 +50,13 @@ def main() -> None:
         choices=["auto", "bfloat16", "float32"],
         help="auto (default): bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32",
     )
-    parser.add_argument("--shared", type=int, default=SHAPE["shared"], help="shared channels (the default model: 1024)")
-    parser.add_argument("--experts", type=int, default=SHAPE["experts"], help="routed experts (the default model: 4)")
+    parser.add_argument("--shared", type=int, default=SHAPE["shared"], help="shared channels (the default build: 1280)")
+    parser.add_argument("--experts", type=int, default=SHAPE["experts"], help="routed experts (the default build: 4)")
     parser.add_argument(
-        "--expert-channels", type=int, default=SHAPE["expert_channels"], help="channels per routed expert"
+        "--expert-channels",
+        type=int,
+        default=SHAPE["expert_channels"],
+        help="channels per routed expert (the default build: 64)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=10)

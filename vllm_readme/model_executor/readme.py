@@ -680,9 +680,9 @@ def release_freed_memory() -> None:
     """Hand the freed expert weights back to the OS. glibc keeps freed heap
     memory for reuse (its mmap threshold grows past the size of one layer's
     experts as a model loads), so without this the process's resident memory
-    did not fall when the pool replaced the experts: measured with
-    benchmarks/expert_cache_memory.py, a 25 % pool's process was 157 MiB
-    larger than all-resident instead of ~490 MiB smaller."""
+    does not fall when the pool replaces the experts
+    (benchmarks/expert_cache_memory.py measures the process's resident
+    memory at each pool size)."""
     import ctypes
     import gc
 

@@ -127,8 +127,8 @@ def write_report(results: dict, out_dir: Path, name: str = "refactor") -> tuple[
 
 # Short chat questions for the chat check: greedy answers of the Read-ME model
 # against the dense model's (does the refactor keep the instruct behaviour?).
-# The first 16 are the check's original set (frontier rows before the check
-# grew report those alone: ``repetition_*_first16`` keeps them comparable).
+# The first 16 are a smaller check of their own (some frontier rows report
+# only those: ``repetition_*_first16`` keeps every row comparable with them).
 CHAT_PROMPTS = (
     "How many days are in a week?",
     "What is the capital of France?",
@@ -256,7 +256,7 @@ def chat_check(
 ) -> dict:
     """Repetition (repeated 4-gram fraction) of dense and Read-ME answers and
     the Read-ME answers' token F1 against the dense ones, over all ``prompts``
-    and over the original 16 (comparable with reports from before the set grew).
+    and over the first 16 (comparable with reports of the 16-question check).
     ``dense_answers``: the dense model's answers to ``prompts`` when a caller
     kept them (they depend only on the dense model, the prompts, the limit
     and the machine's arithmetic)."""

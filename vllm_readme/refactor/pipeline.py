@@ -255,18 +255,20 @@ def log(message: str) -> None:
 
 
 def _saved_key(path: Path) -> dict:
-    """A stage key written by an earlier run. Keys from before the dtype was
-    keyed lack it; those builds all ran in bf16 autocast."""
+    """A stage key read from disk. A field the key lacks takes the value
+    every build that wrote no such field used, so the key still matches
+    (or not) on what it built; a key without ``dtype`` ran in bf16
+    autocast."""
     key = json.loads(path.read_text())
     key.setdefault("dtype", "bf16")
-    key.setdefault("expert_cut", "overlapping")  # every stage key holds the experts'; all overlapped before
-    if "router_steps" in key:  # router keys from before the switching penalty: it was off
+    key.setdefault("expert_cut", "overlapping")  # every stage key holds the experts'; one without a cut overlapped
+    if "router_steps" in key:  # a router key without the switching penalty trained without it
         key.setdefault("router_persistence", "0.0")
         key.setdefault("router_smoothing", "0.0")
-    if "tune_lr" in key and "router_steps" in key:  # tune keys from before distillation: LM loss
+    if "tune_lr" in key and "router_steps" in key:  # a tune key without an objective tuned on the LM loss
         key.setdefault("tune_objective", "lm")
-        key.setdefault("tune_chat", "0.5")  # only read with distillation, which had no chat text before
-    if "tune_chat" in key:  # tune keys from before the dense model wrote chat answers, or the student did
+        key.setdefault("tune_chat", "0.5")  # read only with distillation; a key without it distilled on no chat text
+    if "tune_chat" in key:  # a tune key without these tuned on chat text, not on dense or student answers
         key.setdefault("tune_chat_answers", "text")
         key.setdefault("tune_on_policy", "0.0")
     return key
@@ -789,7 +791,7 @@ def options_of_build(out: Path) -> RefactorOptions:
     if not path.is_file():
         raise ReadMEConfigError(f"{out} holds no refactor build (missing {path}); run `vllm-readme refactor` first.")
     data = json.loads(path.read_text())
-    # Builds from before the dtype was an option recorded a bf16 flag (always on).
+    # A build without a dtype option records a bf16 flag instead (on in every such build).
     legacy_bf16 = data.pop("bf16", None)
     if "dtype" not in data:
         data["dtype"] = "fp32" if legacy_bf16 in (False, "False") else "bf16"

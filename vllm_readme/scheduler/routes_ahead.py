@@ -27,8 +27,9 @@ back after each step (``"model"``, the default; model_routes.py): the route
 of a token needs that token, which exists only after sampling, so the
 model's routes are one token late, while the copy knows the route of the
 token about to run. The copy costs one tiny transformer step per running
-request per engine step (benchmarks/routes_ahead.py; 9-12 % of a step in
-the serving benchmark), which is why it is not the default.
+request per engine step, in the scheduler's process, which is why it is
+not the default (benchmarks/routes_ahead.py times it; docs/scheduling.md
+has its share of a served step).
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class RouteTracker:
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         # Per layer, [slots, kv_heads, window, head_dim]: a step gathers its
-        # requests' rows with index_select (contiguous rows; ~6x faster than
-        # advanced indexing through a [slots, layers, ...] tensor, measured).
+        # requests' rows with index_select: each row is contiguous, so a
+        # gather copies whole rows, where advanced indexing through one
+        # [slots, layers, ...] tensor is slower.
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._slots = 0
