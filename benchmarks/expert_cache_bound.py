@@ -20,8 +20,8 @@ serving run the bound sits beside, else of this run):
 model nothing). Writes benchmarks/results/expert_cache_bound<suffix>.json.
 
     python benchmarks/expert_cache_bound.py --model models/smollm2-readme-v1 \\
-        --store benchmarks/results/expert_store_v1.json \\
-        --serve-results benchmarks/results/serve_expert_cache_large.json --suffix _v1
+        --store benchmarks/results/expert_store_large_experts.json \\
+        --serve-results benchmarks/results/serve_expert_cache_large_experts.json --suffix _large_experts
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--pools", nargs="+", default=["75%", "50%", "25%"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--suffix", default="", help="results file suffix, e.g. _v1")
+    parser.add_argument("--suffix", default="", help="results file suffix, e.g. _large_experts")
     args = parser.parse_args()
 
     from vllm_readme.checkpoint.io import load_readme_config

@@ -15,7 +15,9 @@ is read with O_DIRECT, so it adds nothing to the page cache or RssFile.
 The model should be one whose experts dominate its weights (e.g. a build
 with `--expert-cut overlapping`); on the default (disjoint) build the
 experts (4 x 64 channels a layer) are a small part of the weights and the
-difference is lost in the noise of the whole process's memory. Writes benchmarks/results/expert_cache_memory.json.
+difference is lost in the noise of the whole process's memory. Writes
+benchmarks/results/expert_cache_memory_large_experts.json (the default
+--model is the large-expert build, models/smollm2-readme-v1).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-readme-v1")
     parser.add_argument("--pools", nargs="+", default=["all", "50%", "25%"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_cache_memory.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_cache_memory_large_experts.json"
+    )
     args = parser.parse_args()
 
     from vllm_readme.checkpoint.io import load_readme_config

@@ -15,7 +15,7 @@ against). Results: benchmarks/results/expert_store.json.
 
     python benchmarks/expert_store.py --model models/smollm2-readme
     python benchmarks/expert_store.py --model models/smollm2-readme-v1 \
-        --out benchmarks/results/expert_store_v1.json
+        --out benchmarks/results/expert_store_large_experts.json
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
         parser.error(f"--readers {args.readers}: every count of concurrent readers must be >= 1")
 
     from vllm_readme.checkpoint.io import load_readme_config
-    from vllm_readme.experts.cache import _writable_view
+    from vllm_readme.experts.loader import _writable_view
     from vllm_readme.experts.store import DiskExpertStore, PageFileStore
     from vllm_readme.model_executor.kernels import pack_expert_page
     from vllm_readme.precision import machine_description, resolve_precision
@@ -83,7 +83,7 @@ def main() -> None:
     disk_page_bytes = store.page_nbytes()
     # The serving path (backing store "disk"): pages already packed in a page
     # file, each read with one O_DIRECT preadv straight into a page-aligned
-    # slot (ExpertCache._load), in the order a layer's prefetch reads them.
+    # slot (ExpertLoader.load, vllm_readme/experts/loader.py), in the order a layer's prefetch reads them.
     page_file = PageFileStore(
         lambda layer, expert: tuple(
             t.clone() for t in pack_expert_page(*store.read(layer, expert), w13_like, w2_like, args.isa)
@@ -148,7 +148,7 @@ def main() -> None:
 
 def page_slot(page_file) -> tuple[torch.Tensor, torch.Tensor]:
     """One slot's (w13, w2) in page-aligned memory, as the cache's pool holds them."""
-    from vllm_readme.experts.cache import _pool_tensor
+    from vllm_readme.experts.loader import _pool_tensor
 
     cpu = torch.device("cpu")
     return (
@@ -162,7 +162,7 @@ def concurrent_reads(page_file, pages: list[tuple[int, int]], readers: int) -> f
     into its own page-aligned slot, as the loader reads."""
     import threading
 
-    from vllm_readme.experts.cache import _writable_view
+    from vllm_readme.experts.loader import _writable_view
 
     def read(share, views):
         for page in share:

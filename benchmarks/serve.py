@@ -345,7 +345,7 @@ def _pool_engine(label: str, options: dict, extra: str = "") -> str:
 
 SCHEDULER_CLS = "--scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler "
 CALIBRATED = str(RESULTS / "cost_model.json")  # benchmarks/calibrate_cost_model.py on this machine
-CALIBRATED_LARGE = str(RESULTS / "cost_model_v1.json")  # the same, --readme models/smollm2-readme-v1
+CALIBRATED_LARGE = str(RESULTS / "cost_model_large_experts.json")  # the same, --readme models/smollm2-readme-v1
 
 
 def _scheduler_engine(label: str, **options) -> str:
@@ -427,7 +427,7 @@ PRESETS = {
         "datasets": ["random"],
         "concurrency": [1, 32],
         "rate_fractions": [],
-        "out": RESULTS / "serve_expert_cache_large.json",
+        "out": RESULTS / "serve_expert_cache_large_experts.json",
         "common_args": "--enforce-eager",
         # No dense server: each server of this model holds it whole (three
         # processes each), so memory bounds how many fit beside each other;
@@ -451,7 +451,7 @@ PRESETS = {
         "datasets": ["random"],
         "concurrency": [1, 32],
         "rate_fractions": [],
-        "out": RESULTS / "serve_expert_cache_depth.json",
+        "out": RESULTS / "serve_expert_cache_prefetch_depth_large_experts.json",
         "common_args": "--enforce-eager",
         "no_dense": True,
         "engine": [
