@@ -15,7 +15,8 @@ from vllm_readme.cli import main as cli_main
 from vllm_readme.configuration_readme import RouterConfig
 from vllm_readme.refactor.brown import brown_dir
 from vllm_readme.refactor.data import BUILTIN_SOURCES, load_domains, split_domains
-from vllm_readme.refactor.pipeline import RefactorOptions, refactor
+from vllm_readme.refactor.options import RefactorOptions
+from vllm_readme.refactor.pipeline import refactor
 from vllm_readme.refactor.router import init_router, train_router
 from vllm_readme.refactor.training import TrainSettings
 
@@ -316,6 +317,67 @@ def test_router_markers_from_before_the_penalty_are_reused(tmp_path):
     assert build._cached("router") is not None
     penalised = Refactor(RefactorOptions(out=tmp_path / "out", dtype="fp32", router_persistence=1.0))
     assert penalised._cached("router") is None
+
+
+# What each stage's key holds, in the order its key file lists them.
+_DENSE_AND_TEXT = "dense calib block_len held_out_fraction seed dtype".split()
+_EXPERTS = _DENSE_AND_TEXT + "experts_from num_experts keep stats_tokens cluster_iterations expert_cut".split()
+_ROUTER = _EXPERTS + [
+    f"router_{name}" for name in "hidden layers heads steps batch lr tokens persistence smoothing".split()
+]
+_TUNE = _ROUTER + [f"tune_{name}" for name in "tokens batch lr objective chat chat_answers on_policy".split()]
+STAGE_KEYS = {
+    "activations": _DENSE_AND_TEXT + ["stats_tokens"],
+    "experts": _EXPERTS,
+    "router": _ROUTER,
+    "tune": _TUNE,
+    "baselines": _EXPERTS + ["tune_tokens", "tune_batch", "tune_lr"],
+}
+
+
+def _another_value(option, value):
+    if option.name == "dtype":
+        return "bf16"  # stage keys hold the resolved dtype
+    choices = option.metadata.get("choices")
+    if choices:
+        return next(choice for choice in choices if choice != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, list):
+        return value[:1]
+    return Path("elsewhere")  # out, dense, stats_cache
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_KEYS))
+def test_stage_key_changes_with_the_options_the_stage_uses_and_no_other(stage, tmp_path):
+    """A cached stage is rebuilt when an option it depends on changes, and
+    reused when any other changes; the key lists its options in the order
+    of the key files that builds wrote."""
+    import dataclasses
+
+    options = RefactorOptions(out=tmp_path, dtype="fp32")
+    key = options.stage_key(stage)
+    assert list(key) == STAGE_KEYS[stage]
+    for option in dataclasses.fields(RefactorOptions):
+        value = getattr(options, option.name)
+        changed = dataclasses.replace(options, **{option.name: _another_value(option, value)})
+        assert (changed.stage_key(stage) != key) == (option.name in STAGE_KEYS[stage]), option.name
+
+
+def test_shared_statistics_keep_their_file_names():
+    """--stats-cache folders hold activation statistics named by their key's
+    digest: the default options' names do not move."""
+    from vllm_readme.refactor.cache import keyed_file
+
+    names = {
+        dtype: keyed_file(
+            Path(), "activations", RefactorOptions(out=Path(), dtype=dtype).stage_key("activations"), ".pt"
+        )
+        for dtype in ("fp32", "bf16")
+    }
+    assert names == {"fp32": Path("activations-4dfdc5c731f6408f.pt"), "bf16": Path("activations-f4a6f95ef2246b56.pt")}
 
 
 def test_distillation_tuning_moves_the_moe_towards_the_dense_model(tiny_dense, tiny_build, tmp_path):

@@ -15,5 +15,10 @@ Stages, each cached under ``OUT/.refactor/`` so an interrupted build resumes:
 5. ``evaluate``: perplexity of dense, MoE and a pruned dense model of the
    same active size, plus routing statistics.
 
+Layout: ``options.py`` holds the build's options; ``cache.py`` forms every
+stage's cache key and keeps the results in ``OUT/.refactor/``; ``stages/``
+has one module a stage, the caching around the algorithms of the modules
+here; ``pipeline.py`` runs the stages in order.
+
 Nothing here imports vLLM.
 """

