@@ -27,6 +27,27 @@ PROMPTS = [
 ]
 
 
+# `vllm-readme refactor` options small enough for a test (a tiny dense Llama, minutes).
+TINY_REFACTOR = dict(
+    calib=["python-docs", "stdlib-docstrings"],
+    num_experts=4,
+    keep=0.5,
+    stats_tokens=2048,
+    router_tokens=4096,
+    router_steps=20,
+    router_batch=4,
+    router_hidden=64,
+    router_heads=2,
+    tune_tokens=2048,
+    tune_batch=4,
+    held_out_tokens=1024,
+    ood_tokens=1024,
+    block_len=128,
+    tune_eval_points=2,
+    checkpoint_every=5,
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

@@ -146,7 +146,7 @@ def test_refactor_runs_on_cuda_and_matches_the_cpu_build(tmp_path):
     """The whole pipeline with ``device="cuda"``: every stage runs there, the
     checkpoint validates, and its perplexities are those of the same build
     on the CPU within numerical noise (same seeds, fp32)."""
-    from test_refactor import TINY
+    from conftest import TINY_REFACTOR as TINY
 
     from vllm_readme.checkpoint.io import validate_checkpoint
     from vllm_readme.checkpoint.tiny import build_tiny_dense

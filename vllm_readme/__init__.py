@@ -58,12 +58,12 @@ AutoModelForCausalLM.register(ReadMEConfig, _ReferenceModelOnFirstUse, exist_ok=
 def register() -> None:
     """vLLM plugin entry point. Idempotent; imports vLLM lazily."""
     from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from vllm_readme.model_executor.config import ReadMEServingChecks
+    from vllm_readme.model_executor.config import check_serving_config
+    from vllm_readme.vllm_internals import register_config_checks
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:Class" string: vLLM imports the model only where it runs.
         ModelRegistry.register_model(ARCHITECTURE, VLLM_MODEL_CLASS)
     # Run by vLLM while it validates its config, before the model is built.
-    MODELS_CONFIG_MAP[ARCHITECTURE] = ReadMEServingChecks
+    register_config_checks(ARCHITECTURE, check_serving_config)

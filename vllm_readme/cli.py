@@ -36,8 +36,9 @@ def run_vllm_cli(argv: list[str]) -> int:
     metadata.version = version
     if argv and argv[0] == "serve":
         _share_prometheus_metrics()
-    from vllm.entrypoints.cli.main import main as vllm_main
+    from vllm_readme.vllm_internals import vllm_cli_main
 
+    vllm_main = vllm_cli_main()
     sys.argv = ["vllm", *argv]
     vllm_main()
     return 0

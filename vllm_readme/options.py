@@ -10,12 +10,17 @@ configures both serving parts::
 * ``ExpertCacheOptions``: the paged expert cache (docs/expert_cache.md).
 
 An environment variable ``VLLM_README_<FIELD>`` (e.g. ``VLLM_README_POLICY``,
-``VLLM_README_EXPERT_POOL``) is read only for a field the config leaves out.
-Every value is checked where vLLM validates its config, before any process
-or weight is started (model_executor/config.py, which also checks the bounds
-that depend on the model: the route window and the pool's minimum); a bad
-one stops start-up with a message that names the field (or the environment
-variable), the value and what it accepts. Plain Python: no vLLM, no torch.
+``VLLM_README_EXPERT_POOL``; envs.py) is read only for a field the config
+leaves out. Every value is checked where vLLM validates its config, before
+any process or weight is started (model_executor/config.py, which also
+checks the bounds that depend on the model: the route window and the pool's
+minimum); a bad one stops start-up with a message that names the field (or
+the environment variable), the value and what it accepts.
+
+The engine's parts read their options with ``SchedulerOptions.of(vllm_config)``
+and ``ExpertCacheOptions.of(vllm_config)``: parsed once per process and
+config object, the same options object every later time. Plain Python: no
+vLLM, no torch.
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ import dataclasses
 import math
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from vllm_readme import envs
+from vllm_readme.experts.eviction import EVICTION_POLICIES
 from vllm_readme.scheduler.cost_model import StepCostModel
 from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL, POLICIES
 
 CONFIG_KEY = "vllm_readme"
 WHERE = f'additional_config["{CONFIG_KEY}"]'
-EVICTION_POLICIES = ("belady", "lru", "lfu", "random")
 BACKING_STORES = ("auto", "disk", "checkpoint", "memory")
 ROUTE_SOURCES = ("router", "model")
 # A request held back longer than this many consecutive steps would stall
@@ -61,7 +68,18 @@ class PluginOptions:
         PluginOptions.groups.append(cls)
 
     @classmethod
-    def from_additional_config(cls, additional: Mapping[str, Any] | None, env=os.environ):
+    def of(cls, vllm_config: Any):
+        """This group's options of an engine's ``vllm_config.additional_config``,
+        parsed once per process and config object; a bad value raises as
+        ``from_additional_config`` does, every time it is asked for."""
+        return _parsed_options(vllm_config, cls)
+
+    @classmethod
+    def from_additional_config(cls, additional: Mapping[str, Any] | None, env: Mapping[str, str] | None = None):
+        """Parse and check this group's fields; ``env`` (default: the
+        process environment, envs.py) gives the fields ``additional`` leaves out."""
+        if env is None:
+            env = envs.option_variables()
         if additional is None:
             additional = {}
         if not isinstance(additional, Mapping):
@@ -100,6 +118,44 @@ class PluginOptions:
 
 def _where(name: str, from_environment: bool) -> str:
     return f"environment variable {env_variable(name)}" if from_environment else f"{WHERE}.{name}"
+
+
+class _Parsed:
+    """The option groups parsed from one config object's additional_config."""
+
+    def __init__(self, config: weakref.ref, additional: Any):
+        self.config = config
+        self.additional = additional
+        self.groups: dict[type, PluginOptions] = {}
+
+
+# id(vllm_config) -> its parsed groups. A weak reference tells a live config
+# from a later object given the same id, and drops the entry with the config.
+_PARSED: dict[int, _Parsed] = {}
+
+
+def _parsed_options(vllm_config: Any, group: type[PluginOptions]) -> PluginOptions:
+    key = id(vllm_config)
+    additional = vllm_config.additional_config
+    parsed = _PARSED.get(key)
+    # The same object with the same additional_config: parsed already.
+    if parsed is None or parsed.config() is not vllm_config or parsed.additional is not additional:
+        try:
+            config = weakref.ref(vllm_config, lambda ref, key=key: _forget(key, ref))
+        except TypeError:  # an object that takes no weak reference: parsed on every call
+            return group.from_additional_config(additional)
+        parsed = _PARSED[key] = _Parsed(config, additional)
+    options = parsed.groups.get(group)
+    if options is None:
+        options = parsed.groups[group] = group.from_additional_config(additional)
+    return options
+
+
+def _forget(key: int, config: weakref.ref) -> None:
+    """Drop a collected config's entry (not a newer one under its id)."""
+    parsed = _PARSED.get(key)
+    if parsed is not None and parsed.config is config:
+        del _PARSED[key]
 
 
 @dataclasses.dataclass(frozen=True)

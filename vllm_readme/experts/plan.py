@@ -76,6 +76,8 @@ import uuid
 import weakref
 from pathlib import Path
 
+from vllm_readme import envs
+
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
 
 MAX_EXPERTS = 1024
@@ -124,7 +126,7 @@ def engine_id_of(vllm_config) -> str:
 
 
 def plan_folder() -> Path:
-    chosen = os.environ.get("VLLM_README_PLAN_DIR")
+    chosen = envs.VLLM_README_PLAN_DIR
     if chosen:
         return Path(chosen)
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

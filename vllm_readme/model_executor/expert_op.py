@@ -7,9 +7,9 @@ previous layer's experts ran (a slot is never rewritten mid-read)."""
 from __future__ import annotations
 
 import torch
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_readme.experts.cache import cache_by_id
+from vllm_readme.vllm_internals import register_custom_op
 
 
 def _expert_slots(expert_ids: torch.Tensor, hidden_states: torch.Tensor, cache_id: int, layer: int) -> torch.Tensor:
@@ -20,4 +20,4 @@ def _expert_slots_fake(expert_ids: torch.Tensor, hidden_states: torch.Tensor, ca
     return torch.empty((expert_ids.shape[0], 1), dtype=torch.int32, device=expert_ids.device)
 
 
-direct_register_custom_op("readme_expert_slots", _expert_slots, fake_impl=_expert_slots_fake)
+register_custom_op("readme_expert_slots", _expert_slots, fake_impl=_expert_slots_fake)

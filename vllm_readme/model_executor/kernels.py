@@ -1,5 +1,5 @@
-"""How the routed experts of a Read-ME layer are computed, and the one place
-that reads vLLM's FusedMoE internals (docs/design.md, "Inside vLLM").
+"""How the routed experts of a Read-ME layer are computed (docs/design.md,
+"Inside vLLM").
 
 Read-ME knows every token's expert before the backbone runs, so a layer needs
 no gate: only "token t uses weight slot s". Two paths do that:
@@ -18,33 +18,41 @@ no gate: only "token t uses weight slot s". Two paths do that:
 
 The choice is made once after the weights are loaded
 (``choose_routed_kernel``) and logged. ``VLLM_README_ROUTED_KERNEL=fused_moe``
-forces FusedMoE everywhere (for comparisons); the default is ``auto``.
+forces FusedMoE everywhere (for comparisons); the default is ``auto``
+(envs.py).
 
-What the plugin reads from FusedMoE beyond its constructor and forward
-(vLLM 0.32): ``FusedMoEFactory`` returns a runner whose ``routed_experts``
-module holds the weights ``w13_weight`` ``[E, 2I, H]`` and ``w2_weight``
-``[E, H, I]``, their ``weight_loader`` (which takes a stacked ``[E, ...]``
-tensor whole) and the kernel FusedMoE chose
-(``quant_method.moe_kernel.fused_experts``). Only this module names them;
-tests/test_vllm_model.py fails if an upgrade moves them and the CPU build
+What the direct path reads of FusedMoE beyond its constructor and forward
+(the runner's ``routed_experts`` weights, the kernel FusedMoE chose, the
+raw op and its prepacking) is read through vllm_internals.py, the one
+module that touches vLLM's internals; tests/test_vllm_internals.py fails if
+an upgrade moves one, and tests/test_vllm_model.py if the CPU build then
 falls back to FusedMoE.
 """
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
+from vllm_readme import envs
+from vllm_readme.vllm_internals import (
+    cpu_fused_moe_op,
+    cpu_grouped_gemm_settings,
+    fused_experts_of,
+    has_expert_biases,
+    is_cpu_grouped_gemm,
+    prepack_cpu_moe_weight,
+    routed_expert_weights,
+    uses_zentorch,
+)
+
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
 # (a logger outside that tree has no handler, and INFO lines would be lost).
 logger = init_logger(f"vllm.{__name__}")
 
 ROUTED_KERNELS = ("auto", "fused_moe")
-# Checkpoint projection -> FusedMoE's shard and parameter.
-_EXPERT_SHARDS = {"gate_proj": ("w1", "w13_weight"), "up_proj": ("w3", "w13_weight"), "down_proj": ("w2", "w2_weight")}
 
 
 def slots_as_given(
@@ -57,24 +65,13 @@ def slots_as_given(
     return torch.ones(gating_output.shape, dtype=torch.float32, device=gating_output.device), gating_output
 
 
-def load_stacked_experts(fused_moe: nn.Module, projection: str, tensor: torch.Tensor) -> str:
-    """Load one stacked ``[E, ...]`` checkpoint tensor (``gate_proj``,
-    ``up_proj`` or ``down_proj``) with FusedMoE's own weight loader, every
-    expert in one call; returns the parameter's name under ``fused_moe``.
-    Tensor parallelism slices it there, as for any FusedMoE weight."""
-    shard, name = _EXPERT_SHARDS[projection]
-    param = getattr(fused_moe.routed_experts, name)
-    # A 3-D tensor is loaded whole ("full load"): expert_id is not used.
-    param.weight_loader(param, tensor, name, shard_id=shard, expert_id=0)
-    return f"routed_experts.{name}"
-
-
 @dataclass(frozen=True)
 class CPUGroupedGemm:
     """The direct CPU path over a FusedMoE layer's prepacked weights."""
 
     isa: str
     activation: str
+    op: object = field(repr=False, compare=False)  # torch.ops._C.cpu_fused_moe, bound once
 
     def __call__(
         self,
@@ -88,12 +85,11 @@ class CPUGroupedGemm:
         [T, 1], ``route_weights`` float32 [T, 1] ones. ``pool``: the expert
         cache's ``(w13, w2)`` slots shared by every layer, read instead of
         the layer's own weights."""
-        experts = fused_moe.routed_experts
-        w13, w2 = pool if pool is not None else (experts.w13_weight, experts.w2_weight)
+        w13, w2 = pool if pool is not None else routed_expert_weights(fused_moe)
         out = torch.empty_like(hidden_states)
         # Traced by torch.compile as is (the op has a meta kernel): no Python
         # wrapper runs per layer at decode time.
-        torch.ops._C.cpu_fused_moe(
+        self.op(
             out,
             hidden_states,
             w13,
@@ -112,7 +108,7 @@ class CPUGroupedGemm:
 def choose_routed_kernel(fused_moe: nn.Module) -> tuple[CPUGroupedGemm | None, str]:
     """The direct CPU kernel for this FusedMoE layer, or None (keep FusedMoE),
     with the reason either way. Call after FusedMoE processed its weights."""
-    wanted = os.environ.get("VLLM_README_ROUTED_KERNEL", "auto")
+    wanted = envs.VLLM_README_ROUTED_KERNEL
     if wanted not in ROUTED_KERNELS:
         raise ValueError(
             f"VLLM_README_ROUTED_KERNEL={wanted!r} is not one of {list(ROUTED_KERNELS)}; unset it for the default."
@@ -121,23 +117,20 @@ def choose_routed_kernel(fused_moe: nn.Module) -> tuple[CPUGroupedGemm | None, s
         return None, "FusedMoE (forced by VLLM_README_ROUTED_KERNEL=fused_moe)"
     if not current_platform.is_cpu():
         return None, f"{current_platform.device_name}: FusedMoE's grouped GEMM"
-    if not hasattr(torch.ops._C, "cpu_fused_moe"):
+    op = cpu_fused_moe_op()
+    if op is None:
         return None, "this vLLM build has no _C.cpu_fused_moe"
-    routed = getattr(fused_moe, "routed_experts", None)
-    moe_kernel = getattr(getattr(routed, "quant_method", None), "moe_kernel", None)
-    impl = getattr(moe_kernel, "fused_experts", None)
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-    if not isinstance(impl, CPUUnquantizedExperts):
+    impl = fused_experts_of(fused_moe)
+    if not is_cpu_grouped_gemm(impl):
         return None, f"FusedMoE chose {type(impl).__name__}, not the CPU grouped GEMM"
     # Unknown (renamed in a later vLLM): assume zentorch, whose weights the
     # direct call must not read; FusedMoE stays correct, and the test says so.
-    if getattr(impl, "_use_zentorch", True):
+    if uses_zentorch(impl):
         return None, "FusedMoE uses zentorch on this CPU (or this vLLM does not say)"
-    if getattr(routed, "w13_bias", None) is not None:
+    if has_expert_biases(fused_moe):
         return None, "experts with biases"
-    activation = impl.moe_config.activation.value
-    return CPUGroupedGemm(isa=impl.isa, activation=activation), f"CPU grouped GEMM (isa={impl.isa}) called directly"
+    isa, activation = cpu_grouped_gemm_settings(impl)
+    return CPUGroupedGemm(isa=isa, activation=activation, op=op), f"CPU grouped GEMM (isa={isa}) called directly"
 
 
 def pack_expert_page(
@@ -150,8 +143,6 @@ def pack_expert_page(
     are FusedMoE's prepacked ``[E, ...]`` weights (shapes and dtype). The
     expert cache checks one page against FusedMoE's own at start-up
     (experts/cache.py), so a layout change in vLLM fails loudly."""
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import cpu_prepack_moe_weight
-
     padded = w13_like.shape[1] // 2
     channels = gate.shape[0]
     w13 = w13_like.new_zeros((1, *w13_like.shape[1:]))
@@ -159,4 +150,4 @@ def pack_expert_page(
     w13[0, padded : padded + channels] = up
     w2 = w2_like.new_zeros((1, *w2_like.shape[1:]))
     w2[0, :, :channels] = down
-    return cpu_prepack_moe_weight(w13, isa)[0], cpu_prepack_moe_weight(w2, isa)[0]
+    return prepack_cpu_moe_weight(w13, isa)[0], prepack_cpu_moe_weight(w2, isa)[0]

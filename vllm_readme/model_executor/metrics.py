@@ -33,9 +33,9 @@ replays to bound what an expert cache could do on them.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from vllm_readme import envs
 
 UNIQUE_EXPERTS = "vllm_readme:unique_experts_per_step"
 ROUTED_TOKENS = "vllm_readme:routed_tokens"
@@ -47,10 +47,10 @@ def engine_label() -> str:
     """The ``engine`` label of this worker's metrics: its data-parallel rank
     (the rank in vLLM's DP group, which every worker joins), as on vLLM's
     own metrics; "0" outside a vLLM worker."""
-    try:
-        from vllm.distributed.parallel_state import get_dp_group
+    from vllm_readme.vllm_internals import data_parallel_rank
 
-        return str(get_dp_group().rank_in_group)
+    try:
+        return str(data_parallel_rank())
     except (ImportError, AssertionError):  # no vLLM, or no distributed environment
         return "0"
 
@@ -82,7 +82,7 @@ class ExpertStepMetrics:
         self.unique = unique.labels(engine=engine)
         self.tokens = [tokens.labels(engine=engine, expert=str(e)) for e in range(num_experts)]
         self._pending: list[torch.Tensor] = []  # GPU: per-step expert counts, not yet on the host
-        path = os.environ.get("VLLM_README_ROUTE_LOG")
+        path = envs.VLLM_README_ROUTE_LOG
         self.route_log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (lives with the engine)
 
     def __call__(self, positions: torch.Tensor, expert_ids: torch.Tensor) -> None:

@@ -40,7 +40,6 @@ token against 2 x hidden x dtype), so no stage routes again. Each stage's
 expert cache pools its own layers' pages (docs/scaling.md).
 """
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -77,6 +76,7 @@ from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import AutoWeightsLoader, PPMissingLayer, WeightsMapper, make_layers
 from vllm.sequence import IntermediateTensors
 
+from vllm_readme import envs
 from vllm_readme.checkpoint.io import weights_file_of
 from vllm_readme.configuration_readme import (
     NOT_WEIGHTS,
@@ -89,14 +89,17 @@ from vllm_readme.configuration_readme import (
     tensor_shape_problem,
 )
 from vllm_readme.experts.plan import engine_id_of
-from vllm_readme.model_executor.kernels import (
-    CPUGroupedGemm,
-    choose_routed_kernel,
-    load_stacked_experts,
-    slots_as_given,
-)
+from vllm_readme.model_executor.kernels import CPUGroupedGemm, choose_routed_kernel, slots_as_given
 from vllm_readme.model_executor.metrics import ExpertStepMetrics, StageSendCounters
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
+from vllm_readme.vllm_internals import (
+    drop_routed_expert_weights,
+    keep_first_expert_only,
+    load_stacked_expert_weights,
+    routed_expert_weights,
+    scheduler_class,
+    weights_folder,
+)
 
 # Under vLLM's "vllm" logger: its handler, format and VLLM_LOGGING_LEVEL apply
 # (a logger outside that tree has no handler, and INFO lines would be lost).
@@ -173,9 +176,7 @@ class ReadMEMoE(nn.Module):
         # never written, so it never became resident; it is dropped here.
         self.streamed = streamed
         if self.streamed:
-            for name in ("w13_weight", "w2_weight"):
-                param = getattr(self.experts.routed_experts, name)
-                param.data = param.data[:1].clone()
+            keep_first_expert_only(self.experts)
 
     def forward(self, hidden_states: torch.Tensor, routes: Routes) -> torch.Tensor:
         if self.routed_kernel is None:
@@ -202,7 +203,7 @@ class ReadMEMoE(nn.Module):
                 continue
             if self.streamed:  # expert 0 only (see __init__); the cache reads the rest from the checkpoint
                 tensor = tensor[:1]
-            loaded.add("experts." + load_stacked_experts(self.experts, projection, tensor))
+            loaded.add("experts." + load_stacked_expert_weights(self.experts, projection, tensor))
         return loaded | AutoWeightsLoader(self).load_weights(shared)
 
 
@@ -485,14 +486,17 @@ class ReadMEForCausalLM(nn.Module, SupportsPP):
         # sums counters over processes) and writes the route log, or each
         # step would be counted once per worker.
         first_rank = get_tensor_model_parallel_rank() == 0 and pp.is_first_rank
-        metrics_on = os.environ.get("VLLM_README_EXPERT_METRICS", "1") != "0"
+        metrics_on = envs.VLLM_README_EXPERT_METRICS
         if first_rank and metrics_on:
             self.route_observers.append(ExpertStepMetrics(config.num_experts))
         self.stage_sends = None  # counts what this stage sends the next (all but the last stage)
         if metrics_on and not pp.is_last_rank and get_tensor_model_parallel_rank() == 0:
             self.stage_sends = StageSendCounters()
-        scheduler_options = SchedulerOptions.from_additional_config(vllm_config.additional_config)
-        if scheduler_options.route_source == "model" and _expert_aware_scheduler(vllm_config):
+        # The plugin's options, parsed once for this process (config.py parsed
+        # them first in the engine's); the expert cache reads them later.
+        self.scheduler_options = SchedulerOptions.of(vllm_config)
+        self.cache_options = ExpertCacheOptions.of(vllm_config)
+        if self.scheduler_options.route_source == "model" and _expert_aware_scheduler(vllm_config):
             from vllm_readme.model_executor.route_publisher import MAX_PUBLISHED_EXPERTS, RoutePublisher
 
             # The scheduler refuses the channel for more experts than a byte holds.
@@ -575,9 +579,8 @@ class ReadMEForCausalLM(nn.Module, SupportsPP):
         for layer in self.stage_layers():
             layer.mlp.routed_kernel, why = choose_routed_kernel(layer.mlp.experts)
         logger.info("Read-ME routed experts: %s", why)
-        options = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config)
-        if options.pool_size() is not None:
-            self._start_expert_cache(options, why)
+        if self.cache_options.pool_size() is not None:
+            self._start_expert_cache(self.cache_options, why)
 
     def _start_expert_cache(self, options: ExpertCacheOptions, kernel: str) -> None:
         """Move the routed experts into a pool of slots (experts/cache.py);
@@ -591,8 +594,7 @@ class ReadMEForCausalLM(nn.Module, SupportsPP):
                 f"expert_pool needs the CPU grouped GEMM for the routed experts, but this engine runs {kernel}. "
                 f'Leave expert_pool out of additional_config["vllm_readme"] here (docs/expert_cache.md, GPU).'
             )
-        w13 = [mlp.experts.routed_experts.w13_weight for mlp in mlps]
-        w2 = [mlp.experts.routed_experts.w2_weight for mlp in mlps]
+        w13, w2 = (list(side) for side in zip(*(routed_expert_weights(mlp.experts) for mlp in mlps), strict=True))
         layers, experts = len(mlps), self.config.num_experts
         page_bytes = w13[0][0].nbytes + w2[0][0].nbytes
         # Start-up checked the same minimum (model_executor/config.py) with the
@@ -609,15 +611,13 @@ class ReadMEForCausalLM(nn.Module, SupportsPP):
             isa=mlps[0].routed_kernel.isa,
             tp_rank=get_tensor_model_parallel_rank(),
             tp_size=get_tensor_model_parallel_world_size(),
-            log_every=SchedulerOptions.from_additional_config(self.vllm_config.additional_config).log_every,
+            log_every=self.scheduler_options.log_every,
             engine_id=engine_id_of(self.vllm_config),
             first_layer=self.model.start_layer,
             worker=worker_rank(self.vllm_config),
         )
         for mlp in mlps:  # the pool holds them now
-            for name in ("w13_weight", "w2_weight"):
-                old = getattr(mlp.experts.routed_experts, name)
-                setattr(mlp.experts.routed_experts, name, nn.Parameter(old.new_empty(0), requires_grad=False))
+            drop_routed_expert_weights(mlp.experts)
         del w13, w2
         release_freed_memory()
         self.model.expert_cache = cache
@@ -632,15 +632,8 @@ def checkpoint_folder(vllm_config: VllmConfig) -> Path:
     path itself, or for a hub id its snapshot in the Hugging Face cache or
     ``--download-dir``, at ``--revision``. vLLM has fetched the files by now,
     so this only looks them up."""
-    from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf, maybe_download_from_modelscope
-
     model_config = vllm_config.model_config
-    model = maybe_download_from_modelscope(model_config.model, model_config.revision) or model_config.model
-    if os.path.isdir(model):
-        return Path(model)
-    return Path(
-        download_weights_from_hf(model, vllm_config.load_config.download_dir, ["*.safetensors"], model_config.revision)
-    )
+    return Path(weights_folder(model_config.model, model_config.revision, vllm_config.load_config.download_dir))
 
 
 def worker_rank(vllm_config: VllmConfig) -> int:
@@ -657,7 +650,7 @@ def streams_experts(vllm_config: VllmConfig) -> bool:
     backing store other than "memory"."""
     from vllm.platforms import current_platform
 
-    options = ExpertCacheOptions.from_additional_config(vllm_config.additional_config)
+    options = ExpertCacheOptions.of(vllm_config)
     if options.pool_size() is None or not current_platform.is_cpu():
         return False
     return options.backing_store in ("auto", "disk", "checkpoint")
@@ -671,7 +664,7 @@ def _expert_aware_scheduler(vllm_config: VllmConfig) -> bool:
     from vllm_readme.scheduler.vllm_scheduler import ExpertAwareMixin
 
     try:
-        return issubclass(vllm_config.scheduler_config.get_scheduler_cls(), ExpertAwareMixin)
+        return issubclass(scheduler_class(vllm_config), ExpertAwareMixin)
     except Exception:  # an unresolvable class fails vLLM's own start-up, not ours
         return False
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import time
 
 import torch
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 
 from vllm_readme.experts.plan import ROUTES_READER, PlanReader
+from vllm_readme.vllm_internals import attention_metadata, kv_slots_and_query_starts
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -57,6 +57,7 @@ class RoutePublisher:
         metadata = self._metadata()
         if metadata is None:
             return  # a profiling or warm-up run: no requests behind it
+        slot_mapping, query_start_loc = metadata
         if self.plan.buf is None:
             # No expert-aware scheduler (yet: the engine builds it after the
             # workers and their warm-up): look again at most once a second,
@@ -67,9 +68,9 @@ class RoutePublisher:
             self._looked = now
             if not self.plan.attach():
                 return
-        last = metadata.query_start_loc[1:].long() - 1
+        last = query_start_loc[1:].long() - 1
         last = last[last >= 0]
-        slots = metadata.slot_mapping[last].long()
+        slots = slot_mapping[last].long()
         keep = slots >= 0  # padding (CUDA graphs) carries slot -1
         # One [3, n] int64 table, one host copy (a small one on a GPU).
         table = torch.stack([slots, positions[last].long(), expert_ids[last].long()])[:, keep].cpu().numpy()
@@ -80,14 +81,12 @@ class RoutePublisher:
                 logger.info("Read-ME: handing the model's routes to the expert-aware scheduler (route_source=model).")
             self.published += 1
 
-    def _metadata(self):
-        if not is_forward_context_available():
-            return None
-        metadata = get_forward_context().attn_metadata
-        if not isinstance(metadata, dict):  # None, or micro-batches (a list): not published
-            return None
-        found = metadata.get(self.layer)
-        if getattr(found, "slot_mapping", None) is None or getattr(found, "query_start_loc", None) is None:
+    def _metadata(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(slot_mapping, query_start_loc) of this forward's anchor layer;
+        None outside a forward and for micro-batches (not published)."""
+        found = attention_metadata(self.layer)
+        slots_and_starts = kv_slots_and_query_starts(found)
+        if slots_and_starts is None:
             if found is not None and not self._warned:
                 logger.warning(
                     "Read-ME: %s's attention metadata has no slot_mapping/query_start_loc; no routes for "
@@ -96,4 +95,4 @@ class RoutePublisher:
                 )
                 self._warned = True
             return None
-        return found
+        return slots_and_starts

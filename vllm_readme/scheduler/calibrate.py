@@ -60,6 +60,7 @@ def collect(
     from vllm.distributed import cleanup_dist_env_and_memory
 
     from vllm_readme.refactor.data import out_of_domain_documents
+    from vllm_readme.vllm_internals import in_process_scheduler
 
     documents = out_of_domain_documents() or ["The quick brown fox jumps over the lazy dog. " * 20]
     prompts = [" ".join(doc.split()[:40]) for doc in documents]
@@ -83,7 +84,7 @@ def collect(
     steps: list[Step] = []
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for c in concurrency:
-        stats = engine.engine_core.engine_core.scheduler.readme_stats
+        stats = in_process_scheduler(engine).readme_stats
         stats.samples.clear()
         for i in range(c):
             engine.add_request(f"{policy}-{c}-{i}", prompts[i % len(prompts)], params)

@@ -17,8 +17,9 @@ The policy is a mixin over vLLM's own scheduler (the pattern of vLLM's
 2. lists the running requests vLLM would consider, with the experts their
    next tokens route to, and lets ``policy.choose`` pick the step;
 3. holds the others back one step the way vLLM's own schedulers do
-   (``request.next_decode_eligible_step = current_step + 2``; never by
-   removing a request from ``running``), then runs vLLM's ``schedule()``,
+   (``request.next_decode_eligible_step = current_step + 2``, through
+   vllm_internals.py; never by removing a request from ``running``), then
+   runs vLLM's ``schedule()``,
    which keeps admission, chunked prefill, preemption, prefix caching and
    the KV budget exactly as they are.
 
@@ -59,16 +60,25 @@ from vllm.v1.request import Request
 from vllm_readme.options import ExpertCacheOptions, SchedulerOptions
 from vllm_readme.scheduler.cost_model import OnlineCostFit, StepCostModel
 from vllm_readme.scheduler.policy import Candidate, HoldBackTracker, choose
+from vllm_readme.vllm_internals import (
+    FreedRequestHook,
+    decode_eligible_step,
+    hold_back,
+    kv_cache_groups,
+    last_token_kv_slots,
+    schedulable_requests,
+    set_decode_eligible_step,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger tree: its handler and level apply
 
 
-class ExpertAwareMixin:
+class ExpertAwareMixin(FreedRequestHook):
     """The policy; mixed into vLLM's ``Scheduler`` or ``AsyncScheduler``."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.readme_options = SchedulerOptions.from_additional_config(self.vllm_config.additional_config)
+        self.readme_options = SchedulerOptions.of(self.vllm_config)
         self.readme_cost_model = self.readme_options.load_cost_model()
         self.readme_held = HoldBackTracker()
         self.readme_stats = SchedulerStatsLog(
@@ -117,7 +127,7 @@ class ExpertAwareMixin:
             cost,
             self.readme_routes.describe(),
         )
-        has_pool = ExpertCacheOptions.from_additional_config(self.vllm_config.additional_config).pool_size() is not None
+        has_pool = ExpertCacheOptions.of(self.vllm_config).pool_size() is not None
         if has_pool or isinstance(self.readme_routes, ModelRouteSource):
             from vllm_readme.experts.plan import PlanWriter, engine_id_of, expected_readers
 
@@ -171,7 +181,7 @@ class ExpertAwareMixin:
             "vllm-readme scheduler: %s failed; scheduling as vLLM does from now on.\n%s", what, traceback.format_exc()
         )
         for request, eligible_step in (marked or {}).items():
-            request.next_decode_eligible_step = eligible_step
+            set_decode_eligible_step(request, eligible_step)
         self.readme_routes = None
 
     # -- requests in and out ---------------------------------------------
@@ -186,10 +196,10 @@ class ExpertAwareMixin:
         self.readme_arrival[request.request_id] = self._readme_arrivals
         self._readme_arrivals += 1
 
-    def _free_request(self, request: Request, *args, **kwargs):
+    def _readme_request_freed(self, request: Request) -> None:
+        """Called by vLLM for every request it frees (FreedRequestHook)."""
         if self.readme_routes is not None:
             self._readme_guarded(self._readme_forget, request.request_id)
-        return super()._free_request(request, *args, **kwargs)
 
     def _readme_forget(self, request_id: str) -> None:
         self.readme_routes.release(request_id)
@@ -250,14 +260,12 @@ class ExpertAwareMixin:
         held = {rid for rid, c in by_id.items() if rid not in chosen and c.experts is not None}
         for request in self.running:
             if request.request_id in held:
-                marked.setdefault(request, request.next_decode_eligible_step)
+                marked.setdefault(request, decode_eligible_step(request))
                 self._readme_hold_back(request)
         return candidates, held
 
     def _readme_hold_back(self, request: Request) -> None:
-        # schedule() advances current_step before it checks, so +2 skips
-        # exactly this step (vLLM's DiffusionAsyncScheduler).
-        request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
+        hold_back(self, request)  # skipped by this step's schedule()
 
     def _readme_policy(self, cost_model: StepCostModel) -> str:
         """The policy for this step: FCFS in the self-check's FCFS windows,
@@ -327,11 +335,8 @@ class ExpertAwareMixin:
 
     def _readme_candidates(self) -> list[Candidate]:
         threshold = self.scheduler_config.long_prefill_token_threshold or self.max_num_scheduled_tokens
-        step = self.current_step + 1  # the step about to be scheduled
         out = []
-        for request in self.running:
-            if step < request.next_decode_eligible_step:
-                continue  # vLLM itself skips it this step
+        for request in schedulable_requests(self):  # vLLM itself skips the others this step
             rid = request.request_id
             remaining = request.num_tokens_with_spec - request.num_computed_tokens
             is_prefill = request.num_computed_tokens < request.num_prompt_tokens
@@ -509,20 +514,7 @@ class ModelRouteSource:
 
     def scheduled(self, scheduler, ran: dict[str, int]) -> None:
         """Note the slot each scheduled request's last token is written to."""
-        slots = {}
-        size = self.block_size
-        # The KV manager's own per-request block list for our group (read,
-        # not copied: get_blocks() would build a KVCacheBlocks per request).
-        blocks_of = scheduler.kv_cache_manager.coordinator.single_type_managers[self.group].req_to_blocks
-        for request_id in ran:
-            request = scheduler.requests.get(request_id)
-            if request is None:
-                continue
-            position = request.num_computed_tokens - 1  # advanced by this step's tokens already
-            blocks = blocks_of.get(request_id) or ()
-            if 0 <= position < len(blocks) * size:
-                slots[blocks[position // size].block_id * size + position % size] = (request_id, position)
-        self.book.expect(slots)
+        self.book.expect(last_token_kv_slots(scheduler, self.group, self.block_size, ran))
 
     def summary(self) -> str:
         """How often a decode's guessed route (its previous token's) was the
@@ -541,9 +533,9 @@ class ModelRouteSource:
 
 def _kv_group_of(kv_cache_config, layer: str) -> tuple[int, int]:
     """(KV cache group, its block size) holding ``layer``."""
-    for index, group in enumerate(kv_cache_config.kv_cache_groups):
-        if layer in group.layer_names:
-            return index, group.kv_cache_spec.block_size
+    for index, (layer_names, block_size) in enumerate(kv_cache_groups(kv_cache_config)):
+        if layer in layer_names:
+            return index, block_size
     raise ValueError(f"route_source=model: no KV cache group holds {layer!r}; use route_source=router.")
 
 
