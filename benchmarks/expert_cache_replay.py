@@ -50,7 +50,9 @@ def exact_belady_loads(steps: list[list[int]], layers: int, experts: int, pages:
     """Page loads a pool of ``pages`` must do on these steps with the whole
     future known (Belady at page level, each layer's pages pinned while it
     runs), counted after the first ``skip`` (warm-up) steps."""
-    from vllm_readme.experts.eviction import NEVER, ExpertPoolModel, make_policy
+    from simulation import ExpertPoolModel  # benchmarks/ is on sys.path when run as a script
+
+    from vllm_readme.experts.eviction import NEVER, make_policy
 
     accesses = []  # (clock, pages)
     for s, step_experts in enumerate(steps):
@@ -87,7 +89,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from vllm_readme.experts.cache import ExpertCache, memory_store
+    from vllm_readme.experts.cache import ExpertCache
+    from vllm_readme.experts.loader import memory_store
     from vllm_readme.options import ExpertCacheOptions
     from vllm_readme.precision import machine_description
 
@@ -178,7 +181,7 @@ def main() -> None:
                     started = time.perf_counter()
                     if cache is not None:
                         cache._end_step()  # noqa: SLF001 - the warm-up's counters end here
-                        cache.total = type(cache.total)()
+                        cache.total.clear()
                 ids = torch.tensor(experts_of_step, device=device)
                 for layer in range(layers):
                     if cache is None:

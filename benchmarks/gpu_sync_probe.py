@@ -1,6 +1,6 @@
 """Which of the expert cache's GPU operations block the host until the device
 has run everything queued (the reason the cache keeps its slot table on the
-host on a GPU; vllm_readme/experts/cache.py). Each operation is timed on the
+host on a GPU; vllm_readme/experts/residency.py). Each operation is timed on the
 host right after ~200 ms of device work was queued: an operation that
 returns in well under a millisecond did not wait.
 

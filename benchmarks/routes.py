@@ -9,7 +9,7 @@ built-in corpus that no refactoring stage saw. Reported:
 * the paper's Table 4 setting: single-stream hit ratio of an expert pool of
   capacity 2..5 under random, LRU, LFU and Belady (exact future; and a
   lookahead of one token, what a decoding server knows);
-* replay of serving (vllm_readme/scheduler/simulator.py): requests of 70
+* replay of serving (benchmarks/simulation.py): requests of 70
   prompt + 128 further tokens of the same text, concurrency 8/32/64, under
   FCFS, the paper's greedy-by-expert and the cost-model policy: unique
   experts per step, tokens per step, held-back steps, and the hit ratio of
@@ -124,8 +124,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from vllm_readme.experts.eviction import EVICTION_POLICIES, single_stream_hit_ratio
-    from vllm_readme.scheduler.simulator import TraceRequest, simulate
+    from simulation import (  # benchmarks/ is on sys.path when run as a script
+        TraceRequest,
+        simulate,
+        single_stream_hit_ratio,
+    )
+
+    from vllm_readme.experts.eviction import EVICTION_POLICIES
 
     num_experts = json.loads((args.readme / "config.json").read_text())["num_experts"]
     blocks = record_routes(args.readme, args.tokens, text=args.text)
@@ -199,9 +204,10 @@ def co_planning(requests, num_experts: int, cost_file: Path, load_ms: float | No
     the expert-aware policies + Belady over the known future."""
     import dataclasses
 
+    from simulation import simulate
+
     from vllm_readme.scheduler.cost_model import StepCostModel
     from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL
-    from vllm_readme.scheduler.simulator import simulate
 
     model = StepCostModel.load(cost_file) if cost_file.is_file() else DEFAULT_COST_MODEL
     if load_ms is None:
@@ -262,9 +268,10 @@ def expert_cost_sweep(requests, cost_file: Path) -> dict:
     "When grouping pays")."""
     import dataclasses
 
+    from simulation import simulate
+
     from vllm_readme.scheduler.cost_model import StepCostModel
     from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL
-    from vllm_readme.scheduler.simulator import simulate
 
     calibrated = StepCostModel.load(cost_file) if cost_file.is_file() else DEFAULT_COST_MODEL
     out = {"cost_model": dataclasses.asdict(calibrated), "concurrency": {}}

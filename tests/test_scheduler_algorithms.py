@@ -1,15 +1,32 @@
 """The scheduling and eviction algorithms on plain data (milliseconds, no
 engine): policies, the fairness bound, the cost model, eviction, replay."""
 
+import importlib.util
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
-from vllm_readme.experts.eviction import ExpertPoolModel, make_policy, single_stream_hit_ratio
+from vllm_readme.experts.eviction import make_policy
 from vllm_readme.scheduler.cost_model import StepCostModel
 from vllm_readme.scheduler.model_routes import ModelRouteBook
 from vllm_readme.scheduler.policy import POLICIES, Candidate, choose
-from vllm_readme.scheduler.simulator import TraceRequest, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up while it is made
+    spec.loader.exec_module(module)
+    return module
+
+
+simulation = _benchmark_module("simulation")
+ExpertPoolModel, TraceRequest = simulation.ExpertPoolModel, simulation.TraceRequest
+simulate, single_stream_hit_ratio = simulation.simulate, simulation.single_stream_hit_ratio
 
 
 def decodes(experts: list[int]) -> list[Candidate]:

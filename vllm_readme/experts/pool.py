@@ -9,7 +9,7 @@ impossible, not unlikely; a loading page is never evicted either, since its
 slot is being written. ``check()`` states the invariants (the property test
 drives them through a long random workload).
 
-Plain Python: no vLLM, no torch. The tensors live in experts/cache.py.
+Plain Python: no vLLM, no torch. The tensors live in experts/loader.py.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def pack_expert_page(
     ``w2 [H, Ip]``; then the kernel's prepacking. ``w13_like``/``w2_like``
     are FusedMoE's prepacked ``[E, ...]`` weights (shapes and dtype). The
     expert cache checks one page against FusedMoE's own at start-up
-    (experts/cache.py), so a layout change in vLLM fails loudly."""
+    (experts/loader.py), so a layout change in vLLM fails loudly."""
     padded = w13_like.shape[1] // 2
     channels = gate.shape[0]
     w13 = w13_like.new_zeros((1, *w13_like.shape[1:]))

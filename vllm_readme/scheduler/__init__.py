@@ -1,9 +1,9 @@
 """Expert-aware scheduling (paper §4.2, Algorithm 1).
 
-Plain-Python algorithms (``policy``, ``cost_model``, ``simulator``,
-``options``: no vLLM, no torch), the router copy that knows routes ahead
-(``routes_ahead``, torch) and the vLLM scheduler classes, imported on first
-use so that the plain parts stay importable without vLLM::
+Plain-Python algorithms (``policy``, ``cost_model``: no vLLM, no torch;
+benchmarks/simulation.py replays them offline), the router copy that knows
+routes ahead (``routes_ahead``, torch) and the vLLM scheduler classes,
+imported on first use so that the plain parts stay importable without vLLM::
 
     --scheduler-cls vllm_readme.scheduler.ExpertAwareScheduler
     --scheduler-cls vllm_readme.scheduler.ExpertAwareAsyncScheduler

@@ -1,4 +1,6 @@
-"""Trace-driven replay of scheduling policies, with an optional expert pool.
+"""Trace-driven replay of scheduling policies and expert pools, for the
+benchmarks (benchmarks/routes.py, benchmarks/expert_cache_replay.py) and
+tests/test_scheduler_algorithms.py; the engine runs none of it.
 
 Route traces (the expert of every prompt token and of every generated token
 that is fed back, recorded from the real model on real text) plus arrival
@@ -13,17 +15,93 @@ What a server can know of the future (for Belady): the routes of prompt
 tokens not yet run, and for a decoding request only its next token's route
 (``future="known"``); ``future="exact"`` uses the whole trace (the bound).
 
-Plain Python: no vLLM, no torch.
+``ExpertPoolModel`` is a pool of slots as a replay sees it, and
+``single_stream_hit_ratio`` the paper's Table 4 setting (one token at a
+time). Plain Python over the package's policies (vllm_readme/experts/eviction.py,
+vllm_readme/scheduler/policy.py, cost_model.py): no vLLM, no torch. Import it
+as ``simulation`` with benchmarks/ on ``sys.path`` (a script here has it).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import statistics
+from collections.abc import Iterable
 
-from vllm_readme.experts.eviction import NEVER, ExpertPoolModel, make_policy
+from vllm_readme.experts.eviction import BELADY_DECAY, NEVER, EvictionPolicy, make_policy
 from vllm_readme.scheduler.cost_model import StepCostModel
 from vllm_readme.scheduler.policy import DEFAULT_COST_MODEL, Candidate, HoldBackTracker, choose
+
+
+class ExpertPoolModel:
+    """A pool of ``capacity`` expert slots, as a replay sees it: which
+    experts are resident, hits and misses per access."""
+
+    def __init__(self, capacity: int, policy: EvictionPolicy):
+        if capacity < 1:
+            raise ValueError(f"expert pool capacity must be >= 1, got {capacity}.")
+        self.capacity = capacity
+        self.policy = policy
+        self.resident: set[int] = set()
+        self.hits = 0
+        self.misses = 0
+
+    def access(self, experts: Iterable[int], step: int) -> int:
+        """One step needs ``experts`` (all pinned for the step); returns the
+        number of loads (misses)."""
+        needed = set(experts)
+        if len(needed) > self.capacity:
+            raise ValueError(
+                f"a step needs {len(needed)} distinct experts but the pool holds {self.capacity}; "
+                f"the pool must hold at least {len(needed)}."
+            )
+        loads = 0
+        for expert in sorted(needed):
+            if expert in self.resident:
+                self.hits += 1
+            else:
+                self.misses += 1
+                loads += 1
+                if len(self.resident) >= self.capacity:
+                    out = self.policy.victim(self.resident, needed, step)
+                    self.resident.discard(out)
+                    self.policy.forget(out)
+                self.resident.add(expert)
+            self.policy.touch(expert, step)
+        return loads
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def single_stream_hit_ratio(
+    routes: list[int], capacity: int, policy: str, lookahead: int | None = None, decay: float | None = None
+) -> float:
+    """The paper's Table 4 setting: one token at a time, one expert for all
+    layers. ``lookahead``: how many future routes Belady may see (None =
+    all of them, the exact-future bound); ``decay``: Belady's tie-break
+    decay (default BELADY_DECAY; 0 breaks ties by recency alone)."""
+    positions: dict[int, list[int]] = {}
+    for i, e in enumerate(routes):
+        positions.setdefault(e, []).append(i)
+
+    def next_use(expert: int, step: int) -> float:
+        uses = positions.get(expert, [])
+        k = bisect.bisect_right(uses, step)
+        if k == len(uses):
+            return NEVER
+        if lookahead is not None and uses[k] - step > lookahead:
+            return NEVER
+        return uses[k]
+
+    chosen = make_policy(policy, next_use, decay=BELADY_DECAY if decay is None else decay)
+    pool = ExpertPoolModel(capacity, chosen)
+    for step, expert in enumerate(routes):
+        pool.access([expert], step)
+    return pool.hit_ratio
 
 
 @dataclasses.dataclass
