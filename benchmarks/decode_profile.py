@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Where a decode step's time goes, on the engine as served (torch.compile on).
 
 For each model and batch size: one in-process engine, a warm-up, then the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Would a data-parallel load balancer that sends each new request to the
 rank already running its expert lower the distinct experts per step,
 against vLLM's own balancing? Replayed offline on real routes.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The bound for the expert cache's serving figures: the best throughput any
 eviction policy with any prefetch could reach at each pool size, given the
 page loads that the routes force (docs/expert_cache.md, "The bound").

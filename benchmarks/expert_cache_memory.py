@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Resident memory of a serving process with every expert resident, and with
 the expert pool at a fraction of the pages, so that what a pool saves is
 reported against all-resident.

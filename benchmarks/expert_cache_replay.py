@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The expert cache itself (vllm_readme/experts/cache.py) driven by real
 routes, with experts of a chosen size: what each pool size and policy costs
 in throughput, against all-resident and against the bound.

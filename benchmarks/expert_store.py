@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What one expert page costs to bring into the pool, and the bound it sets.
 
 For a Read-ME checkpoint: bytes of one page (one expert of one layer) and of

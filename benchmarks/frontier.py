@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The refactoring frontier: quality, speed and memory of Read-ME builds of
 one dense model over a grid of options, to choose the default from.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which of the expert cache's GPU operations block the host until the device
 has run everything queued (the reason the cache keeps its slot table on the
 host on a GPU; vllm_readme/experts/residency.py). Each operation is timed on the

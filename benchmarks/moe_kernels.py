@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which kernel should compute a Read-ME MLP on CPU? One layer of SmolLM2's
 shapes (hidden 576; by default 640 shared channels and 8 experts of 128,
 decode.py's synthetic model; --shared/--experts for others), timed per layer

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Refactor SmolLM2-135M-Instruct with the default options (cached in
 models/smollm2-readme) and publish its report under benchmarks/results/.
 

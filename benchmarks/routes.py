@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the routes of a Read-ME model allow a scheduler and an expert cache
 to gain, replayed offline in seconds (paper §4.2-4.3).
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The scheduler's router copy (vllm_readme/scheduler/routes_ahead.py): what
 it costs per engine step and how often it agrees with the model's routes.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """How long the expert-aware scheduler's own work takes per step, at 32,
 256 and 1024 running requests.
 

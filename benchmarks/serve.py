@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Serving benchmark: the plugin serving Read-ME against stock vLLM serving
 the dense model, through the OpenAI server, measured the way users serve
 (docs/serving_benchmark.md).

@@ -1,6 +1,7 @@
+# SPDX-License-Identifier: Apache-2.0
 """Trace-driven replay of scheduling policies and expert pools, for the
 benchmarks (benchmarks/routes.py, benchmarks/expert_cache_replay.py) and
-tests/test_scheduler_algorithms.py; the engine runs none of it.
+tests/scheduler/test_scheduler_algorithms.py; the engine runs none of it.
 
 Route traces (the expert of every prompt token and of every generated token
 that is fed back, recorded from the real model on real text) plus arrival

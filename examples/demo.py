@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`make demo`: build the default Read-ME model, generate with vllm.LLM, then
 serve it with `vllm-readme serve` and ask it through the OpenAI client.
 

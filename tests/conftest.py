@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Shared fixtures: tiny Read-ME checkpoints built here (nothing downloaded),
 in-process vLLM engines, and the reference model as oracle."""
 

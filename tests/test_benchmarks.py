@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The benchmarks run in CI only as smoke tests on tiny models: they must
 start, measure and write their files; their numbers are not checked here."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The plugin's options (vllm_readme/options.py): every bad value is refused
 at start-up, before any weight loads, with a message that names the field
 (or the environment variable), the value and what it accepts; fuzzed, the

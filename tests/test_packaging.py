@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The package as a user installs it: the wheel built from this tree, in a
 fresh virtual environment outside the repository, serving a tiny model.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """vllm-readme: serve router-decoupled Mixture-of-Experts (Read-ME) models in vLLM.
 
 Importing the package registers the Read-ME format with transformers' Auto

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``vllm-readme``: the plugin's command line.
 
 ``vllm-readme serve MODEL [vLLM options]`` is vLLM's own ``vllm serve`` (same

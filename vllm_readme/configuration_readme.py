@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The Read-ME checkpoint format: one config class, no engine.
 
 A Read-ME checkpoint is a Llama checkpoint whose MLPs were split into an

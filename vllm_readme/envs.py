@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The environment variables the plugin reads, in one place (as vLLM's
 ``vllm/envs.py``).
 

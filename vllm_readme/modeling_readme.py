@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Reference PyTorch/transformers implementation of the Read-ME format.
 
 The oracle for vLLM's numerics and the model the refactoring pipeline trains.

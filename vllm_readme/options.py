@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The plugin's serving options, the way vLLM hands options to plugins.
 
 One key of ours in ``--additional-config`` / ``LLM(additional_config=...)``

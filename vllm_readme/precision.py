@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Precision and device chosen from the hardware, never assumed.
 
 bf16 pays only where the hardware computes it: a GPU with bf16 units, or a

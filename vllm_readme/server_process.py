@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Run `vllm-readme serve` as a child process: the demo, the tests and the
 serving benchmark start their servers the same way (local only, 127.0.0.1).
 """

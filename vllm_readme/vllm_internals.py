@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Every vLLM internal the plugin reads, in one place.
 
 vLLM's plugin interfaces (``ModelRegistry``, the layers a model is built
@@ -9,7 +10,7 @@ raw kernel) is read by one of the small functions below, and nowhere else.
 
 ``REQUIRED`` lists each internal with the adapters that read it, as read
 from vLLM 0.32.0 (``VLLM_VERSION``); docs/design.md ("vLLM internals the
-plugin reads") prints the same table, and tests/test_vllm_internals.py
+plugin reads") prints the same table, and tests/model/test_vllm_internals.py
 checks each entry against the installed vLLM, so an upgrade that moves one
 fails there by name. Each adapter imports vLLM when it is called, never
 when this module is imported: plain-Python modules (model_executor/metrics.py,

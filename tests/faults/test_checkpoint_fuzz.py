@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Every checkpoint reader under random, truncated and mutated input: it
 returns a value or raises ReadMEConfigError (whose subclasses name the file),
 never another exception. Inputs: config.json, a safetensors header, the

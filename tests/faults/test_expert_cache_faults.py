@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Faults around the expert cache's files, injected for real: a disk that
 fills while the page file is written, a start killed mid-write, two writers
 in one folder, reads that fail or files that change under a running engine,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The plan file between the expert-aware scheduler and the workers
 (experts/plan.py) under faults: engines starting at once, a name already
 taken (a stale file of another user, a directory), a folder that cannot hold

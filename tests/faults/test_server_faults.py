@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The whole plugin on at once under load and bad input: `vllm-readme serve`
 with the expert-aware scheduler and an expert pool of half the pages, 64
 streaming clients at once while malformed requests arrive among them.

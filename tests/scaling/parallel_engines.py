@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """vLLM engines split over processes, as users start them: a script that
 builds ``vllm.LLM`` with the parallel sizes given and prints each prompt's
 greedy tokens and their logprobs, run as its own process (vLLM spawns its

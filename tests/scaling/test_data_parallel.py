@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Data parallelism: `vllm-readme serve --data-parallel-size 2` runs two
 engines, each with its own scheduler, worker and expert cache, behind vLLM's
 load balancer. Every completion equals the reference's greedy tokens

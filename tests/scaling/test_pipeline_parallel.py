@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Pipeline parallelism (SupportsPP): a Read-ME model split into stages gives
 the reference's greedy tokens and logprobs, with every expert resident and
 with each stage's expert cache at half its pages, under vLLM's scheduler and

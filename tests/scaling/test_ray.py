@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Multi-node serving through vLLM's Ray executor
 (``distributed_executor_backend="ray"``): a Read-ME model split into two
 pipeline stages over a Ray cluster of two nodes, one stage a node, gives the

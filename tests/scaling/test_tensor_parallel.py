@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tensor parallelism is not ruled out: TP=2 on CPU (one core per rank)
 gives the reference's greedy tokens and logprobs, also with the expert
 cache at half the pages (each rank pools and loads its own shard of every

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Making and checking Read-ME checkpoints (docs/design.md, "Checkpoint
 format"): save, validate, build a tiny random one for tests, import the
 authors' layout."""

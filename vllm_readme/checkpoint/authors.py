@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Import what the Read-ME authors' code writes into our format
 (docs/authors_checkpoint.md; ours: docs/design.md, "Checkpoint format").
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Dense MLP + channel masks -> Read-ME's shared/expert layout
 (docs/design.md, "Checkpoint format").
 

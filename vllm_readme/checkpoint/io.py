@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Save and validate Read-ME checkpoint folders without any serving engine."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tiny random Read-ME checkpoints with a locally trained tokenizer.
 
 Tests and examples build what they need here; nothing is downloaded. The

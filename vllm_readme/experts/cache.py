@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The paged expert cache inside the model (paper §4.3; docs/expert_cache.md).
 
 A pool of ``P`` expert slots allocated once after loading, shared by every
@@ -47,7 +48,7 @@ from vllm_readme.experts.store import DiskExpertStore, MemoryExpertStore, PageFi
 from vllm_readme.options import ExpertCacheOptions
 
 # This module imports no vLLM: the cache's mechanics (pool, stores, streams)
-# run and are tested with torch alone, on a GPU too (tests/test_gpu.py); the
+# run and are tested with torch alone, on a GPU too (tests/model/test_gpu.py); the
 # custom op that calls it from the model lives in model_executor/expert_op.py.
 
 # The custom op finds its cache by id; weak, so an engine torn down in-process

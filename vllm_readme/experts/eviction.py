@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which resident expert to evict when a slot is needed (paper §4.3).
 
 One interface, four policies. Belady evicts the expert whose next use is

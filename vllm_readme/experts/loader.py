@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Reading expert pages into the expert cache's slots (paper §4.3;
 docs/expert_cache.md): the pool's memory, the backing store and the second
 source of a page the store fails to read, loads on demand and on the

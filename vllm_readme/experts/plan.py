@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Scheduler <-> expert cache: the experts the next step is expected to need,
 and which experts are resident.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The bookkeeping of a pool of expert slots (paper §4.3): which page holds
 which slot, which slots are free, which pages a computation pins.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which expert page sits in which slot of the expert cache's pool, and which
 page leaves when a slot is needed (paper §4.3; docs/expert_cache.md).
 

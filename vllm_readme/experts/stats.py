@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The expert cache's figures (docs/expert_cache.md): per step and in total,
 the pages the layers found resident, loaded on demand or ahead, the bytes
 loaded and the time the layers waited; two running means that the

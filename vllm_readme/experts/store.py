@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Where experts that are not in the pool live (docs/expert_cache.md).
 
 * ``PageFileStore`` (``backing_store: disk``, the default on CPU): every page

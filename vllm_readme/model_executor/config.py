@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Start-up checks of a Read-ME model against how vLLM will serve it.
 
 vLLM runs a per-architecture ``verify_and_update_config`` hook while it

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The custom op through which the model asks the expert cache for a layer's
 slots (experts/cache.py): ``torch.ops.vllm.readme_expert_slots(expert_ids,
 hidden_states, cache_id, layer)``. torch.compile keeps it as one opaque call;

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """How the routed experts of a Read-ME layer are computed (docs/design.md,
 "Inside vLLM").
 
@@ -24,8 +25,8 @@ forces FusedMoE everywhere (for comparisons); the default is ``auto``
 What the direct path reads of FusedMoE beyond its constructor and forward
 (the runner's ``routed_experts`` weights, the kernel FusedMoE chose, the
 raw op and its prepacking) is read through vllm_internals.py, the one
-module that touches vLLM's internals; tests/test_vllm_internals.py fails if
-an upgrade moves one, and tests/test_vllm_model.py if the CPU build then
+module that touches vLLM's internals; tests/model/test_vllm_internals.py fails if
+an upgrade moves one, and tests/model/test_vllm_model.py if the CPU build then
 falls back to FusedMoE.
 """
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What the routes of each engine step look like, as Prometheus metrics.
 
 Read-ME's serving argument (paper §4) is about how many distinct experts a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Read-ME in vLLM: decoupled router + Llama backbone with shared/routed MLPs.
 
 Top-down as vLLM's mixtral.py: MoE -> Attention -> DecoderLayer -> Router ->

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The model's own routes, handed to the expert-aware scheduler.
 
 With ``route_source: "model"`` (options.py) the scheduler runs no router of

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Refactoring a dense Llama-family LLM into a Read-ME MoE (paper §3).
 
 Stages, each cached under ``OUT/.refactor/`` so an interrupted build resumes:

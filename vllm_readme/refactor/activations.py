@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Statistics of the MLP's inner activation: the input of ``down_proj``,
 ``act(gate(x)) * up(x)``, whose magnitude says which channels a token uses."""
 

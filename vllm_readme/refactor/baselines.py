@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Baselines tuned with the same tokens as the Read-ME model.
 
 Expert tuning also adapts the model to the calibration domain; comparing a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The Brown Corpus as calibration and held-out English text, offline.
 
 The Brown Corpus (Francis and Kucera, Brown University, 1964; revised 1971

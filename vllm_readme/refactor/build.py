@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Assemble a Read-ME model from a dense Llama, an expert layout and a router."""
 
 from __future__ import annotations

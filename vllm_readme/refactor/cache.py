@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Cache keys of the refactoring stages, and the build's stage results under
 ``OUT/.refactor/``.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Calibration and held-out text, available without a model hub.
 
 Built-in sources (real English text that Python and installed packages ship):

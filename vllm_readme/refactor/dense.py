@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Load the dense model to refactor: an HF folder or a GGUF file."""
 
 from __future__ import annotations

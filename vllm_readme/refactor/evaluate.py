@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Evaluation: perplexity of the dense model, the Read-ME MoE and a dense
 model pruned to the same active MLP size (the paper's comparison), plus
 routing statistics; written as JSON and a PNG."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Expert masks from activation sparsity (paper §3.1) and per-token targets.
 
 A mask keeps ``keep`` channels of a layer's MLP. Expert e of layer l is the

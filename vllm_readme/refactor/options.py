@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The options of a `vllm-readme refactor` build: one dataclass, whose
 fields with a help text are also the command's options (cli.py)."""
 

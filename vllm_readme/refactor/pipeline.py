@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``vllm-readme refactor``: dense Llama -> Read-ME checkpoint, stage by stage.
 
 Every stage's result is cached under ``OUT/.refactor/`` with the options it

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The decoupled router: initialisation and distillation (paper §3.2).
 
 Targets come from the dense model: for every token, the expert whose mask

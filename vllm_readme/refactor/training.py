@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A small resumable training loop shared by the router and tuning stages.
 
 Batches are a pure function of (seed, step), and model, optimizer and step

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Expert tuning (paper §3.2, expert stage): the router is frozen and the
 backbone learns through the routed MLPs, with the LM loss (the paper's) or
 by distillation from the dense model (KL to its next-token distribution:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Expert-aware scheduling (paper §4.2, Algorithm 1).
 
 Plain-Python algorithms (``policy``, ``cost_model``: no vLLM, no torch;

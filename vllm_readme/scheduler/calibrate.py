@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """``vllm-readme calibrate``: measure a machine's step-cost model.
 
 Runs a Read-ME model in a real vLLM engine under the expert-aware scheduler

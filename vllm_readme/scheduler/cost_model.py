@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """How long an engine step takes, from what it runs (paper §4.2).
 
 A Read-ME step reads the shared weights once, every *distinct* routed expert

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Routes ahead from the model itself (``route_source: "model"``).
 
 The model publishes, after every forward, the route it computed for the

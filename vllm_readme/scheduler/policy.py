@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Which runnable requests run in the next engine step (paper §4.2).
 
 Every candidate carries the experts its next tokens route to (Read-ME's

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Routes ahead: a copy of the checkpoint's router next to the scheduler.
 
 Read-ME's router reads token ids only, so the scheduler can know a token's

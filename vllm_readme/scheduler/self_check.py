@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Does holding requests back pay on this engine? Measured, by taking turns.
 
 The policies decide one step at a time from a step-cost model. Whether that

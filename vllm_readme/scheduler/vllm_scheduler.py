@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The expert-aware scheduler inside vLLM's engine (paper §4.2).
 
 Select it with ``--scheduler-cls``::

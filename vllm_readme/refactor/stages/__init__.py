@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The stages of a refactoring build, in the order pipeline.py runs them.
 
 - ``inputs``: the dense model, the calibration text and the held-out blocks;

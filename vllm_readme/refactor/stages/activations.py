@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Activation statistics of the calibration text, per domain; shared
 between builds with the same inputs through ``--stats-cache`` (the builds
 of a frontier grid make them once)."""

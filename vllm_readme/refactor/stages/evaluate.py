@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The evaluation stage: perplexity of the dense model, the pruned dense
 model of the same active size and Read-ME, in and out of domain; routing
 statistics; the chat check; the report (evaluate.py holds the measures)."""

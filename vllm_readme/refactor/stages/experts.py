@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The experts stage: per-layer channel masks of the experts, and the
 shared part every expert keeps (paper §3; experts.py holds the cuts)."""
 

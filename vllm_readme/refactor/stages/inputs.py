@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What every stage reads: the dense model, the calibration text and the
 held-out blocks, loaded once per build."""
 

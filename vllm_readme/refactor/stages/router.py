@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The router stage: the decoupled router, initialised from the backbone's
 token embedding and distilled to predict the expert whose mask best covers
 each token (paper Eq. 4; router.py holds the model and its training)."""

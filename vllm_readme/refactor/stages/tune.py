@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The tuning stage: the backbone tuned through the routed MLPs, router
 frozen, bounded by a token budget (tune.py holds the training). The tuned
 baselines (stages/evaluate.py) train on the same blocks and schedule."""

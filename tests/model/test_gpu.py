@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """What runs on a CUDA GPU without vLLM: the expert cache's GPU mechanics
 (pool on the device, pinned host store, loads on a copy stream ordered by
 events) and the refactoring pipeline on ``--device cuda``.

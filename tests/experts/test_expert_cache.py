@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The paged expert cache: pool bookkeeping (plain Python, property test) and
 the pool inside real in-process vLLM engines (greedy outputs identical at
 every pool size and policy, the start-up refusal, bad options)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The checkpoint format: config round trip, Auto classes, validation."""
 
 import pytest

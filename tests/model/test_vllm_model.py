@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """vLLM's ReadMEForCausalLM against the reference (docs/design.md, invariants
 1 and 2): logprobs in fp32, greedy tokens, and the KV-cached router."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Bad checkpoints fail at start-up with one clear message (docs/design.md,
 invariant 5)."""
 

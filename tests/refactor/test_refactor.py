@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`vllm-readme refactor` on a tiny dense Llama: the whole pipeline, the
 masks, the router's training, resume, and bad input."""
 

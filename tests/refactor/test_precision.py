@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Precision and device come from the hardware: bf16 only where it is native
 (a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere; explicit
 choices override; bad values fail with the fix; the refactor stage cache

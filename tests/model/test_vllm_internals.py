@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Every vLLM internal the plugin reads is still where vllm_readme/vllm_internals.py
 reads it, with the parameters the plugin passes. The list is the adapter's own
 ``REQUIRED`` table, so an upgrade that moves a private method, an attribute or

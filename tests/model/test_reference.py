@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The reference implementation: causal router, KV-cached generation equal to
 full recompute, the MoE equal to its dense-with-mask definition."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The Read-ME authors' checkpoint layout, and their forward, for tests.
 
 ``write_authors_checkpoint`` lays a tiny random checkpoint out the way the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Reading the Brown Corpus in its tagged npm layout (no network: a sample
 laid out the way the package lays it out)."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The served Read-ME model under load and bad input, at CI scale:
 many concurrent streaming clients, clients that vanish mid-stream, malformed
 requests, SIGTERM. Stock vLLM handles these; the tests make sure the

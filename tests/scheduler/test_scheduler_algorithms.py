@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The scheduling and eviction algorithms on plain data (milliseconds, no
 engine): policies, the fairness bound, the cost model, eviction, replay."""
 
@@ -13,7 +14,7 @@ from vllm_readme.scheduler.cost_model import StepCostModel
 from vllm_readme.scheduler.model_routes import ModelRouteBook
 from vllm_readme.scheduler.policy import POLICIES, Candidate, choose
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _benchmark_module(name: str):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """The expert-aware scheduler in a real vLLM engine (tiny Read-ME model).
 
 One workload for every policy: prompts of different lengths, more arriving

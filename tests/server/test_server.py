@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """`vllm-readme serve` (vLLM's own `vllm serve`) as a real multi-process
 OpenAI server, queried with the `openai` client."""
 

@@ -1,6 +1,7 @@
+# SPDX-License-Identifier: Apache-2.0
 """`vllm-readme import` on checkpoints laid out as the authors' code writes
 them: vLLM on the imported model against an independent
-implementation of the authors' forward (tests/authors_layout.py)."""
+implementation of the authors' forward (tests/checkpoint/authors_layout.py)."""
 
 import json
 import re

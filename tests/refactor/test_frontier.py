@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """benchmarks/frontier.py's judgement of each point against its per-point
 targets (``TARGETS``, the table the default was chosen from), on rows
 given here."""
@@ -5,7 +6,7 @@ given here."""
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _frontier_module():

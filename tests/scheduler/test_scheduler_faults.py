@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Nothing the expert-aware scheduler adds may take the engine down, stall
 it, or make its default slower than vLLM's own order.
 
