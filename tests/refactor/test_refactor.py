@@ -73,6 +73,12 @@ def test_pipeline_end_to_end_serves_in_vllm(tiny_build):
     assert list(result.outputs[0].token_ids) == ids[len(result.prompt_token_ids) :]
 
 
+def test_a_second_evaluation_reuses_every_stage_and_gives_the_same_perplexities(tiny_dense, tiny_build):
+    out, first = tiny_build
+    again = refactor(RefactorOptions(out=out, dense=tiny_dense, tuned_baselines=True, **TINY))
+    assert again["perplexity"] == pytest.approx(first["perplexity"])
+
+
 @NEEDS_BROWN
 def test_out_of_domain_perplexity_is_measured_on_brown_prose_no_stage_saw(tiny_build):
     ood = tiny_build[1]["out_of_domain"]

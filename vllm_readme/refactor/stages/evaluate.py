@@ -112,8 +112,9 @@ class Evaluation:
         from vllm_readme.refactor.baselines import tune_dense
 
         cache = self.cache
-        path = cache.path("baselines.json")
-        if cache.reusable("baselines", "baselines.json"):
+        # The perplexities, beside the stage's key file (baselines.json).
+        path = cache.path("baselines_perplexity.json")
+        if cache.reusable("baselines", path.name):
             return json.loads(path.read_text())
         t = time.time()
         blocks, settings = self.tuning.tuning_run(dense)
