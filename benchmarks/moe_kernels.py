@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which kernel should compute a Read-ME MLP on CPU? One layer of SmolLM2's
-shapes (hidden 576; by default 640 shared channels and 8 experts of 128,
-decode.py's synthetic model; --shared/--experts for others), timed per layer
+shapes (hidden 576; by default the default build's 1280 shared channels
+and 4 experts of 64; --shared/--experts/--expert-channels for others), timed per layer
 over 30 layers' worth of distinct weights with the caches flushed between
 repetitions, so every weight comes from DRAM as in a real decode step.
 
@@ -15,13 +15,11 @@ Routed experts (top-1, random routes):
 Shared part: shared_onednn, two oneDNN GEMMs (the plugin's shared MLP).
 Fusion: fused_shared_as_experts, the shared part cut into expert-sized
 "experts" every token uses plus its own expert, one grouped-GEMM call (with
-640 shared channels and experts of 128: five chunks, top-6).
+1280 shared channels and experts of 64: 20 chunks, top-21).
 Reference: dense_mlp_onednn, SmolLM2's dense 1536-channel MLP.
 
     python benchmarks/moe_kernels.py [--dtype auto|bfloat16|float32]
-    python benchmarks/moe_kernels.py --shared 1280 --experts 4 --expert-channels 64   # the default build's shape
-    python benchmarks/moe_kernels.py --shared 1024 --experts 4 \
-        --out benchmarks/results/moe_kernels_default.json   # the 4 x 128 build's shape (that file)
+    python benchmarks/moe_kernels.py --shared 1024 --experts 8 --expert-channels 64   # another shape
 
 The default dtype is the machine's native one (vllm_readme/precision.py):
 bf16 on a CPU with AVX512-BF16/AMX, fp32 elsewhere, where bf16 is emulated.
@@ -38,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 H, ID, LAYERS = 576, 1536, 30  # SmolLM2's hidden size, dense MLP channels, layers
-SHAPE = {"shared": 640, "experts": 8, "expert_channels": 128}  # the shapes of decode.py's synthetic model
+SHAPE = {"shared": 1280, "experts": 4, "expert_channels": 64}  # the default build's
 
 
 def main() -> None:
@@ -51,13 +49,13 @@ def main() -> None:
         choices=["auto", "bfloat16", "float32"],
         help="auto (default): bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32",
     )
-    parser.add_argument("--shared", type=int, default=SHAPE["shared"], help="shared channels (the default build: 1280)")
-    parser.add_argument("--experts", type=int, default=SHAPE["experts"], help="routed experts (the default build: 4)")
+    parser.add_argument("--shared", type=int, default=SHAPE["shared"], help="shared channels (default %(default)s)")
+    parser.add_argument("--experts", type=int, default=SHAPE["experts"], help="routed experts (default %(default)s)")
     parser.add_argument(
         "--expert-channels",
         type=int,
         default=SHAPE["expert_channels"],
-        help="channels per routed expert (the default build: 64)",
+        help="channels per routed expert (default %(default)s)",
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=10)

@@ -10,8 +10,8 @@
   the ModelRouteSource of scheduler/vllm_scheduler.py): the model's side
   publishing one route per request into the plan file, the scheduler's
   side reading it, matching slots to requests and noting the slots of the
-  next step (block tables as vLLM's KVCacheBlocks of real KVCacheBlock
-  objects, 16-token blocks, 256 tokens of context). What the router copy
+  next step (block lists of real KVCacheBlock objects, as vLLM's KV
+  manager keeps them, 16-token blocks, 256 tokens of context). What the router copy
   costs instead is measured by benchmarks/routes_ahead.py.
 
 Median of repeats. Writes benchmarks/results/scheduler_policy.json.
@@ -52,7 +52,6 @@ def model_routes_step_ms(n: int, repeats: int) -> dict:
     import struct
     import types
 
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
     from vllm_readme.experts.plan import PlanReader, PlanWriter
@@ -61,12 +60,13 @@ def model_routes_step_ms(n: int, repeats: int) -> dict:
     block, context = 16, 256
     tables = {f"r{i}": [KVCacheBlock(i * 64 + b) for b in range(context // block + 1)] for i in range(n)}
 
-    class Manager:  # what ModelRouteSource reads: the request's blocks per KV cache group
-        def get_blocks(self, request_id):
-            return KVCacheBlocks((tables[request_id],))
-
+    # What ModelRouteSource reads (vllm_internals.last_token_kv_slots): the
+    # KV manager's block lists per request of each KV cache group.
+    manager = types.SimpleNamespace(
+        coordinator=types.SimpleNamespace(single_type_managers=[types.SimpleNamespace(req_to_blocks=tables)])
+    )
     requests = {rid: types.SimpleNamespace(num_computed_tokens=context, request_id=rid) for rid in tables}
-    scheduler = types.SimpleNamespace(kv_cache_manager=Manager(), requests=requests)
+    scheduler = types.SimpleNamespace(kv_cache_manager=manager, requests=requests)
     config = types.SimpleNamespace(
         kv_cache_groups=[
             types.SimpleNamespace(

@@ -466,24 +466,27 @@ PRESETS = {
             for n in (1, 2)
         ],
     },
+    # The expert cache on the default build: half of the (layer, expert)
+    # pages in memory against every expert resident (the same model and
+    # server without a pool); what Belady + prefetch and the expert-aware
+    # scheduler add over LRU on demand; and a quarter of the pages.
     "expert-cache": {
         "datasets": ["random"],
         "concurrency": [1, 32],
         "rate_fractions": [],
+        "no_dense": True,
         "out": RESULTS / "serve_expert_cache.json",
+        "rounds": 2,
         # Many servers compiling at once on a few cores can outlast the
         # start-up timeout; every engine runs eager alike.
         "common_args": "--enforce-eager",
         "engine": [
-            _pool_engine("pool 75%, Belady + prefetch", {"expert_pool": "75%"}),
+            _pool_engine("pool 50%, LRU on demand", {"expert_pool": "50%", "eviction": "lru", "prefetch": False}),
             _pool_engine("pool 50%, Belady + prefetch", {"expert_pool": "50%"}),
-            _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
-            _pool_engine("pool 25%, LRU on demand", {"expert_pool": "25%", "eviction": "lru", "prefetch": False}),
             _pool_engine(
-                "pool 25%, expert-aware scheduler + Belady + prefetch",
-                {"expert_pool": "25%"},
-                SCHEDULER_CLS,
+                "pool 50%, expert-aware scheduler + Belady + prefetch", {"expert_pool": "50%"}, SCHEDULER_CLS
             ),
+            _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
         ],
     },
 }
