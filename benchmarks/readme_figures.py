@@ -61,8 +61,10 @@ FIGURES: list[Figure] = [
         "quality",
         "{:.2f}x",
         "refactor_smollm2.json",
-        lambda d: d["out_of_domain"]["perplexity"]["pruned dense (same active size)"]
-        / d["out_of_domain"]["perplexity"]["dense"],
+        lambda d: (
+            d["out_of_domain"]["perplexity"]["pruned dense (same active size)"]
+            / d["out_of_domain"]["perplexity"]["dense"]
+        ),
     ),
     Figure("chat", "{:.2f}", "refactor_smollm2.json", lambda d: d["chat"]["repetition_readme"]),
     Figure("chat", "{:.2f}", "refactor_smollm2.json", lambda d: d["chat"]["repetition_dense"]),

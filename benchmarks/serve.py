@@ -483,9 +483,7 @@ PRESETS = {
         "engine": [
             _pool_engine("pool 50%, LRU on demand", {"expert_pool": "50%", "eviction": "lru", "prefetch": False}),
             _pool_engine("pool 50%, Belady + prefetch", {"expert_pool": "50%"}),
-            _pool_engine(
-                "pool 50%, expert-aware scheduler + Belady + prefetch", {"expert_pool": "50%"}, SCHEDULER_CLS
-            ),
+            _pool_engine("pool 50%, expert-aware scheduler + Belady + prefetch", {"expert_pool": "50%"}, SCHEDULER_CLS),
             _pool_engine("pool 25%, Belady + prefetch", {"expert_pool": "25%"}),
         ],
     },
