@@ -138,7 +138,10 @@ def main() -> None:
     if args.save_trace:
         args.save_trace.write_text(json.dumps({"model": str(args.readme), "text": args.text, "blocks": blocks}))
     stream = [r for block in blocks for r in block]
+    from vllm_readme.precision import machine_description, read_machine
+
     results = {
+        "machine": machine_description(read_machine()),
         "model": str(args.readme),
         "text": args.text,
         "routes": route_statistics(blocks, num_experts),

@@ -124,10 +124,11 @@ def calibrate(
         steps += collect(model, "cost-model", concurrency, new_tokens, dtype, probe)
     finally:
         probe.unlink(missing_ok=True)
-    fit = StepCostModel.fit([(s.tokens, s.experts, s.ms) for s in steps], source=f"{model.name} on this machine")
+    machine = machine_description(read_machine())
+    fit = StepCostModel.fit([(s.tokens, s.experts, s.ms) for s in steps], source=f"{model.name}, {dtype}, {machine}")
     fit.save(out)
     report = {
-        "machine": machine_description(read_machine()),
+        "machine": machine,
         "dtype": dtype,
         "model": str(model),
         "fit": dataclasses.asdict(fit),
