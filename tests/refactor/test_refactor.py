@@ -559,3 +559,59 @@ def test_chat_check_keeps_the_dense_models_answers_and_reads_them_back(tiny_dens
     chat = refactor(RefactorOptions(out=out, dense=tiny_dense, **TINY))["chat"]
     assert "chat check: the dense model's answers from" in capsys.readouterr().out
     assert chat["answer_tokens_dense"] == 12 and chat["repetition_dense"] == pytest.approx(6 / 9)
+
+
+def test_every_expert_active_adds_up_every_experts_output_and_a_fixed_cut_equals_given_routes(tiny_build):
+    """The chat ablation's overrides (evaluate.routing_override): "all" gives
+    each layer's experts the sum of every expert's output for every token
+    (with disjoint experts: the tuned dense-size MLP), an expert number gives
+    the logits of that expert passed as the routes of every token; leaving
+    the context restores the router."""
+    from vllm_readme.refactor.evaluate import routing_override
+
+    model = load_reference(tiny_build[0])
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(5, model.config.hidden_size)
+    act = model.model.layers[0].mlp.act
+    each = sum(experts(x, torch.full((5,), e), act) for e in range(model.config.num_experts))
+    ids = torch.tensor([[3, 17, 25, 9, 40, 11]])
+    routed = model(ids).logits
+    with routing_override(model, "all"):
+        torch.testing.assert_close(experts(x, torch.zeros(5, dtype=torch.long), act), each)
+        assert not torch.allclose(model(ids).logits, routed)
+    for expert in range(model.config.num_experts):
+        with routing_override(model, expert):
+            torch.testing.assert_close(model(ids).logits, model(ids, expert_ids=torch.full_like(ids, expert)).logits)
+    torch.testing.assert_close(model(ids).logits, routed)
+    assert "route" not in model.__dict__ and "forward" not in experts.__dict__
+
+
+def test_the_chat_check_separates_tuning_drift_routing_and_sampling(tiny_build):
+    """The report's chat check has, beside dense and Read-ME: every expert
+    active (the build's experts are disjoint), each expert fixed, each with
+    its ratio to dense on both halves of the questions; and both models
+    sampled with the recommended settings over three seeds."""
+    chat = tiny_build[1]["chat"]
+    names = {"every expert active"} | {f"expert {e} for every token" for e in range(4)}
+    assert set(chat["ablation"]) == names
+    for row in chat["ablation"].values():
+        assert 0 <= row["repetition"] <= 1 and len(row["ratio_to_dense_halves"]) == 2
+    sampled = chat["sampled"]
+    assert sampled["seeds"] == [0, 1, 2] and len(sampled["per_seed"]) == 3
+    assert sampled["sampling"]["source"] in ("dense", "model card")
+    pooled = sum(run["repetition"] for run in sampled["per_seed"]) / 3
+    assert sampled["repetition_readme"] == pytest.approx(pooled)
+
+
+def test_sampled_answers_repeat_with_their_seed_and_differ_from_greedy(tiny_dense):
+    from vllm_readme.refactor.dense import load_dense
+    from vllm_readme.refactor.evaluate import CHAT_PROMPTS, greedy_answers
+
+    dense, tokenizer = load_dense(tiny_dense)
+    prompts = CHAT_PROMPTS[:6]
+    hot = {"temperature": 1.5, "top_p": 1.0}
+    first = greedy_answers(dense, tokenizer, prompts, 16, sampling={**hot, "seed": 3})
+    again = greedy_answers(dense, tokenizer, prompts, 16, sampling={**hot, "seed": 3})
+    other = greedy_answers(dense, tokenizer, prompts, 16, sampling={**hot, "seed": 4})
+    greedy = greedy_answers(dense, tokenizer, prompts, 16)
+    assert first == again and first != other and first != greedy

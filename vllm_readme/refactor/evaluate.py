@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -211,13 +213,25 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(
-    model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int, batch_size: int = 16
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int,
+    batch_size: int = 16,
+    sampling: dict | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Greedy continuations of token-id ``prompts``, batch by batch with left
     padding (every prompt ends where generation starts; each answer equals the
     prompt's answer alone). Each answer is cut after its EOS, if it has one:
-    (answer ids, whether the model ended it)."""
+    (answer ids, whether the model ended it). ``sampling`` (``temperature``,
+    ``top_p``, ``seed``) samples instead of taking the argmax; the seed is set
+    once, before the first batch."""
     device = model_device(model)
+    options: dict = {"do_sample": False}
+    if sampling is not None:
+        torch.manual_seed(sampling.get("seed", 0))
+        options = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
     answers: list[tuple[list[int], bool]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -225,7 +239,7 @@ def greedy_generate(
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         out = model.generate(
-            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **options
         )
         for row in out[:, width:].tolist():
             ended = eos_id in row
@@ -240,15 +254,22 @@ def pad_and_eos(tokenizer) -> tuple[int, int]:
 
 
 def greedy_answers(
-    model, tokenizer, prompts, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = CHAT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    sampling: dict | None = None,
 ) -> list[list[int]]:
-    """Greedy answers (token ids, EOS cut) to ``prompts``, chat-formatted when
-    the tokenizer has a chat template."""
+    """Greedy (or, with ``sampling``, sampled) answers (token ids, EOS cut) to
+    ``prompts``, chat-formatted when the tokenizer has a chat template."""
     if getattr(tokenizer, "chat_template", None):
         ids = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     else:
         ids = [tokenizer(f"Question: {p}\nAnswer:", add_special_tokens=False)["input_ids"] for p in prompts]
-    answers = greedy_generate(model, ids, max_new_tokens, *pad_and_eos(tokenizer), batch_size=batch_size)
+    answers = greedy_generate(
+        model, ids, max_new_tokens, *pad_and_eos(tokenizer), batch_size=batch_size, sampling=sampling
+    )
     return [answer[:-1] if ended else answer for answer, ended in answers]
 
 
@@ -293,4 +314,123 @@ def chat_check(
             {"prompt": p, "dense": tokenizer.decode(d), "readme": tokenizer.decode(r)}
             for p, d, r in list(zip(prompts, dense_answers, readme_answers, strict=True))[:4]
         ],
+    }
+
+
+# The sampling a user of the dense model would choose: SmolLM2-135M-Instruct's
+# model card generates with temperature 0.2 and top-p 0.9. A dense model whose
+# generation_config.json samples gives its own settings instead.
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+SAMPLING_SEEDS = (0, 1, 2)
+
+
+def recommended_sampling(dense) -> dict:
+    """``dense``'s own sampling settings when its generation config samples,
+    else RECOMMENDED_SAMPLING; the dict says where it came from."""
+    config = getattr(dense, "generation_config", None)
+    if config is not None and getattr(config, "do_sample", False) and config.temperature:
+        return {"temperature": float(config.temperature), "top_p": float(config.top_p or 1.0), "source": "dense"}
+    return {**RECOMMENDED_SAMPLING, "source": "model card"}
+
+
+@contextmanager
+def routing_override(model, mode: str | int) -> Iterator[None]:
+    """Generate with the router's choice replaced, to separate what the tuned
+    weights do from what routing does. ``"all"``: every expert computes for
+    every token and their outputs add up (with disjoint experts, the tuned
+    weights as one dense-size MLP: nothing pruned, nothing routed); an int:
+    every token goes to that expert in every layer (a fixed cut)."""
+    patched: list[tuple[object, str]] = []
+    try:
+        if mode == "all":
+            for layer in model.model.layers:
+                experts = layer.mlp.experts
+
+                def every_expert(x, expert_ids, act, experts=experts):
+                    inner = act(torch.einsum("th,eih->eti", x, experts.gate_proj)) * torch.einsum(
+                        "th,eih->eti", x, experts.up_proj
+                    )
+                    return torch.einsum("eti,ehi->th", inner, experts.down_proj).to(x.dtype)
+
+                experts.forward = every_expert
+                patched.append((experts, "forward"))
+        else:
+            expert = int(mode)
+
+            def fixed(input_ids, attention_mask=None):
+                return None, torch.full_like(input_ids, expert)
+
+            model.route = fixed
+            patched.append((model, "route"))
+        yield
+    finally:
+        for obj, name in patched:
+            del obj.__dict__[name]
+
+
+def _repetition_summary(answers: list[list[int]], dense_answers: list[list[int]]) -> dict:
+    """Mean repeated-4-gram fraction of ``answers``, its ratio to the dense
+    answers', that ratio on the even and the odd questions (its spread), and
+    token F1 against the dense answers."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    rep = [repeated_ngram_fraction(a) for a in answers]
+    rep_dense = [repeated_ngram_fraction(a) for a in dense_answers]
+    ratio = lambda a, d: mean(a) / mean(d) if mean(d) else math.inf  # noqa: E731
+    return {
+        "repetition": mean(rep),
+        "ratio_to_dense": ratio(rep, rep_dense),
+        "ratio_to_dense_halves": [ratio(rep[0::2], rep_dense[0::2]), ratio(rep[1::2], rep_dense[1::2])],
+        "token_f1_vs_dense": mean([token_f1(a, d) for a, d in zip(answers, dense_answers, strict=True)]),
+        "answer_tokens": mean([len(a) for a in answers]),
+    }
+
+
+def chat_ablation(
+    model, tokenizer, dense_answers, disjoint: bool, prompts=CHAT_PROMPTS, max_new_tokens: int = CHAT_MAX_NEW_TOKENS
+) -> dict:
+    """The chat check's greedy repetition with the router replaced
+    (routing_override): every expert active (disjoint experts only: there it
+    is the tuned dense-size MLP, so its excess over dense is what tuning
+    moved) and each expert fixed for every token (what a fixed cut of the
+    same active size gives). The served model's own figure is the chat
+    check's ``repetition_readme``."""
+    modes: list[tuple[str, str | int]] = [("every expert active", "all")] if disjoint else []
+    modes += [(f"expert {e} for every token", e) for e in range(model.config.num_experts)]
+    out = {}
+    for name, mode in modes:
+        with routing_override(model, mode):
+            answers = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+        out[name] = _repetition_summary(answers, dense_answers)
+    return out
+
+
+def chat_sampled(
+    dense,
+    model,
+    tokenizer,
+    sampling: dict,
+    seeds=SAMPLING_SEEDS,
+    prompts=CHAT_PROMPTS,
+    max_new_tokens=CHAT_MAX_NEW_TOKENS,
+) -> dict:
+    """The chat check with ``sampling`` (the settings a user would serve
+    with) instead of greedy decoding, once per seed for both models: the
+    repetition of each and their ratio per seed and pooled."""
+    runs = []
+    for seed in seeds:
+        params = {**sampling, "seed": seed}
+        dense_answers = greedy_answers(dense, tokenizer, prompts, max_new_tokens, sampling=params)
+        readme_answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, sampling=params)
+        summary = _repetition_summary(readme_answers, dense_answers)
+        summary["repetition_dense"] = sum(repeated_ngram_fraction(a) for a in dense_answers) / len(dense_answers)
+        runs.append({"seed": seed, **summary})
+    pooled_dense = sum(r["repetition_dense"] for r in runs) / len(runs)
+    pooled = sum(r["repetition"] for r in runs) / len(runs)
+    return {
+        "sampling": sampling,
+        "seeds": list(seeds),
+        "repetition_dense": pooled_dense,
+        "repetition_readme": pooled,
+        "ratio_to_dense": pooled / pooled_dense if pooled_dense else math.inf,
+        "per_seed": runs,
     }

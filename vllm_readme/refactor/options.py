@@ -83,6 +83,12 @@ class RefactorOptions:
     chat_check: bool = _option(
         True, "evaluate greedy answers to 48 chat questions against the dense model's (repetition, agreement)"
     )
+    chat_ablation: bool = _option(
+        True,
+        "with the chat check, separate the causes of repetition: the same questions with every expert active "
+        "and with each expert fixed for every token, and both models sampling with the dense model's "
+        "recommended settings over 3 seeds (11 more runs of the questions)",
+    )
     cluster_iterations: int = _option(10)
     router_hidden: int = _option(512, "router width (default {default}, as the paper)")
     router_layers: int = _option(1, "router layers (default {default})")
@@ -123,9 +129,8 @@ class RefactorOptions:
         "text",
         "who writes the assistant's turns of the chat tuning text: text = the rest of the passage; dense = the "
         "dense model, greedy, asked to continue, summarize or explain the passage (sequence-level distillation: "
-        "the experts learn the dense model's own answers and where it ends its turn). Measured on SmolLM2: more "
-        "repetition and worse perplexity than text, and minutes of generation on a CPU "
-        "(docs/refactoring_default.md) (default {default})",
+        "the experts learn the dense model's own answers and where it ends its turn; it generates those answers "
+        "first; docs/refactoring.md compares the two) (default {default})",
         choices=["text", "dense"],
     )
     tune_on_policy: float = _option(
@@ -133,10 +138,8 @@ class RefactorOptions:
         "with --tune-objective distill and a chat template: the share of expert-tuning steps that train on the "
         "student's own greedy answers to chat requests about calibration passages, scored token by token by the "
         "dense model (on-policy distillation: the experts learn what to say in the states their own answers "
-        "reach, loops included, not only in the dense model's). Each such step generates its batch first. "
-        "Measured on SmolLM2 at the default budget: chat repetition moved 3.0x -> 1.15x dense on one seed and "
-        "2.3x -> 3.9x on another, answers got shorter, out-of-domain perplexity 1-3 %% worse "
-        "(docs/refactoring_default.md) (default {default}: off)",
+        "reach, loops included, not only in the dense model's). Each such step generates its batch first "
+        "(docs/refactoring.md, design decisions) (default {default}: off)",
     )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(

@@ -18,10 +18,13 @@ from vllm_readme.refactor.cache import StageCache, chat_answers_key, keyed_file,
 from vllm_readme.refactor.evaluate import (
     CHAT_MAX_NEW_TOKENS,
     CHAT_PROMPTS,
+    chat_ablation,
     chat_check,
+    chat_sampled,
     greedy_answers,
     perplexity,
     pruned_forward,
+    recommended_sampling,
     routing_statistics,
     write_report,
 )
@@ -74,7 +77,10 @@ class Evaluation:
         ood = self._ood_perplexities(dense, model, pruned_masks)
         chat = None
         if self.options.chat_check:
-            chat = chat_check(dense, model, self.tokenizer, dense_answers=self._dense_chat_answers(dense))
+            dense_answers = self._dense_chat_answers(dense)
+            chat = chat_check(dense, model, self.tokenizer, dense_answers=dense_answers)
+            if self.options.chat_ablation:
+                chat.update(self._chat_ablation(dense, model, layout, dense_answers))
             log(
                 f"chat check ({chat['prompts']} questions): repeated 4-grams dense {chat['repetition_dense']:.2f}, "
                 f"Read-ME {chat['repetition_readme']:.2f}; token F1 vs dense {chat['token_f1_vs_dense']:.2f} "
@@ -162,6 +168,27 @@ class Evaluation:
             "Read-ME / pruned dense": ppl["Read-ME"] / ppl["pruned dense (same active size)"],
             "routing": routing_statistics(model, blocks),
         }
+
+    def _chat_ablation(self, dense, model, layout: ExpertLayout, dense_answers) -> dict:
+        """Repetition with the router replaced, and under sampling (evaluate.chat_ablation, chat_sampled)."""
+        routed = layout.masks & ~layout.shared[:, None, :]
+        disjoint = bool((routed.sum(dim=1) <= 1).all())
+        ablation = chat_ablation(model, self.tokenizer, dense_answers, disjoint)
+        for name, row in ablation.items():
+            low, high = row["ratio_to_dense_halves"]
+            log(
+                f"chat check, {name}: repeated 4-grams {row['repetition']:.2f} "
+                f"({row['ratio_to_dense']:.2f}x dense; halves {low:.2f}x / {high:.2f}x)"
+            )
+        sampled = chat_sampled(dense, model, self.tokenizer, recommended_sampling(dense))
+        settings = sampled["sampling"]
+        log(
+            f"chat check, sampled (temperature {settings['temperature']}, top-p {settings['top_p']}, "
+            f"from the {settings['source']}; seeds {sampled['seeds']}): repeated 4-grams dense "
+            f"{sampled['repetition_dense']:.2f}, Read-ME {sampled['repetition_readme']:.2f} "
+            f"({sampled['ratio_to_dense']:.2f}x)"
+        )
+        return {"ablation": ablation, "sampled": sampled}
 
     def _dense_chat_answers(self, dense) -> list[list[int]]:
         """The dense model's greedy answers for the chat check, generated once
