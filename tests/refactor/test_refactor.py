@@ -315,7 +315,7 @@ _EXPERTS = _DENSE_AND_TEXT + "experts_from num_experts keep stats_tokens cluster
 _ROUTER = _EXPERTS + [
     f"router_{name}" for name in "hidden layers heads steps batch lr tokens persistence smoothing".split()
 ]
-_TUNE = _ROUTER + [f"tune_{name}" for name in "tokens batch lr objective chat chat_answers on_policy".split()]
+_TUNE = _ROUTER + [f"tune_{name}" for name in "tokens batch lr objective chat chat_answers on_policy params".split()]
 STAGE_KEYS = {
     "activations": _DENSE_AND_TEXT + ["stats_tokens"],
     "experts": _EXPERTS,
@@ -615,3 +615,25 @@ def test_sampled_answers_repeat_with_their_seed_and_differ_from_greedy(tiny_dens
     other = greedy_answers(dense, tokenizer, prompts, 16, sampling={**hot, "seed": 4})
     greedy = greedy_answers(dense, tokenizer, prompts, 16)
     assert first == again and first != other and first != greedy
+
+
+@pytest.mark.parametrize("trainable", ["mlp", "experts"])
+def test_tuning_changes_only_the_parameters_it_may(tiny_dense, tiny_build, tmp_path, trainable):
+    """--tune-params mlp keeps attention and norms the dense model's; experts
+    keeps everything but the routed experts; both still learn (the KL falls)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_readme.refactor.tune import TUNABLE, tune_experts
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
+    student = load_reference(tiny_build[0])
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    blocks = torch.randint(0, teacher.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    settings = TrainSettings(20, 4, 3e-3, seed=0, checkpoint_every=1000)
+    history = tune_experts(student, blocks, settings, tmp_path, torch.float32, teacher=teacher, trainable=trainable)
+    changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(TUNABLE[trainable](name) for name in changed)
+    assert any(".mlp.experts." in name for name in changed)
+    if trainable == "mlp":
+        assert any(".mlp.shared." in name for name in changed)
+    assert sum(loss for _, loss in history[-5:]) < sum(loss for _, loss in history[:5])

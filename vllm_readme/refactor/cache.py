@@ -55,6 +55,7 @@ STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
         "tune_chat",
         "tune_chat_answers",
         "tune_on_policy",
+        "tune_params",
     ),
     "baselines": ("tune_tokens", "tune_batch", "tune_lr"),
 }
@@ -120,6 +121,7 @@ def saved_key(path: Path) -> dict:
     if "tune_chat" in key:  # a tune key without these tuned on chat text, not on dense or student answers
         key.setdefault("tune_chat_answers", "text")
         key.setdefault("tune_on_policy", "0.0")
+        key.setdefault("tune_params", "all")  # a tune key without it trained attention, norms and MLPs
     return key
 
 

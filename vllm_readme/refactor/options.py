@@ -141,6 +141,13 @@ class RefactorOptions:
         "reach, loops included, not only in the dense model's). Each such step generates its batch first "
         "(docs/refactoring.md, design decisions) (default {default}: off)",
     )
+    tune_params: str = _option(
+        "all",
+        "what expert tuning may change: all = attention, norms, the shared MLP and the experts; mlp = the shared "
+        "MLP and the experts (attention and norms stay the dense model's); experts = only the routed experts, "
+        "what routing changes (default {default})",
+        choices=["all", "mlp", "experts"],
+    )
     tune_eval_points: int = _option(4, "held-out evaluations during tuning (default {default})")
     tuned_baselines: bool = _option(
         False,

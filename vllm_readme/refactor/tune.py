@@ -71,6 +71,18 @@ class OnPolicy:
         return step % self.every == self.every - 1
 
 
+def _backbone(name: str) -> bool:
+    return not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
+
+
+# Which parameters expert tuning may change (--tune-params), by name.
+TUNABLE = {
+    "all": _backbone,  # attention, norms, shared MLP and experts
+    "mlp": lambda name: ".mlp." in name,  # the shared MLP and the experts: attention and norms stay the dense model's
+    "experts": lambda name: ".mlp.experts." in name,  # only what routing changes: the routed experts
+}
+
+
 def tune_experts(
     model: ReadMEForCausalLM,
     blocks: torch.Tensor,
@@ -81,15 +93,19 @@ def tune_experts(
     on_step=None,
     teacher=None,
     on_policy: OnPolicy | None = None,
+    trainable: str = "all",
 ) -> list[tuple[int, float]]:
-    """Train attention, norms and MLPs; the router and the (tied) token
-    embedding stay fixed. Routes come from the frozen router. The model
-    trains on its own device, autocast to ``dtype``. With ``teacher`` (the
-    dense model) the loss is KL(teacher || student) per token; with
-    ``on_policy`` too, some steps are on the student's own answers."""
+    """Train ``trainable`` (TUNABLE: attention, norms and MLPs; the MLPs; or
+    the routed experts only); the router and the (tied) token embedding
+    always stay fixed. Routes come from the frozen router. The model trains
+    on its own device, autocast to ``dtype``. With ``teacher`` (the dense
+    model) the loss is KL(teacher || student) per token; with ``on_policy``
+    too, some steps are on the student's own answers."""
     device = model_device(model)
+    if trainable not in TUNABLE:
+        raise ValueError(f"trainable must be one of {sorted(TUNABLE)}, got {trainable!r}")
     for name, param in model.named_parameters():
-        param.requires_grad = not (name.startswith("router.") or "embed_tokens" in name or name == "lm_head.weight")
+        param.requires_grad = TUNABLE[trainable](name)
     routes = predicted_experts(model.router, blocks)
     if on_policy is not None and teacher is None:
         raise ValueError("on-policy tuning distils from the dense model: pass teacher")

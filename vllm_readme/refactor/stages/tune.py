@@ -85,6 +85,7 @@ class Tuning:
             on_step=evaluate_at,
             teacher=teacher,
             on_policy=on_policy,
+            trainable=opts.tune_params,
         )
         torch.save(model.state_dict(), path)
         cache.path("tuning_curve.json").write_text(json.dumps(curve))
