@@ -41,11 +41,18 @@ def _pooled(engine: str, workload: str, metric: str) -> Callable[[dict[str, Any]
     return lambda d: d["pooled_ratios"][engine][workload][metric]
 
 
+def _decode(batch: int) -> Callable[[dict[str, Any]], float]:
+    """Read-ME over dense decode tokens/s at ``batch``, best round each, in the run's dtype."""
+    return lambda d: next(iter(d["speedup_readme_over_dense"].values()))[str(batch)]["best"]
+
+
 def _ratio(engine: str, workload: str, metric: str) -> Callable[[dict[str, Any]], float]:
     return lambda d: d["ratios"][engine][workload][metric]
 
 
 EA = "expert-aware scheduler, default options"
+README = "Read-ME (plugin, FCFS, all experts resident)"
+POOL = "pool 50%, Belady + prefetch"
 PP, DP = "pipeline parallel x2", "data parallel x2"
 
 FIGURES: list[Figure] = [
@@ -74,6 +81,17 @@ FIGURES: list[Figure] = [
         "refactor_smollm2.json",
         lambda d: d["chat"]["repetition_readme"] / d["chat"]["repetition_dense"],
     ),
+    *[Figure("decode vs stock vLLM", "{:.2f}x", "decode.json", _decode(batch)) for batch in (1, 8, 32)],
+    *[
+        Figure("serving vs stock vLLM", "{:.2f}x", "serve.json", _pooled(README, f"{data} c{c}", m))
+        for data in ("random", "chat")
+        for c in (1, 32)
+        for m in ("output_throughput", "p95_tpot")
+    ],
+    *[
+        Figure("expert cache", "{:.2f}x", "serve_expert_cache.json", _pooled(POOL, f"random c{c}", "output_throughput"))
+        for c in (1, 32)
+    ],
     *[
         Figure("expert-aware scheduler", "{:.2f}x", "serve_scheduler_default.json", _pooled(EA, f"random c{c}", m))
         for c in (1, 8, 32, 64)
