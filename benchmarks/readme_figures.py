@@ -53,6 +53,7 @@ def _ratio(engine: str, workload: str, metric: str) -> Callable[[dict[str, Any]]
 EA = "expert-aware scheduler, default options"
 README = "Read-ME (plugin, FCFS, all experts resident)"
 POOL = "pool 50%, Belady + prefetch"
+LARGE = "serve_expert_cache_large_experts.json"
 PP, DP = "pipeline parallel x2", "data parallel x2"
 
 FIGURES: list[Figure] = [
@@ -89,9 +90,26 @@ FIGURES: list[Figure] = [
         for m in ("output_throughput", "p95_tpot")
     ],
     *[
-        Figure("expert cache", "{:.2f}x", "serve_expert_cache.json", _pooled(POOL, f"random c{c}", "output_throughput"))
+        Figure(
+            "expert cache", "{:.2f}x", "serve_expert_cache.json", _pooled(engine, f"random c{c}", "output_throughput")
+        )
+        for engine in (POOL, "pool 50%, expert-aware scheduler + Belady + prefetch", "pool 50%, LRU on demand")
         for c in (1, 32)
     ],
+    *[
+        Figure("the same where experts", "{:.2f}x", LARGE, _ratio(engine, f"random c{c}", "output_throughput"))
+        for engine in (POOL, "pool 50%, scheduler + Belady + prefetch")
+        for c in (1, 32)
+    ],
+    Figure(
+        "the same where experts",
+        "{:.2f}x",
+        LARGE,
+        lambda d: (
+            d["runs"]["random c32"]["pool 50%, scheduler + Belady + prefetch"]["output_throughput"]
+            / d["runs"]["random c32"]["pool 50%, LRU on demand"]["output_throughput"]
+        ),
+    ),
     *[
         Figure("expert-aware scheduler", "{:.2f}x", "serve_scheduler_default.json", _pooled(EA, f"random c{c}", m))
         for c in (1, 8, 32, 64)
