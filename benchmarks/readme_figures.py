@@ -41,6 +41,11 @@ def _pooled(engine: str, workload: str, metric: str) -> Callable[[dict[str, Any]
     return lambda d: d["pooled_ratios"][engine][workload][metric]
 
 
+def _pruned_over_dense(perplexities: Callable[[dict[str, Any]], dict]) -> Callable[[dict[str, Any]], float]:
+    """The pruned dense model's perplexity over the dense model's."""
+    return lambda d: perplexities(d)["pruned dense (same active size)"] / perplexities(d)["dense"]
+
+
 def _decode(batch: int) -> Callable[[dict[str, Any]], float]:
     """Read-ME over dense decode tokens/s at ``batch``, best round each, in the run's dtype."""
     return lambda d: next(iter(d["speedup_readme_over_dense"].values()))[str(batch)]["best"]
@@ -54,34 +59,17 @@ EA = "expert-aware scheduler, default options"
 README = "Read-ME (plugin, FCFS, all experts resident)"
 POOL = "pool 50%, Belady + prefetch"
 LARGE = "serve_expert_cache_large_experts.json"
+REFACTOR = "refactor_smollm2.json"
 PP, DP = "pipeline parallel x2", "data parallel x2"
 
 FIGURES: list[Figure] = [
-    Figure("quality", "{:.2f}x", "refactor_smollm2.json", lambda d: d["ratios"]["Read-ME / dense"]),
-    Figure("quality", "{:.2f}x", "refactor_smollm2.json", lambda d: d["out_of_domain"]["Read-ME / dense"]),
-    Figure(
-        "quality",
-        "{:.2f}x",
-        "refactor_smollm2.json",
-        lambda d: d["perplexity"]["pruned dense (same active size)"] / d["perplexity"]["dense"],
-    ),
-    Figure(
-        "quality",
-        "{:.2f}x",
-        "refactor_smollm2.json",
-        lambda d: (
-            d["out_of_domain"]["perplexity"]["pruned dense (same active size)"]
-            / d["out_of_domain"]["perplexity"]["dense"]
-        ),
-    ),
-    Figure("chat", "{:.2f}", "refactor_smollm2.json", lambda d: d["chat"]["repetition_readme"]),
-    Figure("chat", "{:.2f}", "refactor_smollm2.json", lambda d: d["chat"]["repetition_dense"]),
-    Figure(
-        "chat",
-        "{:.1f}x",
-        "refactor_smollm2.json",
-        lambda d: d["chat"]["repetition_readme"] / d["chat"]["repetition_dense"],
-    ),
+    Figure("quality", "{:.2f}x", REFACTOR, lambda d: d["ratios"]["Read-ME / dense"]),
+    Figure("quality", "{:.2f}x", REFACTOR, lambda d: d["out_of_domain"]["Read-ME / dense"]),
+    Figure("quality", "{:.2f}x", REFACTOR, _pruned_over_dense(lambda d: d["perplexity"])),
+    Figure("quality", "{:.2f}x", REFACTOR, _pruned_over_dense(lambda d: d["out_of_domain"]["perplexity"])),
+    Figure("chat", "{:.2f}", REFACTOR, lambda d: d["chat"]["repetition_readme"]),
+    Figure("chat", "{:.2f}", REFACTOR, lambda d: d["chat"]["repetition_dense"]),
+    Figure("chat", "{:.1f}x", REFACTOR, lambda d: d["chat"]["repetition_readme"] / d["chat"]["repetition_dense"]),
     *[Figure("decode vs stock vLLM", "{:.2f}x", "decode.json", _decode(batch)) for batch in (1, 8, 32)],
     *[
         Figure("serving vs stock vLLM", "{:.2f}x", "serve.json", _pooled(README, f"{data} c{c}", m))
