@@ -311,13 +311,15 @@ def test_router_markers_from_before_the_penalty_are_reused(tmp_path):
 
 # What each stage's key holds, in the order its key file lists them.
 _DENSE_AND_TEXT = "dense calib block_len held_out_fraction seed dtype".split()
-_EXPERTS = _DENSE_AND_TEXT + "experts_from num_experts keep stats_tokens cluster_iterations expert_cut".split()
+_EXPERTS = (
+    _DENSE_AND_TEXT + "experts_from num_experts keep stats_tokens cluster_iterations expert_cut calib_text".split()
+)
 _ROUTER = _EXPERTS + [
     f"router_{name}" for name in "hidden layers heads steps batch lr tokens persistence smoothing".split()
 ]
 _TUNE = _ROUTER + [f"tune_{name}" for name in "tokens batch lr objective chat chat_answers on_policy params".split()]
 STAGE_KEYS = {
-    "activations": _DENSE_AND_TEXT + ["stats_tokens"],
+    "activations": _DENSE_AND_TEXT + ["stats_tokens", "calib_text"],
     "experts": _EXPERTS,
     "router": _ROUTER,
     "tune": _TUNE,
@@ -358,7 +360,8 @@ def test_stage_key_changes_with_the_options_the_stage_uses_and_no_other(stage, t
 
 def test_shared_statistics_keep_their_file_names():
     """--stats-cache folders hold activation statistics named by their key's
-    digest: the default options' names do not move."""
+    digest: the default options' names move only when what the statistics
+    are made of changes (here: how the calibration text is read)."""
     from vllm_readme.refactor.cache import keyed_file
 
     names = {
@@ -367,7 +370,7 @@ def test_shared_statistics_keep_their_file_names():
         )
         for dtype in ("fp32", "bf16")
     }
-    assert names == {"fp32": Path("activations-4dfdc5c731f6408f.pt"), "bf16": Path("activations-f4a6f95ef2246b56.pt")}
+    assert names == {"fp32": Path("activations-793d9a6607d6fe5d.pt"), "bf16": Path("activations-4a7ae44611771a23.pt")}
 
 
 def test_distillation_tuning_moves_the_moe_towards_the_dense_model(tiny_dense, tiny_build, tmp_path):
@@ -637,3 +640,25 @@ def test_tuning_changes_only_the_parameters_it_may(tiny_dense, tiny_build, tmp_p
     assert any(".mlp.experts." in name for name in changed)
     assert any(".mlp.shared." in name for name in changed) == (trainable == "mlp")
     assert sum(loss for _, loss in history[-5:]) < sum(loss for _, loss in history[:5])
+
+
+def test_calibration_text_does_not_depend_on_what_the_process_imported():
+    """stdlib-docstrings is the same text in a process that has imported
+    vLLM (which loads more submodules of email and logging) as in a fresh
+    one: a build's text, and so its experts, never depend on the caller."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys\n"
+        "if sys.argv[1] == 'vllm':\n    import vllm  # noqa: F401\n"
+        "from vllm_readme.refactor.data import builtin_documents\n"
+        "print(hashlib.sha256('\\n'.join(builtin_documents('stdlib-docstrings')).encode()).hexdigest())\n"
+    )
+    digests = {
+        who: subprocess.run(
+            [sys.executable, "-c", script, who], capture_output=True, text=True, check=True, timeout=300
+        ).stdout.strip()
+        for who in ("fresh", "vllm")
+    }
+    assert digests["fresh"] and digests["fresh"] == digests["vllm"]

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 # The dense model, its calibration blocks and the precision: the statistics
 # are made of these, so every stage depends on them.
 _DENSE_AND_TEXT = ("dense", "calib", "block_len", "held_out_fraction", "seed", "dtype")
+# How the built-in calibration sources are read (data.builtin_documents): a
+# stage made from text read another way is made again. Keys without it were
+# read with module members in stdlib-docstrings.
+CALIB_TEXT = "stdlib-docstrings without module members"
 
 STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
     # Shared between builds, by digest; the experts key holds all of them.
@@ -79,6 +83,8 @@ def stage_key(options: RefactorOptions, stage: str) -> dict[str, str]:
         key.update(stage_key(options, source))
     values = dataclasses.asdict(options)
     key.update({name: str(values[name]) for name in STAGE_OPTIONS[stage]})
+    if "calib" in STAGE_OPTIONS[stage]:
+        key["calib_text"] = CALIB_TEXT
     return key
 
 

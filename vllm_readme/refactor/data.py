@@ -74,9 +74,12 @@ class Domain:
 
 def stdlib_docstrings(module_name: str, min_chars: int) -> list[str]:
     """The docstrings of a standard-library module's members longer than
-    ``min_chars``, each once, in member order."""
+    ``min_chars``, each once, in member order. Modules are not members
+    here: which submodules a package holds as attributes depends on what
+    the process imported before (vLLM imports more of ``email`` and
+    ``logging``), and the text must not."""
     module = importlib.import_module(module_name)
-    docs = (inspect.getdoc(obj) for _, obj in inspect.getmembers(module))
+    docs = (inspect.getdoc(obj) for _, obj in inspect.getmembers(module) if not inspect.ismodule(obj))
     return [doc for doc in dict.fromkeys(docs) if doc and len(doc) > min_chars]
 
 
