@@ -46,6 +46,11 @@ def _pruned_over_dense(perplexities: Callable[[dict[str, Any]], dict]) -> Callab
     return lambda d: perplexities(d)["pruned dense (same active size)"] / perplexities(d)["dense"]
 
 
+def _fixed_expert_ratios(d: dict[str, Any]) -> list[float]:
+    """The chat ablation's repetition ratios with one expert fixed for every token."""
+    return [row["ratio_to_dense"] for name, row in d["chat"]["ablation"].items() if name.startswith("expert ")]
+
+
 def _decode(batch: int) -> Callable[[dict[str, Any]], float]:
     """Read-ME over dense decode tokens/s at ``batch``, best round each, in the run's dtype."""
     return lambda d: next(iter(d["speedup_readme_over_dense"].values()))[str(batch)]["best"]
@@ -70,6 +75,12 @@ FIGURES: list[Figure] = [
     Figure("chat", "{:.2f}", REFACTOR, lambda d: d["chat"]["repetition_readme"]),
     Figure("chat", "{:.2f}", REFACTOR, lambda d: d["chat"]["repetition_dense"]),
     Figure("chat", "{:.1f}x", REFACTOR, lambda d: d["chat"]["repetition_readme"] / d["chat"]["repetition_dense"]),
+    Figure("chat", "{:.2f}x", REFACTOR, lambda d: d["chat"]["ablation"]["every expert active"]["ratio_to_dense"]),
+    Figure("chat", "{:.1f}", REFACTOR, lambda d: min(_fixed_expert_ratios(d))),
+    Figure("chat", "{:.1f}x", REFACTOR, lambda d: max(_fixed_expert_ratios(d))),
+    Figure("chat", "{:.1f}", REFACTOR, lambda d: d["chat"]["sampled"]["sampling"]["temperature"]),
+    Figure("chat", "{:.1f}", REFACTOR, lambda d: d["chat"]["sampled"]["sampling"]["top_p"]),
+    Figure("chat", "{:.1f}x", REFACTOR, lambda d: d["chat"]["sampled"]["ratio_to_dense"]),
     *[Figure("decode vs stock vLLM", "{:.2f}x", "decode.json", _decode(batch)) for batch in (1, 8, 32)],
     *[
         Figure("serving vs stock vLLM", "{:.2f}x", "serve.json", _pooled(README, f"{data} c{c}", m))
