@@ -226,12 +226,18 @@ def greedy_generate(
     prompt's answer alone). Each answer is cut after its EOS, if it has one:
     (answer ids, whether the model ended it). ``sampling`` (``temperature``,
     ``top_p``, ``seed``) samples instead of taking the argmax; the seed is set
-    once, before the first batch."""
-    device = model_device(model)
-    options: dict = {"do_sample": False}
-    if sampling is not None:
+    once, before the first batch, on a forked generator state, so the
+    caller's random state is left as it was."""
+    if sampling is None:
+        return _generate(model, prompts, max_new_tokens, pad_id, eos_id, batch_size, {"do_sample": False})
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sampling.get("seed", 0))
         options = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
+        return _generate(model, prompts, max_new_tokens, pad_id, eos_id, batch_size, options)
+
+
+def _generate(model, prompts, max_new_tokens: int, pad_id: int, eos_id: int, batch_size: int, options: dict):
+    device = model_device(model)
     answers: list[tuple[list[int], bool]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
